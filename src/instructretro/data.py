@@ -1,0 +1,212 @@
+"""Streaming readers for every input format the pipeline accepts.
+
+- Corpus: JSON lines with a ``text`` field (Megatron's loose-json; other fields ignored), a
+  ``.txt`` file (one document), or a folder of ``.txt`` / ``.jsonl`` files read in name order.
+- QA: NQ-open JSON lines ``{"question": str, "answer": [str, ...], "ctxs": [...]?}``.
+- Instructions: conversations ``{"system"?: str, "messages": [{"role", "content"}, ...]}``
+  (``"conversations": [{"from", "value"}]`` is accepted too) or alpaca-style
+  ``{"instruction", "input"?, "output"}``; as JSON lines or one JSON list.
+
+Readers yield one record at a time, so memory stays bounded for corpora larger than RAM. Bad
+input raises :class:`PipelineError` naming the file and the 1-based line number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .errors import PipelineError
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    doc_id: int  # stable 64-bit id: a hash of the text, equal across corpora
+    source: str  # "file:line" for messages
+
+
+def document_id(text: str) -> int:
+    """Stable 64-bit id of a document: the same text gets the same id in every corpus."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def is_valid_split(doc_id: int, valid_fraction: float) -> bool:
+    """Deterministic random train/valid split from the document id alone.
+
+    The same document lands in the same split whichever corpus it appears in, as long as the
+    fraction is the same.
+    """
+    return (doc_id >> 16) % 1_000_000 < round(valid_fraction * 1_000_000)
+
+
+def corpus_files(path: str | os.PathLike) -> list[Path]:
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl", ".json"))
+        if not files:
+            raise PipelineError(f"{path}: folder holds no .txt, .jsonl or .json files")
+        return files
+    if not path.exists():
+        raise PipelineError(f"{path}: corpus file not found")
+    return [path]
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PipelineError(f"{path}:{lineno}: invalid UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def _json_line(path: Path, lineno: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from None
+
+
+class SkipCounter(dict):
+    """Counts documented skips by reason, e.g. ``{"blank_document": 3}``."""
+
+    def add(self, reason: str, n: int = 1) -> None:
+        self[reason] = self.get(reason, 0) + n
+
+
+def iter_documents(path: str | os.PathLike, skipped: SkipCounter | None = None) -> Iterator[Document]:
+    """Yield the documents of a corpus in a fixed order. Blank documents are skipped and counted."""
+    skipped = skipped if skipped is not None else SkipCounter()
+    for file in corpus_files(path):
+        if file.suffix in (".jsonl", ".json"):
+            for lineno, line in _lines(file):
+                if not line.strip():
+                    continue
+                rec = _json_line(file, lineno, line)
+                if not isinstance(rec, dict) or "text" not in rec:
+                    raise PipelineError(f"{file}:{lineno}: expected a JSON object with a 'text' field")
+                text = rec["text"]
+                if not isinstance(text, str):
+                    raise PipelineError(f"{file}:{lineno}: 'text' must be a string, got {type(text).__name__}")
+                if not text.strip():
+                    skipped.add("blank_document")
+                    continue
+                yield Document(text, document_id(text), f"{file}:{lineno}")
+        else:
+            raw = file.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                line = raw[: exc.start].count(b"\n") + 1
+                raise PipelineError(f"{file}:{line}: invalid UTF-8 ({exc.reason})") from None
+            if not text.strip():
+                skipped.add("blank_document")
+                continue
+            yield Document(text, document_id(text), f"{file}:1")
+
+
+def _records(path: Path) -> Iterator[tuple[int, object]]:
+    """JSON lines, or one JSON list (``.json`` starting with '[') with the list index as line."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: file not found")
+    if path.suffix == ".json":
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+        if head.startswith(b"["):
+            try:
+                data = json.loads(path.read_bytes().decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise PipelineError(f"{path}: malformed JSON ({exc})") from None
+            for i, rec in enumerate(data, 1):
+                yield i, rec
+            return
+    for lineno, line in _lines(path):
+        if line.strip():
+            yield lineno, _json_line(path, lineno, line)
+
+
+def iter_qa(path: str | os.PathLike) -> Iterator[dict]:
+    """Yield NQ-open records ``{"question", "answer": [..], "ctxs"?: [..]}``, validated."""
+    path = Path(path)
+    for lineno, rec in _records(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(rec, dict):
+            raise PipelineError(f"{where}: expected a JSON object")
+        q = rec.get("question")
+        if not isinstance(q, str) or not q.strip():
+            raise PipelineError(f"{where}: 'question' must be a non-empty string")
+        ans = rec.get("answer", rec.get("answers"))
+        if isinstance(ans, str):
+            ans = [ans]
+        if not isinstance(ans, list) or not ans or not all(isinstance(a, str) for a in ans):
+            raise PipelineError(f"{where}: 'answer' must be a non-empty list of strings")
+        out = {"question": q, "answer": ans}
+        ctxs = rec.get("ctxs")
+        if ctxs is not None:
+            if not isinstance(ctxs, list):
+                raise PipelineError(f"{where}: 'ctxs' must be a list")
+            texts = []
+            for c in ctxs:
+                if isinstance(c, str):
+                    texts.append(c)
+                elif isinstance(c, dict) and isinstance(c.get("text"), str):
+                    title = c.get("title")
+                    texts.append(f"{title}\n{c['text']}" if isinstance(title, str) and title else c["text"])
+                else:
+                    raise PipelineError(f"{where}: each of 'ctxs' must be a string or {{'title', 'text'}}")
+            out["ctxs"] = texts
+        yield out
+
+
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant"}
+
+
+def iter_conversations(path: str | os.PathLike, fmt: str = "auto") -> Iterator[dict]:
+    """Yield ``{"system": str, "turns": [(role, text), ...]}`` from conversation or alpaca records.
+
+    ``fmt`` is ``conversation``, ``alpaca`` or ``auto`` (decided per record by its keys). A
+    conversation must alternate user/assistant and end with an assistant turn.
+    """
+    path = Path(path)
+    for lineno, rec in _records(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(rec, dict):
+            raise PipelineError(f"{where}: expected a JSON object")
+        kind = fmt
+        if kind == "auto":
+            kind = "alpaca" if "instruction" in rec else "conversation"
+        if kind == "alpaca":
+            ins, inp, out = rec.get("instruction"), rec.get("input", ""), rec.get("output")
+            if not isinstance(ins, str) or not isinstance(out, str) or not isinstance(inp, str):
+                raise PipelineError(f"{where}: alpaca record needs string 'instruction' and 'output' (and optional 'input')")
+            user = ins if not inp.strip() else f"{ins}\n\n{inp}"
+            yield {"system": rec.get("system", "") or "", "turns": [("user", user), ("assistant", out)]}
+            continue
+        if kind != "conversation":
+            raise PipelineError(f"{where}: unknown instruction format {fmt!r} (use conversation, alpaca or auto)")
+        msgs = rec.get("messages", rec.get("conversations"))
+        if not isinstance(msgs, list) or not msgs:
+            raise PipelineError(f"{where}: conversation record needs a non-empty 'messages' list")
+        turns = []
+        for m in msgs:
+            if not isinstance(m, dict):
+                raise PipelineError(f"{where}: each message must be an object")
+            role = m.get("role", m.get("from"))
+            text = m.get("content", m.get("value"))
+            role = ROLES.get(str(role).lower()) if role is not None else None
+            if role is None or not isinstance(text, str):
+                raise PipelineError(f"{where}: message needs role user/assistant and string content")
+            if role == "system":
+                continue
+            turns.append((role, text))
+        if turns[-1][0] != "assistant" or any(turns[i][0] == turns[i + 1][0] for i in range(len(turns) - 1)):
+            raise PipelineError(f"{where}: turns must alternate user/assistant and end with an assistant turn")
+        system = rec.get("system", "")
+        if not isinstance(system, str):
+            raise PipelineError(f"{where}: 'system' must be a string")
+        yield {"system": system, "turns": turns}

@@ -1,0 +1,99 @@
+"""SentencePiece BPE tokenizer with reserved ids for padding and end-of-document.
+
+Ids: 0 = pad, 1 = unk, 2 = end-of-document (EOD). Text is not normalised and whitespace is
+kept as is (newline is its own piece, unknown characters fall back to bytes), so
+``decode(encode(text)) == text`` for any UTF-8 text.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import sentencepiece as spm
+
+from .errors import PipelineError
+
+PAD_ID = 0
+UNK_ID = 1
+EOD_ID = 2
+
+
+class Tokenizer:
+    def __init__(self, model_path: str | os.PathLike):
+        path = Path(model_path)
+        if not path.is_file():
+            raise PipelineError(f"{path}: tokenizer model not found")
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        if self.sp.pad_id() != PAD_ID or self.sp.eos_id() != EOD_ID:
+            raise PipelineError(
+                f"{path}: tokenizer must reserve pad={PAD_ID} and eos/EOD={EOD_ID} "
+                f"(has pad={self.sp.pad_id()}, eos={self.sp.eos_id()})"
+            )
+
+    pad_id = PAD_ID
+    eod_id = EOD_ID
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids if int(i) not in (PAD_ID, EOD_ID)]
+        return self.sp.decode(ids)
+
+
+def _sample_lines(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+    used = 0
+    for text in texts:
+        for line in text.split("\n"):
+            if line.strip():
+                used += len(line.encode("utf-8"))
+                yield line
+        if used >= max_bytes:
+            return
+
+
+def train(texts: Iterable[str], vocab_size: int, sample_bytes: int) -> bytes:
+    """Train a BPE model on the first ``sample_bytes`` of ``texts``; return the model bytes."""
+    lines = list(_sample_lines(texts, sample_bytes))
+    if not lines:
+        raise PipelineError("tokenizer: no text to train on (the database corpus is empty)")
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            eos_id=EOD_ID,
+            bos_id=-1,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            user_defined_symbols=["\n"],
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            hard_vocab_limit=False,
+            character_coverage=1.0,
+            max_sentence_length=1 << 16,
+            shuffle_input_sentence=False,
+            input_sentence_size=0,
+            num_threads=1,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        raise PipelineError(f"tokenizer: SentencePiece training failed: {str(exc).splitlines()[0]}") from None
+    return model.getvalue()
