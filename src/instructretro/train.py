@@ -1,0 +1,453 @@
+"""Training with DeepSpeed: the engine, a generic loop, resumable checkpoints, and export.
+
+The same code trains on one CPU process (no launcher, gloo backend) and on many GPUs under the
+``deepspeed`` launcher. Read top to bottom:
+
+1. ``TrainConfig``: the hyperparameters, read from one params section (``pretrain`` or ``sft``).
+2. ``init_distributed``: environment defaults for a single process, and no C++ build at run time.
+3. ``build_engine``: AdamW (``torch_adam``), warmup + cosine schedule, ZeRO stage, bf16/fp32,
+   micro batch, gradient accumulation and clipping, as one DeepSpeed config.
+4. ``train``: the loop. It is generic over ``batch_fn(step, micro) -> batch`` (a deterministic
+   function of the position, so a resumed run sees exactly the batches it would have seen) and
+   ``loss_fn(model, batch) -> {name: (loss_sum, count)}``; the key ``"loss"`` is optimised.
+5. Checkpoints: DeepSpeed checkpoints for resume (``save_checkpoint`` / ``resume``) and the
+   exported checkpoint later stages load: ``config.json`` + ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .errors import PipelineError
+from .io import atomic_path, write_json
+
+PRECISIONS = ("fp32", "bf16")
+
+# --------------------------------------------------------------------------------------------
+# 1. Hyperparameters
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run (the keys of a ``pretrain:`` or ``sft:`` section)."""
+
+    steps: int = 100  # optimizer steps
+    micro_batch: int = 8  # samples per process per forward/backward
+    grad_accum: int = 1  # micro batches per optimizer step
+    lr: float = 1e-3  # peak learning rate, reached after ``warmup`` steps
+    min_lr: float = 1e-4  # end of the cosine decay, at ``steps``
+    warmup: int = 10
+    weight_decay: float = 0.1  # on matrices only (not on norms or biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip: float = 1.0  # global gradient-norm clipping; 0 disables
+    zero_stage: int = 0
+    precision: str = "fp32"
+    seed: int = 1234
+    eval_interval: int = 50  # steps between validations (and always at the last step)
+    eval_batches: int = 8  # validation micro batches per process
+    save_interval: int = 50  # steps between resume checkpoints (and always at the last step)
+
+    @classmethod
+    def from_params(cls, p, section: str) -> "TrainConfig":
+        """Read every field from ``section.<field>`` of a ``Params`` object and validate it."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            typ = float if f.type == "float" else int if f.type == "int" else str
+            values[f.name] = p.get(f"{section}.{f.name}", typ)
+        cfg = cls(**values)
+        cfg.validate(f"{p.source}: param '{section}.")
+        return cfg
+
+    def validate(self, where: str = "param '") -> None:
+        """Raise PipelineError naming the offending key."""
+        for key in ("steps", "micro_batch", "grad_accum", "eval_interval", "eval_batches", "save_interval"):
+            if getattr(self, key) <= 0:
+                raise PipelineError(f"{where}{key}' must be > 0, got {getattr(self, key)}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise PipelineError(f"{where}lr' must be > 0 and min_lr in [0, lr], got lr={self.lr} min_lr={self.min_lr}")
+        if not 0 <= self.warmup <= self.steps:
+            raise PipelineError(f"{where}warmup' must be in [0, steps], got {self.warmup}")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise PipelineError(f"{where}{key}' must be in [0, 1), got {getattr(self, key)}")
+        if self.weight_decay < 0 or self.clip < 0:
+            raise PipelineError(f"{where}weight_decay' and clip must be >= 0")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise PipelineError(f"{where}zero_stage' must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in PRECISIONS:
+            raise PipelineError(f"{where}precision' must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+def lr_multiplier(cfg: TrainConfig) -> Callable[[int], float]:
+    """Learning rate / peak lr after ``step`` optimizer steps: linear warmup, then cosine to min_lr.
+
+    Step 0 (the first update) uses lr/warmup, step ``warmup - 1`` the peak, and the last step
+    (``steps - 1``) ends at ``min_lr``, as in Megatron's warmup + cosine schedule.
+    """
+    floor = cfg.min_lr / cfg.lr
+
+    def multiplier(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        decay_steps = max(1, cfg.steps - 1 - cfg.warmup)
+        progress = min(1.0, (step - cfg.warmup) / decay_steps) if cfg.steps - 1 > cfg.warmup else 1.0
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Processes
+
+
+def init_distributed() -> tuple[int, int]:
+    """Start torch.distributed through DeepSpeed and return ``(rank, world_size)``.
+
+    Under the ``deepspeed`` launcher the environment is already set. A plain ``python script.py``
+    is one process: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT get single-process
+    defaults (a free port, so two stages on one machine do not collide). On the CPU accelerator
+    DeepSpeed would JIT-compile a shared-memory all-reduce op (a C++ build of about 45 s) when
+    the communication backend starts; its only consumer is a compatibility table, so we mark
+    the op unavailable there and gloo does the collectives.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        import deepspeed.ops as ds_ops
+
+        # Setting the attribute directly skips DeepSpeed's probe of every op (which runs a compiler).
+        ops_table = ds_ops.__dict__.setdefault("__compatible_ops__", {})
+        ops_table["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# 3. The DeepSpeed engine
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON config for ``cfg``: the whole optimisation recipe in one dict."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "optimizer": {
+            "type": "AdamW",
+            # torch_adam: torch.optim.AdamW instead of DeepSpeed's FusedAdam (no C++/CUDA build).
+            "params": {"lr": cfg.lr, "betas": [cfg.beta1, cfg.beta2], "eps": 1e-8,
+                       "weight_decay": cfg.weight_decay, "torch_adam": True},
+        },
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linear and embedding weights) only, not on norms or biases."""
+    decay, no_decay = [], []
+    for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainConfig):
+    """Wrap ``model`` in a DeepSpeed engine configured by ``cfg``; returns the engine."""
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        init_distributed()
+    world = torch.distributed.get_world_size()
+    config = deepspeed_config(cfg, world)
+    multiplier = lr_multiplier(cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.weight_decay),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, multiplier),
+        config=config,
+    )
+    return engine
+
+
+# --------------------------------------------------------------------------------------------
+# 4. The loop
+
+Batch = dict  # name -> tensor
+LossFn = Callable[[torch.nn.Module, Batch], dict]  # -> {name: (loss_sum tensor, count tensor)}
+
+
+def to_device(batch: Batch, device) -> Batch:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, batches: Iterable[Batch], loss_fn: LossFn, device=None) -> dict:
+    """Token-weighted mean of every loss ``loss_fn`` returns, summed over all processes.
+
+    Returns ``{name: mean loss}`` plus ``{name + "_count": tokens}``; a name with no tokens
+    anywhere has mean ``nan``.
+    """
+    was_training = model.training
+    model.eval()
+    sums: dict[str, list[float]] = {}
+    for batch in batches:
+        if device is not None:
+            batch = to_device(batch, device)
+        for name, (loss_sum, count) in loss_fn(model, batch).items():
+            acc = sums.setdefault(name, [0.0, 0.0])
+            acc[0] += float(loss_sum)
+            acc[1] += float(count)
+    names = sorted(sums)
+    totals = torch.tensor([sums[n] for n in names], dtype=torch.float64).reshape(-1, 2)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # every process must evaluate the same loss names
+        torch.distributed.all_reduce(totals)
+    model.train(was_training)
+    out = {}
+    for name, (s, c) in zip(names, totals.tolist()):
+        out[name] = s / c if c > 0 else float("nan")
+        out[f"{name}_count"] = int(c)
+    return out
+
+
+def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_fn: LossFn,
+          eval_fn: Callable[[], dict] | None = None, work_dir: str | os.PathLike | None = None,
+          start_step: int = 0, live=None, progress: bool = True) -> dict:
+    """Run optimizer steps ``start_step .. cfg.steps - 1``; return the last logged values.
+
+    Each step runs ``cfg.grad_accum`` micro batches ``batch_fn(step, micro)`` through
+    ``loss_fn``; ``"loss"`` (sum / count) is what is minimised. ``eval_fn()`` runs every
+    ``eval_interval`` steps and at the end (its values are logged under ``val/``); a resume
+    checkpoint is saved to ``work_dir`` every ``save_interval`` steps and at the end.
+    ``live`` is a DVCLive ``Live`` on rank 0 (None elsewhere).
+    """
+    from tqdm import tqdm
+
+    engine.train()
+    last: dict = {}
+    tokens_done, seconds = 0, 0.0
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", mininterval=2.0,
+               disable=None if (progress and is_rank0()) else True)
+    for step in range(start_step, cfg.steps):
+        t0 = time.perf_counter()
+        losses, tokens = [], 0
+        lr = engine.get_lr()[0]
+        for micro in range(cfg.grad_accum):
+            batch = to_device(batch_fn(step, micro), engine.device)
+            loss_sum, count = loss_fn(engine, batch)["loss"]
+            loss = loss_sum / count.clamp(min=1)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach())
+            tokens += int(batch["tokens"].numel()) if "tokens" in batch else 0
+        train_loss = float(torch.stack(losses).float().mean())
+        dt = time.perf_counter() - t0
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        tokens_done += tokens * world
+        seconds += dt
+        if not math.isfinite(train_loss):
+            raise PipelineError(f"training diverged: loss is {train_loss} at step {step + 1} (lower the lr?)")
+        done = step + 1
+        last = {"step": done, "train/loss": train_loss, "train/lr": lr,
+                "train/tokens_per_s": tokens * world / dt if dt > 0 else 0.0}
+        if done % cfg.eval_interval == 0 or done == cfg.steps:
+            if eval_fn is not None:
+                last.update({f"val/{k}": v for k, v in eval_fn().items() if not k.endswith("_count")})
+            engine.train()
+        if live is not None:
+            live.step = done
+            for key, value in last.items():
+                if key != "step" and math.isfinite(value):
+                    live.log_metric(key, value)
+        if work_dir is not None and (done % cfg.save_interval == 0 or done == cfg.steps):
+            save_checkpoint(engine, work_dir, done)
+        bar.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
+        bar.update(1)
+    bar.close()
+    last["mean_tokens_per_s"] = tokens_done / seconds if seconds > 0 else 0.0
+    if live is not None:
+        live.make_summary()
+    return last
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Checkpoints
+
+
+def save_checkpoint(engine, work_dir: str | os.PathLike, step: int) -> None:
+    """Save a DeepSpeed resume checkpoint tagged ``step{N}`` and drop the older ones (rank 0)."""
+    work_dir = Path(work_dir)
+    tag = f"step{step:08d}"
+    engine.save_checkpoint(str(work_dir), tag=tag, client_state={"step": step})
+    barrier()
+    if is_rank0():
+        for old in work_dir.glob("step*"):
+            if old.is_dir() and old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def resume(engine, work_dir: str | os.PathLike) -> int:
+    """Load the latest resume checkpoint in ``work_dir`` (if any); return the steps it had done."""
+    work_dir = Path(work_dir)
+    if not (work_dir / "latest").is_file():
+        return 0
+    path, client_state = engine.load_checkpoint(str(work_dir))
+    if path is None:
+        raise PipelineError(f"{work_dir}: could not load the resume checkpoint named in 'latest'")
+    return int(client_state["step"])
+
+
+def full_state_dict(engine_or_model) -> dict[str, torch.Tensor]:
+    """The complete model state dict as fp32 CPU tensors (gathers ZeRO-3 shards; all ranks call)."""
+    module = getattr(engine_or_model, "module", engine_or_model)
+    if hasattr(engine_or_model, "zero_optimization_partition_weights") and \
+            engine_or_model.zero_optimization_partition_weights():
+        state = engine_or_model._zero3_consolidated_16bit_state_dict()  # noqa: SLF001 (no public API)
+        state = state if state is not None else {}
+    else:
+        state = module.state_dict()
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def config_to_json(config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def export_checkpoint(engine_or_model, config, folder: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write ``folder/config.json`` (the ModelConfig) and ``folder/model.safetensors`` atomically.
+
+    Every rank must call this (ZeRO-3 gathers); only rank 0 writes. ``extra`` goes into
+    ``folder/train.json`` (e.g. the steps trained), kept apart from the model config.
+    """
+    from safetensors.torch import save_file
+
+    state = full_state_dict(engine_or_model)
+    if is_rank0():
+        with atomic_path(folder) as tmp:
+            tmp.mkdir(parents=True)
+            (tmp / "config.json").write_text(json.dumps(config_to_json(config), indent=2, sort_keys=True) + "\n")
+            save_file(dict(sorted(state.items())), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            if extra:
+                write_json(tmp / "train.json", extra)
+    barrier()
+
+
+def read_config(folder: str | os.PathLike):
+    """The ModelConfig stored in an exported checkpoint folder."""
+    from .model import ModelConfig
+
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise PipelineError(f"{folder}: not an exported checkpoint (no config.json)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}: malformed JSON ({exc.msg})") from None
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise PipelineError(f"{path}: unknown ModelConfig fields {unknown}")
+    for f in dataclasses.fields(ModelConfig):  # JSON has lists where the config has tuples
+        if isinstance(raw.get(f.name), list) and isinstance(getattr(ModelConfig, f.name, None), tuple):
+            raw[f.name] = tuple(raw[f.name])
+    return ModelConfig(**raw)
+
+
+def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise PipelineError(f"{folder}: not an exported checkpoint (no model.safetensors)")
+    return load_file(str(path))
+
+
+def load_model(folder: str | os.PathLike, **overrides):
+    """Build the model stored in an exported checkpoint and load its weights (fp32, CPU).
+
+    ``overrides`` replace config fields that do not change the weights' shapes (e.g. dropout).
+    """
+    from .model import Retro
+
+    config = dataclasses.replace(read_config(folder), **overrides) if overrides else read_config(folder)
+    model = Retro(config)
+    load_weights(model, folder, allow_fresh_retrieval=False)
+    return model
+
+
+def load_weights(model: torch.nn.Module, folder: str | os.PathLike, allow_fresh_retrieval: bool = True) -> list[str]:
+    """Copy an exported checkpoint's weights into ``model``; return the names left fresh.
+
+    With ``allow_fresh_retrieval`` a GPT checkpoint loads into a Retro model: the decoder is
+    copied and the parameters the GPT lacks (encoder, chunked cross-attention) keep their fresh
+    initialisation, the continued-pretraining path of InstructRetro. Anything else that does
+    not match (an unknown name, a missing decoder weight, a shape) is an error.
+    """
+    state = read_state_dict(folder)
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise PipelineError(f"{folder}: checkpoint has weights the model lacks: {unexpected[:5]}")
+    bad = [k for k in state if state[k].shape != own[k].shape]
+    if bad:
+        k = bad[0]
+        raise PipelineError(f"{folder}: weight {k} has shape {tuple(state[k].shape)}, the model expects {tuple(own[k].shape)}")
+    fresh = sorted(set(own) - set(state))
+    if fresh:
+        retrieval_only = set(retrieval_parameter_names(model))
+        not_retrieval = [k for k in fresh if k not in retrieval_only]
+        if not allow_fresh_retrieval or not_retrieval:
+            raise PipelineError(f"{folder}: checkpoint lacks weights {(not_retrieval or fresh)[:5]}")
+    model.load_state_dict(state, strict=False)
+    return fresh
+
+
+def retrieval_parameter_names(model: torch.nn.Module) -> list[str]:
+    """State-dict names that a Retro model has and the same-config GPT does not."""
+    from .model import Retro
+
+    config = model.config
+    if not getattr(config, "retro", False):
+        return []
+    with torch.device("meta"):
+        gpt = Retro(dataclasses.replace(config, retro=False))
+    return sorted(set(model.state_dict()) - set(gpt.state_dict()))
