@@ -1,0 +1,45 @@
+"""Shared fixtures: a small synthetic world and its tokenizer, built once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory) -> Path:
+    """A 60-entity world (a few hundred chunks)."""
+    from instructretro.world import write_world
+
+    out = tmp_path_factory.mktemp("world") / "world"
+    write_world(out, num_entities=60, docs_per_entity=3, qa_questions=40, sft_conversations=100, seed=7)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(small_world, tmp_path_factory) -> Path:
+    from instructretro import data, tokenizer
+
+    path = tmp_path_factory.mktemp("tok") / "spm.model"
+    texts = (d.text for d in data.iter_documents(small_world / "reference.jsonl"))
+    path.write_bytes(tokenizer.train(texts, 1024, 5_000_000))
+    return path
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def run_stage(script: str, *args, cwd=REPO, check=False) -> subprocess.CompletedProcess:
+    """Run a stage script as DVC would; return the completed process (text output)."""
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    return subprocess.run([PYTHON, str(REPO / "stages" / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env=env, check=check)
