@@ -1,0 +1,312 @@
+"""Zero-shot open-domain QA with the instruction-tuned Retro (Step 5 of the recipe).
+
+For each question we build the reference's short-span prompt, laid out and tokenized exactly
+as the SFT stage lays out its conversations (``sft.prompt_segments``):
+
+    System: {system}\\n\\n{context 1}\\n\\n...{context n}\\n\\nUser: Answer the following question
+    with a short span. {question}\\n\\nAssistant: The answer is
+
+and decode greedily until end-of-document or ``max_new_tokens``. Where the contexts come from
+is the retrieval mode:
+
+- ``prompt``: embed the question with the database's encoder, search the index, and put the
+  top-n chunks, each with its continuation, in the prompt (the reference's choice);
+- ``encoder``: no contexts in the prompt; the Retro encoder gets the neighbors of every chunk
+  of the sequence, retrieved again at each chunk boundary as generation proceeds (the chunk's
+  own text is the query, as in pretraining);
+- ``both``: the two together;
+- ``none``: neither (closed-book).
+
+A QA record that carries ``ctxs`` (given passages, e.g. DPR's for NQ-open) uses its first n
+passages as the prompt contexts instead of searching the index (modes ``prompt`` and ``both``).
+
+Prompts are fitted to the model's sequence length: the prompt may take
+``seq_length - max_new_tokens`` tokens (rounded down to whole chunks, since the decoder
+left-pads it to a chunk boundary); contexts are dropped from the last one until it fits, then
+the prompt is cut from the left. Both are counted. Questions are decoded in batches sorted by
+prompt length (less padding), and the answers are written back in the input order.
+
+The prediction is the decoded continuation after ``The answer is``, cut at the end of its first
+line for short-span answers (the model may go on to a new turn), and stripped.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from . import sft
+from .errors import PipelineError
+from .tokenizer import Tokenizer
+
+MODES = ("prompt", "encoder", "both", "none")
+
+# Prompt styles: the user turn and the start of the assistant turn that the answer continues.
+STYLES = {
+    "short": ("Answer the following question with a short span. {question}", "The answer is"),
+    "long": ("Please give a full and complete answer for the question. {question}", ""),
+}
+
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One QA task: answers go to ``<name>.jsonl``; ``style`` picks the prompt (see STYLES)."""
+
+    name: str
+    path: str
+    style: str = "short"
+
+
+def parse_tasks(value, key: str = "generate.tasks", source: str = "params.yaml") -> list[Task]:
+    """Validate the ``generate.tasks`` param: a non-empty list of ``{name, path, style?}``."""
+    if not isinstance(value, list) or not value:
+        raise PipelineError(f"{source}: param '{key}' must be a non-empty list of {{name, path}}")
+    tasks, seen = [], set()
+    for i, item in enumerate(value):
+        where = f"{source}: param '{key}[{i}]'"
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(item.get("path"), str):
+            raise PipelineError(f"{where} must be a mapping with string 'name' and 'path'")
+        unknown = set(item) - {"name", "path", "style"}
+        if unknown:
+            raise PipelineError(f"{where} has unknown keys {sorted(unknown)}")
+        name, style = item["name"], item.get("style", "short")
+        if not _TASK_NAME.match(name):
+            raise PipelineError(f"{where}: name {name!r} must be letters, digits, '_', '-' or '.'")
+        if name in seen:
+            raise PipelineError(f"{where}: task name {name!r} is used twice")
+        if style not in STYLES:
+            raise PipelineError(f"{where}: style {style!r}; expected one of {sorted(STYLES)}")
+        seen.add(name)
+        tasks.append(Task(name, item["path"], style))
+    return tasks
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def user_turn(question: str, style: str = "short") -> str:
+    """The user's message: the task instruction then the question (a '?' is added if missing)."""
+    question = question.strip()
+    if not question.endswith("?"):
+        question += "?"
+    return STYLES[style][0].format(question=question)
+
+
+def prompt_segments(question: str, contexts: Sequence[str], system: str, style: str = "short") -> list[str]:
+    """The QA prompt as the SFT stage lays out a conversation (``sft.prompt_segments``), plus
+    the assistant's answer prefix: system, contexts, user turn, ``Assistant: The answer is``."""
+    segs = [text for text, _ in sft.prompt_segments(system, [("user", user_turn(question, style))], contexts)]
+    prefix = STYLES[style][1]
+    return segs + ([f" {prefix}"] if prefix else [])
+
+
+def build_prompt(question: str, contexts: Sequence[str], system: str, style: str = "short") -> str:
+    """The reference's QA prompt as text."""
+    return "".join(prompt_segments(question, contexts, system, style))
+
+
+def encode_prompt(tokenizer: Tokenizer, question: str, contexts: Sequence[str], system: str, style: str = "short") -> list[int]:
+    """Token ids of the prompt, each segment encoded on its own exactly as SFT encodes it."""
+    return [i for ids in tokenizer.encode_batch(prompt_segments(question, contexts, system, style)) for i in ids]
+
+
+def prompt_budget(seq_length: int, max_new_tokens: int, chunk_length: int) -> int:
+    """Tokens a prompt may take so that the chunk-aligned prompt plus the answer fit the model."""
+    budget = (seq_length - max_new_tokens) // chunk_length * chunk_length
+    if budget <= 0:
+        raise PipelineError(
+            f"params.yaml: generate.max_new_tokens ({max_new_tokens}) leaves no room for a prompt "
+            f"in the model's seq_length ({seq_length}) with chunk_length {chunk_length}"
+        )
+    return budget
+
+
+def fit_prompt(tokenizer: Tokenizer, question: str, contexts: Sequence[str], system: str, style: str,
+               budget: int) -> tuple[list[int], int, bool]:
+    """Tokenize the prompt within ``budget`` tokens.
+
+    Returns ``(ids, contexts_used, cut)``: contexts are dropped from the last until the prompt
+    fits; if even the prompt with no context is too long it is cut from the left (``cut``).
+    """
+    for n in range(len(contexts), -1, -1):
+        ids = encode_prompt(tokenizer, question, contexts[:n], system, style)
+        if len(ids) <= budget:
+            return ids, n, False
+    return ids[-budget:], 0, True
+
+
+def clean_prediction(text: str, style: str = "short") -> str:
+    """Cut the generated text at the end of the answer and strip it."""
+    for stop in ("\nUser:", "\nSystem:", "User:"):
+        text = text.split(stop, 1)[0]
+    if style == "short":
+        text = text.strip().split("\n", 1)[0]
+    return text.strip()
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+class EncoderNeighbors:
+    """The ``neighbors_fn`` of the decoder in ``encoder`` / ``both`` mode.
+
+    Called as ``fn(b, j, chunk_tokens)`` when chunk ``j`` of batch row ``b`` is complete; returns
+    that chunk's ``k`` neighbors (tokens, mask) retrieved with the chunk's text as the query, or
+    None for a chunk that is all padding. Chunks known in advance (the prompt's) are searched in
+    one batch by :meth:`prefetch`; results are cached by chunk text (the query). Every call is recorded in
+    ``calls[b]`` as ``(j, ids)`` so the answers can list the chunk ids the encoder saw.
+    """
+
+    def __init__(self, retriever, tokenizer: Tokenizer, k: int, chunk_length: int):
+        self.retriever = retriever
+        self.tokenizer = tokenizer
+        self.k = k
+        self.chunk_length = chunk_length
+        self.cache: dict[str, np.ndarray | None] = {}  # chunk text -> k neighbor ids
+        self.calls: dict[int, list[tuple[int, list[int]]]] = {}
+
+    def _search(self, texts: list[str]) -> None:
+        todo = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        for t in todo:
+            if not t.strip():
+                self.cache[t] = None  # padding only: no neighbors
+        query = [t for t in todo if t.strip()]
+        if query:
+            ids = np.asarray(self.retriever.search(query, self.k), dtype=np.int64)
+            for t, row in zip(query, ids):
+                self.cache[t] = row
+
+    def prefetch(self, prompts: list[list[int]]) -> None:
+        """Retrieve, in one search, the neighbors of every chunk of the left-padded prompts."""
+        cl = self.chunk_length
+        texts = []
+        for ids in prompts:
+            padded = [self.tokenizer.pad_id] * (-len(ids) % cl) + list(ids)
+            texts += [self.tokenizer.decode(padded[i : i + cl]) for i in range(0, len(padded), cl)]
+        self._search(texts)
+
+    def reset(self) -> None:
+        """Forget the recorded calls (the cache stays: same chunk text, same neighbors)."""
+        self.calls = {}
+
+    def __call__(self, b: int, j: int, chunk_tokens):
+        text = self.tokenizer.decode([int(t) for t in chunk_tokens])
+        if text not in self.cache:
+            self._search([text])
+        ids = self.cache[text]
+        if ids is None:
+            return None
+        self.calls.setdefault(b, []).append((int(j), [int(i) for i in ids]))
+        return self.retriever.neighbor_tokens(ids)
+
+
+# ----------------------------------------------------------------------------- answering
+
+
+@dataclass
+class Settings:
+    """How to answer: retrieval mode, contexts in the prompt, decoding limits."""
+
+    retrieval: str = "prompt"
+    num_contexts: int = 5
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    system: str = ""
+
+
+def prompt_contexts(records: list[dict], retriever, settings: Settings) -> list[tuple[list[str], list[int], str]]:
+    """For each record: (context texts, their DB chunk ids, source) for the prompt.
+
+    Source is ``given`` (the record's ctxs), ``retrieved`` (searched by the question), or ``none``.
+    """
+    out: list = [None] * len(records)
+    n = settings.num_contexts
+    if settings.retrieval in ("encoder", "none") or n == 0:
+        return [([], [], "none") for _ in records]
+    search = [i for i, r in enumerate(records) if "ctxs" not in r]
+    for i, r in enumerate(records):
+        if "ctxs" in r:
+            out[i] = (list(r["ctxs"][:n]), [], "given")
+    if search:
+        ids = np.asarray(retriever.search([records[i]["question"] for i in search], n), dtype=np.int64)
+        for i, row in zip(search, ids):
+            row = [int(x) for x in row if x >= 0]
+            out[i] = ([retriever.chunk_text(x, continuation=True) for x in row], row, "retrieved")
+    return out
+
+
+def answer_questions(model, tokenizer: Tokenizer, records: list[dict], settings: Settings, *,
+                     generate_fn: Callable, retriever=None, seq_length: int, chunk_length: int,
+                     num_neighbors: int = 0, style: str = "short", desc: str = "generate") -> tuple[list[dict], dict]:
+    """Answer ``records`` (from ``data.iter_qa``); return the answer records and counts.
+
+    ``generate_fn(model, prompts, max_new_tokens, eod_id, neighbors_fn=None)`` is the greedy
+    decoder (``decoding.greedy_generate``); it returns the new tokens of each prompt.
+    """
+    if settings.retrieval not in MODES:
+        raise PipelineError(f"params.yaml: param 'generate.retrieval' is {settings.retrieval!r}; expected one of {list(MODES)}")
+    if settings.retrieval != "none" and retriever is None and any("ctxs" not in r for r in records):
+        raise PipelineError(f"generate: retrieval mode {settings.retrieval!r} needs the retrieval database")
+    use_encoder = settings.retrieval in ("encoder", "both")
+    if use_encoder and num_neighbors <= 0:
+        raise PipelineError("generate: retrieval mode needs a Retro checkpoint (model.retro=true) to feed the encoder")
+    budget = prompt_budget(seq_length, settings.max_new_tokens, chunk_length)
+    contexts = prompt_contexts(records, retriever, settings)
+
+    prompts, used, cut = [], [], 0
+    for rec, (ctx, _, _) in zip(records, contexts):
+        ids, n, was_cut = fit_prompt(tokenizer, rec["question"], ctx, settings.system, style, budget)
+        prompts.append(ids)
+        used.append(n)
+        cut += was_cut
+
+    encoder = EncoderNeighbors(retriever, tokenizer, num_neighbors, chunk_length) if use_encoder else None
+    order = sorted(range(len(records)), key=lambda i: (len(prompts[i]), i))
+    new_tokens: list = [None] * len(records)
+    encoder_ids: list = [[] for _ in records]
+    bar = tqdm(total=len(records), desc=desc, unit="q", mininterval=2.0, disable=None)
+    for start in range(0, len(order), settings.batch_size):
+        batch = order[start : start + settings.batch_size]
+        batch_prompts = [prompts[i] for i in batch]
+        if encoder is not None:
+            encoder.reset()
+            encoder.prefetch(batch_prompts)
+        outs = generate_fn(model, batch_prompts, settings.max_new_tokens, tokenizer.eod_id,
+                           neighbors_fn=encoder)
+        for b, i in enumerate(batch):
+            toks = list(outs[b])
+            if tokenizer.eod_id in toks:
+                toks = toks[: toks.index(tokenizer.eod_id)]
+            new_tokens[i] = toks
+            if encoder is not None:
+                encoder_ids[i] = [ids for _, ids in sorted(encoder.calls.get(b, []))]
+        bar.update(len(batch))
+    bar.close()
+
+    answers = []
+    for i, rec in enumerate(records):
+        ctx_texts, ctx_ids, source = contexts[i]
+        answers.append({
+            "question": rec["question"],
+            "answer": rec["answer"],
+            "prediction": clean_prediction(tokenizer.decode(new_tokens[i]), style),
+            "context_source": source if used[i] else "none",
+            "prompt_chunk_ids": ctx_ids[: used[i]] if source == "retrieved" else [],
+            "encoder_chunk_ids": encoder_ids[i],
+            "prompt_tokens": len(prompts[i]),
+            "new_tokens": len(new_tokens[i]),
+        })
+    counts = {
+        "questions": len(records),
+        "prompts_cut": cut,
+        "contexts_dropped": int(sum(len(c[0]) - u for c, u in zip(contexts, used))),
+        "new_tokens": int(sum(len(t) for t in new_tokens)),
+        "prompt_tokens": int(sum(len(p) for p in prompts)),
+    }
+    return answers, counts

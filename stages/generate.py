@@ -1,0 +1,92 @@
+"""Stage generate: answer every QA task of ``generate.tasks`` with the instruction-tuned model.
+
+Writes ``<out>/<task>.jsonl`` (question, prediction, gold answers, retrieved chunk ids) and a
+metrics JSON with per-task counts (questions, prompts cut, contexts dropped, tokens, speed).
+The retrieval mode, number of prompt contexts and decoding limits are params; see
+``instructretro.generate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from instructretro import data, params as P
+from instructretro.decoding import greedy_generate
+from instructretro.errors import PipelineError, cli
+from instructretro.generate import MODES, Settings, answer_questions, parse_tasks
+from instructretro.io import atomic_path, write_json, write_jsonl
+from instructretro.retrieval import Retriever
+from instructretro.tokenizer import Tokenizer
+from instructretro.train import load_model
+
+
+def read_settings(p: P.Params) -> Settings:
+    """The ``generate.*`` decoding and retrieval params, checked."""
+    return Settings(
+        retrieval=p.get("generate.retrieval", str, choices=MODES),
+        num_contexts=p.get("generate.num_contexts", int),
+        max_new_tokens=P.positive("generate.max_new_tokens", p.get("generate.max_new_tokens", int)),
+        batch_size=P.positive("generate.batch_size", p.get("generate.batch_size", int)),
+        system=p.get("generate.system", str),
+    )
+
+
+@cli
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--tokenizer", default="data/tokenizer/spm.model")
+    ap.add_argument("--db-tokens", default="data/tokens/db")
+    ap.add_argument("--embeddings", default="data/db/embeddings.h5")
+    ap.add_argument("--index", default="data/index/populated.faiss")
+    ap.add_argument("--out", default="data/answers")
+    ap.add_argument("--metrics", default="metrics/generate.json")
+    args = ap.parse_args(argv)
+
+    p = P.load(args.params)
+    settings = read_settings(p)
+    if settings.num_contexts < 0:
+        raise PipelineError(f"{args.params}: param 'generate.num_contexts' must be >= 0")
+    tasks = parse_tasks(p.get("generate.tasks"), source=args.params)
+    checkpoint = p.get("generate.checkpoint", str)
+    chunk_length = P.positive("retro.chunk_length", p.get("retro.chunk_length", int))
+
+    torch.manual_seed(0)
+    model = load_model(checkpoint).eval()
+    config = model.config
+    tok = Tokenizer(args.tokenizer)
+    retriever = None
+    if settings.retrieval != "none":
+        retriever = Retriever(args.embeddings, args.index, args.db_tokens, args.tokenizer,
+                              chunk_length=chunk_length,
+                              nprobe=P.positive("generate.nprobe", p.get("generate.nprobe", int)),
+                              efsearch=P.positive("generate.efsearch", p.get("generate.efsearch", int)))
+    num_neighbors = config.num_neighbors if config.retro else 0
+
+    metrics = {}
+    with atomic_path(args.out) as tmp:
+        tmp.mkdir()
+        for task in tasks:
+            records = list(data.iter_qa(task.path))
+            t0 = time.time()
+            with torch.inference_mode():
+                answers, counts = answer_questions(
+                    model, tok, records, settings, generate_fn=greedy_generate, retriever=retriever,
+                    seq_length=config.seq_length, chunk_length=chunk_length,
+                    num_neighbors=num_neighbors, style=task.style, desc=f"generate {task.name}")
+            seconds = time.time() - t0
+            write_jsonl(tmp / f"{task.name}.jsonl", answers)
+            counts["seconds"] = round(seconds, 2)
+            counts["new_tokens_per_s"] = round(counts["new_tokens"] / max(seconds, 1e-9), 1)
+            metrics[task.name] = counts
+            print(f"generate {task.name}: {counts['questions']} questions, {counts['new_tokens']} new tokens "
+                  f"in {seconds:.1f}s, {counts['prompts_cut']} prompts cut, {counts['contexts_dropped']} contexts dropped")
+    write_json(args.metrics, metrics)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The generate module: tasks, prompts, fitting, retrieval modes, and cached greedy decoding."""
+
+import json
+
+import numpy as np
+import pytest
+
+from instructretro import data, tokenizer as tk
+from instructretro.errors import PipelineError
+from instructretro.generate import (
+    EncoderNeighbors, Settings, answer_questions, build_prompt, clean_prediction, encode_prompt, fit_prompt,
+    parse_tasks, prompt_budget,
+)
+
+CL = 8  # chunk length in these tests
+
+FACTS = [f"The city of Town{i} lies on the River{i} and its mayor is Person{i}." for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "spm.model"
+    text = "\n".join(FACTS * 3 + ["System: User: Assistant: Answer the following question with a short span. "
+                                 "What river runs through the city? The answer is"] * 5)
+    path.write_bytes(tk.train([text], vocab_size=400, sample_bytes=1_000_000))
+    return tk.Tokenizer(path)
+
+
+class FakeRetriever:
+    """Chunk i of the DB is FACTS[i]; search returns the facts that share the most words."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.searches = []
+
+    def search(self, texts, n):
+        self.searches.append(list(texts))
+        out = np.full((len(texts), n), -1, dtype=np.int64)
+        for r, t in enumerate(texts):
+            words = set(t.replace("?", " ").replace(".", " ").split())
+            scores = [len(words & set(f.replace(".", " ").split())) for f in FACTS]
+            best = sorted(range(len(FACTS)), key=lambda i: (-scores[i], i))[:n]
+            out[r, : len(best)] = best
+        return out
+
+    def chunk_text(self, i, continuation=True):
+        return FACTS[i]
+
+    def neighbor_tokens(self, ids):
+        ids = np.asarray(ids)
+        toks = np.full(ids.shape + (2 * CL,), tk.EOD_ID, dtype=np.int64)
+        mask = np.zeros(toks.shape, dtype=bool)
+        for idx in np.ndindex(ids.shape):
+            if ids[idx] >= 0:
+                t = self.tok.encode(FACTS[ids[idx]])[: 2 * CL]
+                toks[idx][: len(t)] = t
+                mask[idx][: len(t)] = True
+        return toks, mask
+
+
+def test_parse_tasks_defaults_and_errors():
+    tasks = parse_tasks([{"name": "nq", "path": "a.jsonl"}, {"name": "tqa", "path": "b.jsonl", "style": "long"}])
+    assert [(t.name, t.path, t.style) for t in tasks] == [("nq", "a.jsonl", "short"), ("tqa", "b.jsonl", "long")]
+    with pytest.raises(PipelineError, match=r"generate\.tasks\[1\].*used twice"):
+        parse_tasks([{"name": "nq", "path": "a"}, {"name": "nq", "path": "b"}])
+    with pytest.raises(PipelineError, match=r"generate\.tasks\[0\].*name"):
+        parse_tasks([{"name": "../x", "path": "a"}])
+    with pytest.raises(PipelineError, match=r"generate\.tasks\[0\].*style"):
+        parse_tasks([{"name": "x", "path": "a", "style": "poem"}])
+    with pytest.raises(PipelineError, match=r"generate\.tasks"):
+        parse_tasks([])
+
+
+def test_prompt_is_the_reference_format():
+    p = build_prompt("who is the mayor of Town3", ["ctx one", "ctx two"], "Be short.")
+    assert p == ("System: Be short.\n\nctx one\n\nctx two\n\nUser: Answer the following question with a "
+                 "short span. who is the mayor of Town3?\n\nAssistant: The answer is")
+    assert build_prompt("q?", [], "").startswith("System: \n\nUser: Answer the following question with a short span. q?\n\n")
+
+
+def test_fit_prompt_drops_contexts_then_cuts(tok):
+    q = "What river runs through the city of Town3?"
+    ctxs = FACTS[:6]
+    full = encode_prompt(tok, q, ctxs, "Be short.")
+    ids, n, cut = fit_prompt(tok, q, ctxs, "Be short.", "short", budget=len(full))
+    assert (ids, n, cut) == (full, 6, False)
+    two = encode_prompt(tok, q, ctxs[:2], "Be short.")
+    ids, n, cut = fit_prompt(tok, q, ctxs, "Be short.", "short", budget=len(two) + 1)
+    assert (ids, n, cut) == (two, 2, False)
+    ids, n, cut = fit_prompt(tok, q, ctxs, "Be short.", "short", budget=5)
+    assert n == 0 and cut and len(ids) == 5
+    assert ids == encode_prompt(tok, q, [], "Be short.")[-5:]  # the end (answer prefix) is kept
+    assert prompt_budget(256, 64, 64) == 192 and prompt_budget(256, 60, 64) == 192
+    with pytest.raises(PipelineError, match="max_new_tokens"):
+        prompt_budget(64, 64, 64)
+
+
+@pytest.mark.parametrize(
+    "text, style, expected",
+    [
+        (" Paris.\nUser: next", "short", "Paris."),
+        (" Paris", "short", "Paris"),
+        ("\n Paris\nmore", "short", "Paris"),
+        (" Paris User: who", "short", "Paris"),
+        (" It is Paris.\nBecause.\nUser: x", "long", "It is Paris.\nBecause."),
+        ("", "short", ""),
+    ],
+)
+def test_clean_prediction(text, style, expected):
+    assert clean_prediction(text, style) == expected
+
+
+def _fake_generate(answer_of, calls=None):
+    """A stand-in decoder honouring the contract: left-pad to a chunk boundary, lock-step rows,
+    call neighbors_fn(b, j, chunk) when chunk j of row b completes, stop at EOD."""
+
+    def generate(model, prompts, max_new_tokens, eod_id, neighbors_fn=None):
+        width = max(-(-len(p) // CL) * CL for p in prompts)
+        rows = [[tk.PAD_ID] * (width - len(p)) + list(p) for p in prompts]
+        if neighbors_fn is not None:
+            for b, row in enumerate(rows):
+                for j in range(width // CL):
+                    neighbors_fn(b, j, row[j * CL : (j + 1) * CL])
+        outs = []
+        for b, p in enumerate(prompts):
+            new = answer_of(p)[:max_new_tokens]
+            outs.append(new)
+            if neighbors_fn is not None:
+                full = rows[b] + new
+                for j in range(width // CL, len(full) // CL):
+                    neighbors_fn(b, j, full[j * CL : (j + 1) * CL])
+        if calls is not None:
+            calls.append(len(prompts))
+        return outs
+
+    return generate
+
+
+def test_answer_questions_prompt_mode_end_to_end(tok, tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    recs = [{"question": f"Who is the mayor of Town{i}", "answer": [f"Person{i}"]} for i in (3, 17, 5)]
+    recs.append({"question": "Who is the mayor of Town9", "answer": ["Person9"], "ctxs": [{"title": "T", "text": "given passage"}]})
+    qa.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    records = list(data.iter_qa(qa))
+    retriever = FakeRetriever(tok)
+    seen = {}
+
+    def answer_of(prompt):
+        text = tok.decode(prompt)
+        seen[text.split("Town")[-1].split("?")[0]] = text
+        return tok.encode(" Person" + text.split("Town")[-1].split("?")[0] + "\nUser: more") + [tk.EOD_ID, 5, 6]
+
+    calls = []
+    settings = Settings(retrieval="prompt", num_contexts=2, max_new_tokens=64, batch_size=3, system="Be short.")
+    answers, counts = answer_questions(None, tok, records, settings, generate_fn=_fake_generate(answer_of, calls),
+                                       retriever=retriever, seq_length=512, chunk_length=CL)
+    assert [a["prediction"] for a in answers] == ["Person3", "Person17", "Person5", "Person9"]
+    assert [a["answer"] for a in answers] == [r["answer"] for r in records]
+    assert answers[0]["prompt_chunk_ids"][0] == 3 and len(answers[0]["prompt_chunk_ids"]) == 2
+    assert answers[1]["prompt_chunk_ids"][0] == 17
+    assert answers[3]["prompt_chunk_ids"] == [] and answers[3]["context_source"] == "given"
+    assert "T\ngiven passage" in seen["9"] and FACTS[3] in seen["3"]
+    assert retriever.searches == [[r["question"] for r in records[:3]]]  # one batched search, ctxs skip it
+    assert calls == [3, 1]
+    assert counts["questions"] == 4 and counts["prompts_cut"] == 0 and counts["contexts_dropped"] == 0
+
+
+def test_answer_questions_none_mode_needs_no_retriever(tok):
+    records = [{"question": "Who is the mayor of Town1?", "answer": ["Person1"]}]
+    settings = Settings(retrieval="none", num_contexts=3, batch_size=4, system="")
+    answers, _ = answer_questions(None, tok, records, settings, generate_fn=_fake_generate(lambda p: tok.encode(" x")),
+                                  retriever=None, seq_length=256, chunk_length=CL)
+    assert answers[0]["prediction"] == "x" and answers[0]["context_source"] == "none"
+    with pytest.raises(PipelineError, match="Retro"):
+        answer_questions(None, tok, records, Settings(retrieval="encoder"), generate_fn=None,
+                         retriever=FakeRetriever(tok), seq_length=256, chunk_length=CL, num_neighbors=0)
+
+
+def test_encoder_mode_retrieves_each_chunk_by_its_text(tok):
+    records = [{"question": "What river runs through the city of Town7?", "answer": ["River7"]},
+               {"question": "Who?", "answer": ["x"]}]
+    retriever = FakeRetriever(tok)
+    answer = tok.encode(" River7 and the city of Town7 has mayor Person7 and more words here")
+    settings = Settings(retrieval="encoder", num_contexts=2, max_new_tokens=2 * CL, batch_size=2, system="")
+    answers, counts = answer_questions(None, tok, records, settings, generate_fn=_fake_generate(lambda p: answer),
+                                       retriever=retriever, seq_length=256, chunk_length=CL, num_neighbors=2)
+    prompts = [encode_prompt(tok, r["question"], [], "") for r in records]
+    width = max(-(-len(p) // CL) * CL for p in prompts)
+    for a, prompt in zip(answers, prompts):
+        assert a["context_source"] == "none" and a["prompt_chunk_ids"] == []
+        # one neighbor list per completed non-padding chunk, in order, each searched by its own text
+        full = [tk.PAD_ID] * (width - len(prompt)) + prompt + answer[: 2 * CL]
+        chunks = [full[j * CL : (j + 1) * CL] for j in range(len(full) // CL)]
+        texts = [tok.decode(c) for c in chunks if tok.decode(c).strip()]
+        assert a["encoder_chunk_ids"] == [list(retriever.search([t], 2)[0]) for t in texts]
+    # the first search is the batched prefetch of the prompts' chunks; the answer chunks follow
+    assert len(retriever.searches[0]) > 2
+    assert any("Town7" in t for s in retriever.searches[1:] for t in s)
+
+
+def test_encoder_neighbors_prefetch_and_cache(tok):
+    retriever = FakeRetriever(tok)
+    fn = EncoderNeighbors(retriever, tok, k=3, chunk_length=CL)
+    prompt = tok.encode(FACTS[4])
+    fn.prefetch([prompt])
+    assert len(retriever.searches) == 1
+    padded = [tk.PAD_ID] * (-len(prompt) % CL) + prompt
+    for j in range(len(padded) // CL):
+        out = fn(0, j, padded[j * CL : (j + 1) * CL])
+        toks, mask = out
+        assert toks.shape == (3, 2 * CL) and mask.shape == (3, 2 * CL)
+    assert len(retriever.searches) == 1  # all served from the prefetch
+    assert fn(1, 0, [tk.PAD_ID] * CL) is None  # a padding chunk has no neighbors
+    assert [j for j, _ in fn.calls[0]] == list(range(len(padded) // CL))
