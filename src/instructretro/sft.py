@@ -1,0 +1,417 @@
+"""Instruction tuning (SFT) of a pretrained Retro: Step 4 of the InstructRetro recipe.
+
+Read top to bottom:
+
+1. Presets: the SFT training defaults per model preset (843m: batch 128, lr 5e-6 constant,
+   1000 iterations, betas 0.9/0.98, weight decay 0.01, clip 1.0).
+2. Blend: a list of instruction datasets ``{name, path, format, prob}``; each is split into a
+   train part and a held-out part by a hash of each record.
+3. Prompt format of the reference: ``System: <system>\\n\\n`` then ``User: ...\\n\\nAssistant: ...``
+   turns. The loss covers the assistant answer tokens and the final end-of-document token only.
+4. Fitting a conversation into ``seq_length``: the final answer is kept whole and the prompt
+   is truncated from the left (the context side); a sample whose final answer cannot fit is
+   dropped. Both are counted.
+5. Retrieval modes (``sft.retrieval``):
+   - ``prompt`` (the reference's choice): the top-n DB chunks for the user turn, with their
+     continuation, go into the prompt as context; the Retro encoder gets no neighbors.
+   - ``encoder``: every chunk of the sample retrieves its own k neighbors, which go through the
+     Retro encoder as in pretraining. The prompt is left-padded with PAD so the final answer
+     starts on a chunk boundary: chunk j's neighbors only reach tokens from the last token of
+     chunk j on, so this is what lets the question's neighbors inform the first answer token.
+   - ``none``: no retrieval (the ablation).
+6. Sampling: a deterministic schedule over the blend that tracks the probabilities exactly,
+   epoch-wise shuffles inside each dataset, and the report of samples drawn and epochs.
+7. Batches and the masked loss.
+8. Training glue on top of ``instructretro.train``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from . import data
+from .errors import PipelineError
+from .tokenizer import EOD_ID, PAD_ID
+
+# ----------------------------------------------------------------------------------------------
+# 1. Presets: SFT training defaults per model preset. ``None`` in params means "the preset's".
+
+SFT_PRESETS: dict[str, dict] = {
+    # The CPU preset: trains in a couple of minutes on 2 cores.
+    "tiny": dict(seq_length=512, steps=150, global_batch=16, micro_batch=16, lr=3e-4, warmup=10,
+                 beta1=0.9, beta2=0.98, weight_decay=0.01, clip=1.0, zero_stage=0, precision="fp32"),
+    # The reference's 843m SFT settings: global batch 128, lr 5e-6 constant, 1000 iterations.
+    "843m": dict(seq_length=4096, steps=1000, global_batch=128, micro_batch=4, lr=5e-6, warmup=0,
+                 beta1=0.9, beta2=0.98, weight_decay=0.01, clip=1.0, zero_stage=1, precision="bf16"),
+}
+# The larger presets keep the 843m recipe with smaller micro batches and more ZeRO sharding.
+SFT_PRESETS["2b"] = dict(SFT_PRESETS["843m"], micro_batch=2)
+SFT_PRESETS["4b"] = dict(SFT_PRESETS["843m"], micro_batch=1, zero_stage=2)
+SFT_PRESETS["43b"] = dict(SFT_PRESETS["843m"], micro_batch=1, zero_stage=3)
+
+TRAIN_KEYS = tuple(SFT_PRESETS["tiny"])  # the sft.* keys whose null means "the preset's"
+RETRIEVAL_MODES = ("prompt", "encoder", "none")
+FORMATS = ("conversation", "alpaca", "auto")
+
+
+def sft_settings(preset: str, overrides: dict | None = None) -> dict:
+    """The preset's SFT defaults with every non-``None`` value of ``overrides`` applied."""
+    if preset not in SFT_PRESETS:
+        raise PipelineError(f"params.yaml: model.name {preset!r} has no SFT defaults; expected one of {sorted(SFT_PRESETS)}")
+    out = dict(SFT_PRESETS[preset])
+    for key, value in (overrides or {}).items():
+        if key not in out:
+            raise PipelineError(f"params.yaml: unknown SFT training key 'sft.{key}'; expected one of {sorted(out)}")
+        if value is not None:
+            out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Blend.
+
+
+@dataclass(frozen=True)
+class BlendEntry:
+    name: str
+    path: Path
+    format: str
+    prob: float  # normalised so that the blend sums to 1
+
+
+def parse_blend(entries, data_dir: str | os.PathLike, source: str = "params.yaml") -> list[BlendEntry]:
+    """Validate ``sft.blend`` (a list of ``{name, path, format, prob}``) and normalise the probs.
+
+    ``path`` is relative to ``data_dir`` (``sft.data``, the folder DVC tracks); a path outside
+    it is refused, so that every blend file is a declared dependency of the stage.
+    """
+    data_dir = Path(data_dir)
+    if not isinstance(entries, list) or not entries:
+        raise PipelineError(f"{source}: param 'sft.blend' must be a non-empty list of {{name, path, format, prob}}")
+    out, names = [], set()
+    for i, e in enumerate(entries):
+        key = f"sft.blend[{i}]"
+        if not isinstance(e, dict):
+            raise PipelineError(f"{source}: param '{key}' must be a mapping {{name, path, format, prob}}")
+        unknown = set(e) - {"name", "path", "format", "prob"}
+        if unknown:
+            raise PipelineError(f"{source}: param '{key}' has unknown keys {sorted(unknown)}")
+        name, path, fmt, prob = e.get("name"), e.get("path"), e.get("format", "auto"), e.get("prob")
+        if not isinstance(name, str) or not name:
+            raise PipelineError(f"{source}: param '{key}.name' must be a non-empty string")
+        if name in names:
+            raise PipelineError(f"{source}: param '{key}.name' {name!r} is used twice")
+        names.add(name)
+        if not isinstance(path, str) or not path:
+            raise PipelineError(f"{source}: param '{key}.path' must be a file name inside sft.data ({data_dir})")
+        if fmt not in FORMATS:
+            raise PipelineError(f"{source}: param '{key}.format' is {fmt!r}; expected one of {list(FORMATS)}")
+        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not prob > 0 or not math.isfinite(prob):
+            raise PipelineError(f"{source}: param '{key}.prob' must be a number > 0, got {prob!r}")
+        full = (data_dir / path).resolve()
+        if not full.is_relative_to(data_dir.resolve()):
+            raise PipelineError(f"{source}: param '{key}.path' {path!r} is outside sft.data ({data_dir}); "
+                                "put the file inside that folder so DVC tracks it")
+        out.append(BlendEntry(name, data_dir / path, fmt, float(prob)))
+    total = sum(e.prob for e in out)
+    return [BlendEntry(e.name, e.path, e.format, e.prob / total) for e in out]
+
+
+def record_key(conv: dict) -> int:
+    """A stable 64-bit hash of a parsed conversation (decides its train/held-out split)."""
+    return data.document_id(json.dumps([conv["system"], conv["turns"]], ensure_ascii=False))
+
+
+def load_split(entry: BlendEntry, valid_fraction: float) -> tuple[list[dict], list[dict]]:
+    """Parse one dataset of the blend; return its (train, held-out) conversations in file order."""
+    if not entry.path.is_file():
+        raise PipelineError(f"{entry.path}: SFT dataset {entry.name!r} not found (param 'sft.blend')")
+    train, valid = [], []
+    for conv in data.iter_conversations(entry.path, entry.format):
+        (valid if data.is_valid_split(record_key(conv), valid_fraction) else train).append(conv)
+    if not train:
+        raise PipelineError(f"{entry.path}: SFT dataset {entry.name!r} has no training records")
+    return train, valid
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Prompt format.
+
+
+def prompt_segments(system: str, turns: Sequence[tuple[str, str]], contexts: Sequence[str] = ()) -> list[tuple[str, bool]]:
+    """The conversation as ``[(text, is_answer), ...]`` in the reference format.
+
+    ``System: {system}\\n\\n``, then each context followed by a blank line, then
+    ``User: {q}\\n\\nAssistant:`` and `` {answer}`` turns separated by a blank line. Joining the
+    texts gives the prompt; a conversation that ends with a user turn ends with
+    ``Assistant:``, ready for generation. Answers are stripped of surrounding whitespace.
+    """
+    segs = [(f"System: {system}\n\n", False)]
+    segs += [(f"{c.strip()}\n\n", False) for c in contexts]
+    for i, (role, text) in enumerate(turns):
+        if role == "user":
+            segs.append((f"User: {text.strip()}\n\nAssistant:", False))
+        else:
+            segs.append((" " + text.strip(), True))
+            if i < len(turns) - 1:
+                segs.append(("\n\n", False))
+    return segs
+
+
+def render(segments: Iterable[tuple[str, bool]]) -> str:
+    """The text of a segment list."""
+    return "".join(t for t, _ in segments)
+
+
+def format_prompt(system: str, question: str, contexts: Sequence[str] = ()) -> str:
+    """The single-turn prompt ``System: ...\\n\\n[contexts]User: {question}\\n\\nAssistant:``."""
+    return render(prompt_segments(system, [("user", question)], contexts))
+
+
+def tokenize_segments(tok, segments: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Token ids ending in EOD, a bool per token (answer or final EOD), and where the final answer starts.
+
+    Segments are encoded one by one, so the answer mask is exact at the segment boundaries.
+    """
+    pieces = tok.encode_batch([t for t, _ in segments])
+    tokens, answer = [], []
+    final_start = 0
+    for (_, is_answer), ids in zip(segments, pieces):
+        if is_answer:
+            final_start = len(tokens)
+        tokens += ids
+        answer += [is_answer] * len(ids)
+    tokens.append(EOD_ID)
+    answer.append(True)
+    return np.asarray(tokens, dtype=np.int64), np.asarray(answer, dtype=bool), final_start
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Fitting a sample into the sequence.
+
+
+@dataclass
+class Sample:
+    """One fitted conversation: ``tokens`` (n,) ending in EOD and ``answer`` (n,) bool.
+
+    The model reads ``tokens[:-1]`` and predicts ``tokens[1:]``; the loss mask is ``answer[1:]``,
+    so ``n - 1 <= seq_length``. ``neighbors`` (C, k) are DB chunk ids per input chunk
+    (encoder mode only), -1 = none.
+    """
+
+    tokens: np.ndarray
+    answer: np.ndarray
+    truncated: bool = False
+    neighbors: np.ndarray | None = None
+    contexts: list[int] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> np.ndarray:
+        return self.tokens[:-1]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.tokens[1:]
+
+    @property
+    def loss_mask(self) -> np.ndarray:
+        return self.answer[1:]
+
+
+def fit_sample(tokens: np.ndarray, answer: np.ndarray, final_start: int, seq_length: int,
+               align: int = 0) -> Sample | None:
+    """Fit ``tokens`` into ``seq_length`` model inputs; ``None`` if the final answer cannot fit.
+
+    The final answer (from ``final_start``, EOD included) is kept whole; the prompt before it is
+    cut from the left until the whole sample fits. With ``align`` (the chunk length, encoder
+    mode) the prompt is also cut to a multiple of ``align`` tokens at most and left-padded with
+    PAD (as the generate stage pads its prompts) to exactly such a multiple, so the final answer starts on a chunk boundary; padding is
+    outside the loss. A sample needs at least one prompt token (one chunk when aligned).
+    """
+    n_answer = len(tokens) - final_start
+    budget = seq_length + 1 - n_answer  # room for the prompt
+    if align:
+        budget = (budget // align) * align
+    if budget < max(1, align):
+        return None
+    prompt, prompt_answer = tokens[:final_start], answer[:final_start]
+    truncated = len(prompt) > budget
+    if truncated:
+        prompt, prompt_answer = prompt[len(prompt) - budget :], prompt_answer[len(prompt) - budget :]
+    pad = (-len(prompt)) % align if align else 0
+    if align and len(prompt) == 0:
+        pad = align
+    out_tokens = np.concatenate([np.full(pad, PAD_ID, dtype=np.int64), prompt, tokens[final_start:]])
+    out_answer = np.concatenate([np.zeros(pad, dtype=bool), prompt_answer, answer[final_start:]])
+    return Sample(out_tokens, out_answer, truncated)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Retrieval modes. ``retriever`` is an ``instructretro.retrieval.Retriever`` (or anything
+#    with ``search(texts, n) -> ids (len, n)``, ``chunk_text(id, continuation=True)`` and
+#    ``neighbor_tokens(ids) -> (tokens, mask)``).
+
+
+def last_user_turn(conv: dict) -> str:
+    """The user turn that the final answer answers: the query for prompt-mode retrieval."""
+    return [text for role, text in conv["turns"] if role == "user"][-1]
+
+
+def search_batched(retriever, texts: list[str], n: int, batch: int = 256, desc: str = "retrieve") -> np.ndarray:
+    """``retriever.search`` over ``texts`` in batches with a progress bar; empty texts get -1."""
+    from tqdm import tqdm
+
+    out = np.full((len(texts), n), -1, dtype=np.int64)
+    live = [i for i, t in enumerate(texts) if t.strip()]
+    for b in tqdm(range(0, len(live), batch), desc=desc, unit="batch", mininterval=2.0, disable=None):
+        idx = live[b : b + batch]
+        ids = np.asarray(retriever.search([texts[i] for i in idx], n), dtype=np.int64).reshape(len(idx), -1)
+        out[idx, : ids.shape[1]] = ids[:, :n]
+    return out
+
+
+def chunk_queries(tok, inputs: np.ndarray, chunk_length: int) -> list[str]:
+    """The text of each chunk of ``inputs`` (the last chunk may be short): encoder-mode queries."""
+    return [tok.decode(inputs[j : j + chunk_length]) for j in range(0, len(inputs), chunk_length)]
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Sampling over the blend.
+
+
+def blend_schedule(probs: Sequence[float], n: int) -> np.ndarray:
+    """Dataset index of each of ``n`` draws; after every draw each dataset's count is within one
+    of ``prob * draws`` (greedy: take the dataset furthest below its share). Deterministic."""
+    probs = np.asarray(probs, dtype=np.float64)
+    counts = np.zeros(len(probs), dtype=np.int64)
+    out = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        d = int(np.argmax(probs * (i + 1) - counts))
+        counts[d] += 1
+        out[i] = d
+    return out
+
+
+def epoch_order(size: int, n: int, seed: int, dataset: int) -> np.ndarray:
+    """The first ``n`` indices of back-to-back shuffled epochs of ``range(size)``."""
+    epochs = -(-n // size)
+    rng = np.random.default_rng([seed, dataset])
+    return np.concatenate([rng.permutation(size) for _ in range(epochs)])[:n] if n else np.zeros(0, np.int64)
+
+
+def draw(sizes: Sequence[int], probs: Sequence[float], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` draws from the blend: (dataset index, record index inside that dataset) each (n,)."""
+    which = blend_schedule(probs, n)
+    index = np.empty(n, dtype=np.int64)
+    for d, size in enumerate(sizes):
+        pos = np.flatnonzero(which == d)
+        index[pos] = epoch_order(size, len(pos), seed, d)
+    return which, index
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the data set of a run (sections 2-6 together).
+
+
+@dataclass
+class SFTData:
+    """Fitted train and held-out samples per dataset, the draw, and the counts for the report."""
+
+    names: list[str]
+    probs: list[float]
+    train: list[list[Sample]]
+    valid: list[list[Sample]]
+    which: np.ndarray
+    index: np.ndarray
+    report: dict
+
+    def drawn(self, i: int) -> Sample:
+        return self.train[self.which[i]][self.index[i]]
+
+
+def build_data(blend: list[BlendEntry], tok, *, seq_length: int, chunk_length: int, num_draws: int,
+               retrieval: str = "none", retriever=None, num_contexts: int = 2, num_neighbors: int = 2,
+               system: str = "", valid_fraction: float = 0.05, valid_samples: int = 200,
+               seed: int = 1234) -> SFTData:
+    """Load, split, format, retrieve, fit and draw: everything the SFT run trains and validates on."""
+    if retrieval not in RETRIEVAL_MODES:
+        raise PipelineError(f"params.yaml: param 'sft.retrieval' is {retrieval!r}; expected one of {list(RETRIEVAL_MODES)}")
+    if retrieval != "none" and retriever is None:
+        raise PipelineError(f"sft.retrieval={retrieval} needs a retriever (the populated index)")
+    if seq_length % chunk_length:
+        raise PipelineError(f"params.yaml: SFT seq_length {seq_length} must be a multiple of retro.chunk_length {chunk_length}")
+    report, train, valid = {}, [], []
+    for entry in blend:
+        parts = load_split(entry, valid_fraction)
+        rng = np.random.default_rng([seed, 7, len(train)])
+        held = parts[1]
+        if len(held) > valid_samples:
+            held = [held[i] for i in sorted(rng.choice(len(held), valid_samples, replace=False))]
+        counts = {"records": len(parts[0]) + len(parts[1]), "held_out": len(parts[1]), "valid_used": len(held)}
+        fitted = []
+        for name, convs in (("train", parts[0]), ("valid", held)):
+            contexts = None
+            if retrieval == "prompt" and num_contexts > 0:
+                contexts = search_batched(retriever, [last_user_turn(c) for c in convs], num_contexts,
+                                          desc=f"retrieve {entry.name}/{name}")
+            samples, truncated, dropped = [], 0, 0
+            for i, conv in enumerate(convs):
+                ctx_ids = [int(c) for c in contexts[i] if c >= 0] if contexts is not None else []
+                ctx = [retriever.chunk_text(c, continuation=True) for c in ctx_ids]
+                segs = prompt_segments(conv["system"] or system, conv["turns"], ctx)
+                toks, ans, start = tokenize_segments(tok, segs)
+                s = fit_sample(toks, ans, start, seq_length, align=chunk_length if retrieval == "encoder" else 0)
+                if s is None:
+                    dropped += 1
+                    continue
+                truncated += s.truncated
+                s.contexts = ctx_ids
+                samples.append(s)
+            if retrieval == "encoder" and samples:
+                attach_neighbors(samples, tok, retriever, chunk_length, num_neighbors, desc=f"neighbors {entry.name}/{name}")
+            counts[f"{name}_truncated"], counts[f"{name}_dropped"] = truncated, dropped
+            fitted.append(samples)
+        if not fitted[0]:
+            raise PipelineError(f"{entry.path}: every training record of SFT dataset {entry.name!r} is too long "
+                                f"for seq_length {seq_length} (dropped {counts['train_dropped']})")
+        train.append(fitted[0])
+        valid.append(fitted[1])
+        report[entry.name] = counts
+    probs = [e.prob for e in blend]
+    which, index = draw([len(t) for t in train], probs, num_draws, seed)
+    for d, entry in enumerate(blend):
+        c = report[entry.name]
+        c["prob"] = round(probs[d], 6)
+        c["train_samples"] = len(train[d])
+        c["drawn"] = int((which == d).sum())
+        c["epochs"] = round(c["drawn"] / len(train[d]), 4)
+    return SFTData([e.name for e in blend], probs, train, valid, which, index, report)
+
+
+def attach_neighbors(samples: list[Sample], tok, retriever, chunk_length: int, k: int, desc: str = "neighbors") -> None:
+    """Encoder mode: retrieve ``k`` neighbors for every chunk of every sample's inputs."""
+    queries, owner = [], []
+    for i, s in enumerate(samples):
+        q = chunk_queries(tok, s.inputs, chunk_length)
+        queries += q
+        owner += [i] * len(q)
+    ids = search_batched(retriever, queries, k, desc=desc)
+    owner = np.asarray(owner)
+    for i, s in enumerate(samples):
+        s.neighbors = ids[owner == i]
+
+
+def format_report(report: dict) -> str:
+    """The blend table: dataset, prob, train samples, drawn, epochs, truncated, dropped."""
+    lines = [f"{'dataset':<16}{'prob':>8}{'samples':>9}{'drawn':>9}{'epochs':>9}{'trunc':>7}{'dropped':>8}"]
+    for name, c in report.items():
+        lines.append(f"{name:<16}{c['prob']:>8.3f}{c['train_samples']:>9}{c['drawn']:>9}{c['epochs']:>9.2f}"
+                     f"{c['train_truncated']:>7}{c['train_dropped']:>8}")
+    return "\n".join(lines)

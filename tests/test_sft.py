@@ -1,0 +1,266 @@
+"""Instruction tuning: blend, prompt format, loss mask, truncation, retrieval modes, training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from instructretro import sft
+from instructretro.errors import PipelineError
+from instructretro.tokenizer import EOD_ID, PAD_ID, Tokenizer
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def tok(small_tokenizer) -> Tokenizer:
+    return Tokenizer(small_tokenizer)
+
+
+def _write_jsonl(path: Path, records) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _conv(q: str, a: str, system: str = "Be brief.") -> dict:
+    return {"system": system, "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+class FakeRetriever:
+    """The Retriever API over a list of texts: search returns ids by word overlap (deterministic)."""
+
+    def __init__(self, texts: list[str], chunk_length: int = 8):
+        self.texts = texts
+        self.chunk_length = chunk_length
+        self.queries: list[str] = []
+
+    def search(self, texts, n):
+        self.queries += list(texts)
+        out = []
+        for t in texts:
+            words = set(t.lower().split())
+            scores = [(-len(words & set(x.lower().split())), i) for i, x in enumerate(self.texts)]
+            out.append([i for _, i in sorted(scores)[:n]])
+        return np.asarray(out, dtype=np.int64)
+
+    def chunk_text(self, i, continuation=True):
+        return self.texts[int(i)]
+
+    def neighbor_tokens(self, ids):
+        ids = np.asarray(ids)
+        r = 2 * self.chunk_length
+        tokens = np.where(ids[..., None] >= 0, ids[..., None] % 50 + 3, EOD_ID).repeat(r, -1)
+        return tokens.astype(np.int64), np.broadcast_to((ids >= 0)[..., None], tokens.shape).copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt format and loss mask
+
+
+def test_prompt_is_the_reference_format():
+    turns = [("user", "Who founded Ab?"), ("assistant", " Bo did. "), ("user", "When?"), ("assistant", "In 1900.")]
+    text = sft.render(sft.prompt_segments("Be brief.", turns, ["ctx one", "ctx two"]))
+    assert text == ("System: Be brief.\n\nctx one\n\nctx two\n\nUser: Who founded Ab?\n\nAssistant: Bo did.\n\n"
+                    "User: When?\n\nAssistant: In 1900.")
+    assert sft.format_prompt("S", "Q?") == "System: S\n\nUser: Q?\n\nAssistant:"
+
+
+def test_loss_mask_covers_exactly_the_answers_and_eod(tok):
+    turns = [("user", "Where is Tamor?"), ("assistant", "Tamor lies on the coast."),
+             ("user", "And its mayor?"), ("assistant", "Its mayor is Lina Oss.")]
+    segs = sft.prompt_segments("Answer briefly.", turns)
+    tokens, answer, start = sft.tokenize_segments(tok, segs)
+    assert tok.decode(tokens) == sft.render(segs)
+    assert tokens[-1] == EOD_ID and answer[-1]
+    # the masked tokens are exactly the two answers (with their leading space) and the EOD
+    runs, cur = [], []
+    for t, a in zip(tokens.tolist(), answer.tolist()):
+        if a:
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    runs.append(cur)
+    assert [tok.decode(r) for r in runs] == [" Tamor lies on the coast.", " Its mayor is Lina Oss."]
+    assert runs[-1][-1] == EOD_ID
+    assert tok.decode(tokens[start:]) == " Its mayor is Lina Oss."
+    s = sft.fit_sample(tokens, answer, start, seq_length=512)
+    assert s is not None and not s.truncated
+    # the model reads tokens[:-1] and is scored on labels tokens[1:] where the mask is on
+    assert len(s.inputs) == len(s.labels) == len(s.loss_mask) == len(tokens) - 1
+    scored = s.labels[s.loss_mask]
+    assert scored[-1] == EOD_ID
+    assert int(s.loss_mask.sum()) == int(answer.sum()) - (1 if answer[0] else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncation
+
+
+def _toy(prompt_len: int, answer_len: int):
+    tokens = np.concatenate([np.arange(10, 10 + prompt_len), np.arange(500, 500 + answer_len - 1), [EOD_ID]])
+    answer = np.r_[np.zeros(prompt_len, bool), np.ones(answer_len, bool)]
+    return tokens.astype(np.int64), answer, prompt_len
+
+
+def test_truncation_cuts_the_prompt_from_the_left_and_keeps_the_answer():
+    tokens, answer, start = _toy(prompt_len=20, answer_len=5)
+    # exactly fits: 24 inputs
+    s = sft.fit_sample(tokens, answer, start, seq_length=24)
+    assert not s.truncated and np.array_equal(s.tokens, tokens)
+    # one short: the first prompt token goes
+    s = sft.fit_sample(tokens, answer, start, seq_length=23)
+    assert s.truncated and np.array_equal(s.tokens, tokens[1:]) and len(s.inputs) == 23
+    # the answer needs 5 targets: 5 inputs (the last prompt token + 4 answer tokens)
+    s = sft.fit_sample(tokens, answer, start, seq_length=5)
+    assert s.truncated and np.array_equal(s.tokens, tokens[19:])
+    assert sft.fit_sample(tokens, answer, start, seq_length=4) is None
+
+
+def test_encoder_alignment_puts_the_answer_on_a_chunk_boundary():
+    tokens, answer, start = _toy(prompt_len=13, answer_len=6)
+    s = sft.fit_sample(tokens, answer, start, seq_length=32, align=8)
+    assert not s.truncated
+    first_answer = int(np.flatnonzero(s.answer)[0])
+    assert first_answer % 8 == 0 and first_answer == 16
+    assert (s.tokens[:3] == PAD_ID).all() and not s.answer[:3].any()
+    assert len(s.inputs) <= 32
+    # room for only one whole chunk of prompt: the last 8 prompt tokens stay, no padding
+    s = sft.fit_sample(tokens, answer, start, seq_length=20, align=8)
+    assert s.truncated and np.array_equal(s.tokens, tokens[5:])
+    assert int(np.flatnonzero(s.answer)[0]) == 8 and len(s.inputs) <= 20
+    # no whole chunk of prompt fits: dropped
+    assert sft.fit_sample(tokens, answer, start, seq_length=12, align=8) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Blend: formats, errors, sampling
+
+
+def test_both_formats_parse_and_a_malformed_record_names_file_and_line(tmp_path):
+    root = tmp_path / "sft"
+    _write_jsonl(root / "chat.jsonl", [_conv(f"q{i}?", f"a{i}.") for i in range(30)])
+    _write_jsonl(root / "alp.jsonl", [{"instruction": "Add.", "input": f"{i} 1", "output": str(i + 1)} for i in range(10)])
+    (root / "list.json").write_text(json.dumps([_conv("x?", "y.")] * 3))
+    blend = sft.parse_blend([
+        {"name": "chat", "path": "chat.jsonl", "format": "conversation", "prob": 8},
+        {"name": "alp", "path": "alp.jsonl", "format": "alpaca", "prob": 1},
+        {"name": "list", "path": "list.json", "format": "auto", "prob": 1},
+    ], root)
+    assert [round(e.prob, 3) for e in blend] == [0.8, 0.1, 0.1]
+    train, valid = sft.load_split(blend[1], 0.0)
+    assert len(train) == 10 and not valid
+    assert train[3] == {"system": "", "turns": [("user", "Add.\n\n3 1"), ("assistant", "4")]}
+    train, valid = sft.load_split(blend[0], 0.3)
+    assert len(train) + len(valid) == 30 and 0 < len(valid) < 30
+    assert sft.load_split(blend[0], 0.3) == (train, valid)  # deterministic split
+    bad = _write_jsonl(root / "bad.jsonl", [_conv("q?", "a."), _conv("q?", "a."),
+                                            {"messages": [{"role": "user", "content": "only a question"}]}])
+    with pytest.raises(PipelineError, match=r"bad\.jsonl:3:"):
+        sft.load_split(sft.BlendEntry("bad", bad, "conversation", 1.0), 0.0)
+    (root / "broken.jsonl").write_text(json.dumps(_conv("q?", "a.")) + "\n{not json\n")
+    with pytest.raises(PipelineError, match=r"broken\.jsonl:2: malformed JSON"):
+        sft.load_split(sft.BlendEntry("broken", root / "broken.jsonl", "auto", 1.0), 0.0)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "a", "path": "../outside.jsonl", "format": "auto", "prob": 1}, r"sft.blend\[0\].path.*outside sft.data"),
+    ({"name": "a", "path": "a.jsonl", "format": "sharegpt", "prob": 1}, r"sft.blend\[0\].format"),
+    ({"name": "a", "path": "a.jsonl", "format": "auto", "prob": 0}, r"sft.blend\[0\].prob"),
+    ({"name": "a", "path": "a.jsonl", "prob": 1, "weight": 2}, r"sft.blend\[0\]' has unknown keys"),
+])
+def test_bad_blend_entries_name_the_key(tmp_path, entry, message):
+    with pytest.raises(PipelineError, match=message):
+        sft.parse_blend([entry], tmp_path)
+
+
+def test_blend_sampling_matches_the_probabilities():
+    probs = np.array([0.817, 0.05, 0.05, 0.04, 0.03, 0.01, 0.003])
+    probs = probs / probs.sum()
+    n = 100_000
+    which = sft.blend_schedule(probs, n)
+    counts = np.bincount(which, minlength=len(probs))
+    assert np.all(np.abs(counts - probs * n) <= 1)
+    # every prefix of the schedule keeps the proportions too (a short run is still a blend)
+    prefix = np.bincount(which[:1000], minlength=len(probs))
+    assert np.all(np.abs(prefix - probs * 1000) <= 1)
+    # inside a dataset: whole shuffled epochs, so each record is drawn floor or ceil of epochs times
+    sizes = [500, 7, 40, 3, 100, 9, 2]
+    which, index = sft.draw(sizes, probs, n, seed=5)
+    for d, size in enumerate(sizes):
+        per_record = np.bincount(index[which == d], minlength=size)
+        epochs = counts[d] / size
+        assert per_record.min() >= np.floor(epochs) and per_record.max() <= np.ceil(epochs)
+    again = sft.draw(sizes, probs, n, seed=5)
+    assert np.array_equal(again[1], index)
+    assert not np.array_equal(sft.draw(sizes, probs, n, seed=6)[1], index)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole data side with each retrieval mode
+
+
+def _blend(tmp_path) -> list:
+    root = tmp_path / "sft"
+    facts = [f"Entity{i} was founded in {1800 + i} by Person{i}." for i in range(20)]
+    _write_jsonl(root / "chat.jsonl", [_conv(f"When was Entity{i} founded?", facts[i]) for i in range(20)])
+    _write_jsonl(root / "long.jsonl", [_conv("Tell me a story. " * 200, "Once.")] * 2 + [_conv("Hi?", "word " * 600)])
+    blend = sft.parse_blend([{"name": "chat", "path": "chat.jsonl", "format": "conversation", "prob": 0.75},
+                             {"name": "long", "path": "long.jsonl", "format": "auto", "prob": 0.25}], root)
+    return blend, facts
+
+
+@pytest.mark.parametrize("mode", ["none", "prompt", "encoder"])
+def test_build_data_per_mode(tmp_path, tok, mode):
+    blend, facts = _blend(tmp_path)
+    retriever = FakeRetriever(facts, chunk_length=64) if mode != "none" else None
+    d = sft.build_data(blend, tok, seq_length=256, chunk_length=64, num_draws=400, retrieval=mode,
+                       retriever=retriever, num_contexts=2, num_neighbors=3, valid_fraction=0.2, seed=1)
+    rep = d.report
+    assert rep["chat"]["drawn"] == 300 and rep["long"]["drawn"] == 100
+    assert rep["long"]["train_dropped"] + rep["long"]["train_truncated"] + rep["long"]["valid_dropped"] \
+        + rep["long"]["valid_truncated"] == 3
+    assert rep["chat"]["epochs"] == pytest.approx(300 / rep["chat"]["train_samples"], abs=1e-3)
+    assert "chat" in sft.format_report(rep)
+    for samples in d.train + d.valid:
+        for s in samples:
+            assert len(s.inputs) <= 256 and s.tokens[-1] == EOD_ID
+    s = d.train[0][0]
+    text = tok.decode(s.tokens)
+    if mode == "prompt":
+        # the top-2 facts by overlap with the question are in the prompt, before the user turn
+        q = text[text.index("User:"):]
+        assert len(s.contexts) == 2 and facts[s.contexts[0]] in text[: text.index("User:")]
+        assert "founded" in q
+        assert s.neighbors is None
+    elif mode == "encoder":
+        assert s.neighbors.shape == (-(-len(s.inputs) // 64), 3)
+        assert int(np.flatnonzero(s.answer)[0]) % 64 == 0
+        assert "Entity" not in text[: text.index("User:")]
+    else:
+        assert s.neighbors is None and not s.contexts
+
+
+def test_unknown_mode_and_missing_retriever(tmp_path, tok):
+    blend, _ = _blend(tmp_path)
+    with pytest.raises(PipelineError, match="sft.retrieval"):
+        sft.build_data(blend, tok, seq_length=256, chunk_length=64, num_draws=4, retrieval="both")
+    with pytest.raises(PipelineError, match="needs a retriever"):
+        sft.build_data(blend, tok, seq_length=256, chunk_length=64, num_draws=4, retrieval="prompt")
+
+
+def test_presets_and_overrides():
+    s = sft.sft_settings("843m")
+    assert (s["global_batch"], s["lr"], s["steps"], s["beta1"], s["beta2"], s["weight_decay"], s["clip"]) == \
+        (128, 5e-6, 1000, 0.9, 0.98, 0.01, 1.0)
+    assert sft.sft_settings("tiny", {"lr": 1e-3, "steps": None})["lr"] == 1e-3
+    with pytest.raises(PipelineError, match="model.name"):
+        sft.sft_settings("7b")
+    with pytest.raises(PipelineError, match="sft.lrate"):
+        sft.sft_settings("tiny", {"lrate": 1.0})
