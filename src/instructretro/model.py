@@ -1,0 +1,620 @@
+"""The Retro model: a GPT decoder with chunked cross-attention to an encoder over neighbors.
+
+Read top to bottom: configuration, building blocks (LayerNorm-1p, rotary embeddings, attention,
+SwiGLU), the neighbor encoder, the decoder layer, the model, the decoding cache, FLOP counting.
+
+Decoder: pre-norm GPT with rotary position embeddings on ``rotary_percent`` of each head's
+dims, a SwiGLU MLP, LayerNorm-1p (gain stored zero-centred), untied input/output embeddings and
+no linear biases. Retro adds
+
+- an *encoder*: ``encoder_layers`` bidirectional layers over each neighbor's tokens (a neighbor
+  is a chunk plus its continuation, ``2 * chunk_length`` tokens), embedded with the decoder's
+  token embedding; its first layer cross-attends to the decoder hidden states of the chunk the
+  neighbor was retrieved for (taken at the input of the first CCA layer);
+- *chunked cross-attention* (CCA) in the decoder layers ``cca_layers`` (1-based), between self-
+  attention and the MLP. CCA is shifted by ``chunk_length - 1``: the token at position ``i``
+  attends to the neighbors of chunk ``(i + 1) // chunk_length - 1``, the last chunk that ended
+  at or before ``i``; tokens before the end of the first chunk attend to nothing. Masked
+  neighbor tokens contribute nothing, and a token with no valid neighbor token gets exactly
+  zero from CCA, so all neighbors masked equals the decoder with retrieval switched off.
+
+``retro=False`` builds the same decoder without encoder and CCA (GPT); its parameter names are
+the decoder part of Retro's, so a GPT state dict loads into Retro (``load_decoder_weights``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import PipelineError
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def swiglu_ffn_hidden(hidden: int) -> int:
+    """SwiGLU width of the reference: ``int(8h/3/64)*64``; tiny widths round 8h/3 up to 8."""
+    ffn = int(8 * hidden / 3 / 64) * 64
+    if ffn < hidden:  # the rule gives 0 below width 24 and less than h up to 47
+        ffn = int(math.ceil(8 * hidden / 3 / 8)) * 8
+    return ffn
+
+
+def default_cca_layers(n_layers: int) -> tuple[int, ...]:
+    """CCA layers of the reference (1-based): layer 6 and every 3rd after, from 9 if > 15 layers."""
+    start = 9 if n_layers > 15 else 6
+    return tuple(range(start, n_layers + 1, 3))
+
+
+@dataclass
+class ModelConfig:
+    """Everything that fixes the architecture; saved as ``config.json`` next to the weights."""
+
+    vocab_size: int = 4096
+    n_layers: int = 4
+    hidden: int = 128
+    heads: int = 4
+    ffn_hidden: int = 0  # 0: the SwiGLU rule (swiglu_ffn_hidden)
+    seq_length: int = 256
+    chunk_length: int = 64
+    retro: bool = True
+    cca_layers: tuple[int, ...] | None = None  # 1-based; None: the reference rule
+    encoder_layers: int = 2
+    num_neighbors: int = 2  # k neighbors per chunk fed to the encoder
+    rotary_percent: float = 0.5
+    rotary_base: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self):
+        for key in ("vocab_size", "n_layers", "hidden", "heads", "seq_length", "chunk_length",
+                    "encoder_layers", "num_neighbors"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise PipelineError(f"param 'model.{key}' must be a positive integer, got {value!r}")
+        if self.hidden % self.heads:
+            raise PipelineError(
+                f"param 'model.hidden' ({self.hidden}) must be divisible by 'model.heads' ({self.heads})"
+            )
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise PipelineError(f"param 'model.rotary_percent' must be in (0, 1], got {self.rotary_percent}")
+        if self.rotary_dim % 2:
+            raise PipelineError(
+                f"param 'model.rotary_percent': head dim {self.head_dim} x {self.rotary_percent} "
+                "must give an even number of rotary dims"
+            )
+        if self.seq_length % self.chunk_length:
+            raise PipelineError(
+                f"param 'model.seq_length' ({self.seq_length}) must be a multiple of "
+                f"chunk_length ({self.chunk_length})"
+            )
+        if self.ffn_hidden == 0:
+            self.ffn_hidden = swiglu_ffn_hidden(self.hidden)
+        if self.ffn_hidden < 0:
+            raise PipelineError(f"param 'model.ffn_hidden' must be >= 0, got {self.ffn_hidden}")
+        if self.cca_layers is None:
+            self.cca_layers = default_cca_layers(self.n_layers)
+        self.cca_layers = tuple(sorted(set(int(i) for i in self.cca_layers)))
+        bad = [i for i in self.cca_layers if not 1 <= i <= self.n_layers]
+        if bad:
+            raise PipelineError(
+                f"param 'model.cca_layers': layers {bad} outside 1..n_layers ({self.n_layers})"
+            )
+        if self.retro and not self.cca_layers:
+            raise PipelineError(
+                f"param 'model.cca_layers': a Retro decoder of {self.n_layers} layers has no CCA "
+                "layer under the default rule (layer 6 onward); list them, e.g. [2, 4]"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_percent)
+
+    @property
+    def neighbor_length(self) -> int:
+        """Tokens per neighbor: the retrieved chunk plus its continuation."""
+        return 2 * self.chunk_length
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["cca_layers"] = list(self.cca_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise PipelineError(f"{source}: unknown model config keys {unknown}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class LayerNorm1p(nn.Module):
+    """LayerNorm whose gain is stored zero-centred (applied as ``1 + weight``): weight decay
+    pulls the gain towards 1, not 0."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return F.layer_norm(x, x.shape[-1:], self.weight + 1.0, self.bias, self.eps)
+
+
+def rope_tables(start: int, length: int, config: ModelConfig, device, dtype):
+    """cos, sin of shape (length, rotary_dim) for positions start .. start+length-1."""
+    rot = config.rotary_dim
+    inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, rot, 2, device=device).float() / rot))
+    positions = torch.arange(start, start + length, device=device).float()
+    angles = torch.outer(positions, inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the first ``rotary_dim`` dims of each head of x (..., T, head_dim)."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+def masked_attention(q, k, v, key_mask):
+    """Attention of q (N,H,Tq,D) over k, v (N,H,S,D) where key_mask (N,S) says which keys count.
+
+    A row with no valid key gets exactly zero (SDPA alone would give NaN): such rows attend to
+    every key and the result is multiplied by 0, which keeps gradients finite too.
+    """
+    has_key = key_mask.any(dim=-1)
+    safe = key_mask | ~has_key[:, None]
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=safe[:, None, None, :])
+    return y * has_key[:, None, None, None].to(y.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with rotary embeddings; causal in the decoder."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.heads, self.head_dim = config.heads, config.head_dim
+        self.qkv = nn.Linear(config.hidden, 3 * config.hidden, bias=False)
+        self.proj = nn.Linear(config.hidden, config.hidden, bias=False)
+
+    def forward(self, x, rope, causal=True, attn_mask=None, cache=None):
+        """x (B,T,h). attn_mask (B,1,T,S) bool overrides ``causal``. ``cache`` is a
+        (keys, values, start) triple: new keys/values are written at ``start`` and attention
+        runs over everything cached so far."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k_cache, v_cache, start = cache
+            k_cache[:, :, start:start + T] = k
+            v_cache[:, :, start:start + T] = v
+            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None and T > 1
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class CrossAttention(nn.Module):
+    """Queries from x, keys and values from a context (no rotary: content-based lookup)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.heads, self.head_dim = config.heads, config.head_dim
+        self.q = nn.Linear(config.hidden, config.hidden, bias=False)
+        self.kv = nn.Linear(config.hidden, 2 * config.hidden, bias=False)
+        self.proj = nn.Linear(config.hidden, config.hidden, bias=False)
+
+    def project_kv(self, context):
+        """context (..., S, h) -> keys, values (..., H, S, head_dim)."""
+        *lead, S, _ = context.shape
+        kv = self.kv(context).view(*lead, S, 2, self.heads, self.head_dim)
+        k, v = kv.unbind(dim=-3)
+        return k.transpose(-3, -2), v.transpose(-3, -2)
+
+    def project_q(self, x):
+        """x (B,T,h) -> queries (B,H,T,head_dim)."""
+        B, T, _ = x.shape
+        return self.q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+
+    def output(self, y):
+        """y (B,H,T,head_dim) -> (B,T,h)."""
+        B, _, T, _ = y.shape
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(config.hidden, 2 * config.ffn_hidden, bias=False)
+        self.down = nn.Linear(config.ffn_hidden, config.hidden, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+# ----------------------------------------------------------------------------- the encoder
+
+
+class EncoderLayer(nn.Module):
+    """Bidirectional layer over neighbor tokens; the first one also cross-attends to the
+    decoder hidden states of the chunk the neighbors were retrieved for."""
+
+    def __init__(self, config: ModelConfig, cross: bool):
+        super().__init__()
+        self.norm1 = LayerNorm1p(config.hidden, config.norm_eps)
+        self.attn = SelfAttention(config)
+        if cross:
+            self.cross_norm = LayerNorm1p(config.hidden, config.norm_eps)
+            self.cross = CrossAttention(config)
+        else:
+            self.cross = None
+        self.norm2 = LayerNorm1p(config.hidden, config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, rope, self_mask, context_kv, context_mask):
+        x = x + self.attn(self.norm1(x), rope, causal=False, attn_mask=self_mask)
+        if self.cross is not None:
+            y = masked_attention(self.cross.project_q(self.cross_norm(x)), *context_kv, context_mask)
+            x = x + self.cross.output(y)
+        return x + self.mlp(self.norm2(x))
+
+
+class RetroEncoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(EncoderLayer(config, cross=i == 0) for i in range(config.encoder_layers))
+        self.norm = LayerNorm1p(config.hidden, config.norm_eps)
+
+    def forward(self, neighbors, neighbor_mask, context, context_mask=None):
+        """Encode N chunks' neighbors.
+
+        neighbors: embedded neighbor tokens (N, k, R, h); neighbor_mask (N, k, R) bool;
+        context: decoder hidden states of each chunk (N, L, h), context_mask (N, L) or None.
+        Returns (N, k, R, h).
+        """
+        N, k, R, h = neighbors.shape
+        x = neighbors.reshape(N * k, R, h)
+        rope = rope_tables(0, R, self.config, x.device, x.dtype)
+        key_mask = neighbor_mask.reshape(N * k, R)
+        # A neighbor with no valid token attends to all of its tokens (its output is never used).
+        key_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
+        self_mask = None if bool(key_mask.all()) else key_mask[:, None, None, :]
+        ck, cv = self.layers[0].cross.project_kv(context)  # (N, H, L, d), once per chunk
+        ck = ck.repeat_interleave(k, dim=0)
+        cv = cv.repeat_interleave(k, dim=0)
+        if context_mask is None:
+            context_mask = torch.ones(N, context.shape[1], dtype=torch.bool, device=x.device)
+        context_mask = context_mask.repeat_interleave(k, dim=0)
+        for layer in self.layers:
+            x = layer(x, rope, self_mask, (ck, cv), context_mask)
+        return self.norm(x).view(N, k, R, h)
+
+
+# ----------------------------------------------------------------------------- the decoder
+
+
+def chunked_cross_attention(q, keys, values, key_mask, start, chunk_length):
+    """CCA of decoder queries over the neighbors of completed chunks.
+
+    q (B,H,T,d): queries of positions start .. start+T-1. keys, values (B,C,H,S,d) and key_mask
+    (B,C,S): neighbors of chunks 0 .. C-1 (S = k * neighbor length). The token at position i
+    attends to chunk (i + 1) // chunk_length - 1; before the first chunk ends, to nothing.
+    Positions are grouped into runs that attend to the same chunk, so one SDPA call does all.
+    """
+    B, H, T, d = q.shape
+    L = chunk_length
+    first = (start + 1) // L  # "attending group" a of the first query: attends chunk a - 1
+    last = (start + T) // L
+    if first == last:  # all queries in one group (always so when decoding one token)
+        front, group_len = 0, T
+    else:
+        front, group_len = (start + 1) % L, L
+    back = (-(front + T)) % group_len
+    G = (front + T + back) // group_len
+    qg = F.pad(q, (0, 0, front, back)).view(B, H, G, group_len, d).transpose(1, 2)
+    chunk = torch.arange(first, first + G, device=q.device) - 1  # chunk each group attends to
+    idx = chunk.clamp(min=0)
+    k_g, v_g = keys[:, idx], values[:, idx]  # (B,G,H,S,d)
+    m_g = key_mask[:, idx] & (chunk >= 0)[None, :, None]
+    S = k_g.shape[-2]
+    y = masked_attention(
+        qg.reshape(B * G, H, group_len, d),
+        k_g.reshape(B * G, H, S, d),
+        v_g.reshape(B * G, H, S, d),
+        m_g.reshape(B * G, S),
+    )
+    y = y.view(B, G, H, group_len, d).transpose(1, 2).reshape(B, H, G * group_len, d)
+    return y[:, :, front:front + T]
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm layer: self-attention, then (Retro, CCA layers only) chunked cross-attention,
+    then the SwiGLU MLP."""
+
+    def __init__(self, config: ModelConfig, cca: bool):
+        super().__init__()
+        self.norm1 = LayerNorm1p(config.hidden, config.norm_eps)
+        self.attn = SelfAttention(config)
+        if cca:
+            self.cca_norm = LayerNorm1p(config.hidden, config.norm_eps)
+            self.cca = CrossAttention(config)
+        else:
+            self.cca = None
+        self.norm2 = LayerNorm1p(config.hidden, config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+
+class Retro(nn.Module):
+    """Retro decoder (or plain GPT with ``config.retro=False``). See the module docstring."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        # Draw one seed, build under a forked RNG, then initialise decoder parameters first from
+        # that seed: with the same torch seed, Retro and GPT get identical decoder weights.
+        seed = int(torch.randint(0, 2**62, (), device="cpu").item())
+        with torch.random.fork_rng(devices=[]):
+            self.embed = nn.Embedding(config.vocab_size, config.hidden)
+            cca = set(config.cca_layers) if config.retro else set()
+            self.layers = nn.ModuleList(DecoderLayer(config, i + 1 in cca) for i in range(config.n_layers))
+            self.encoder = RetroEncoder(config) if config.retro else None
+            self.final_norm = LayerNorm1p(config.hidden, config.norm_eps)
+            self.lm_head = nn.Linear(config.hidden, config.vocab_size, bias=False)
+        self.reset_parameters(seed)
+
+    # -- parameters
+
+    @staticmethod
+    def is_retro_parameter(name: str) -> bool:
+        """True for encoder and CCA parameters (absent from the GPT decoder)."""
+        return name.startswith("encoder.") or ".cca." in name or ".cca_norm." in name
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0):
+        """Normal(0, init_std) for weights, std / sqrt(2 * n_layers) for the projections into
+        the residual stream, zeros for norms; decoder parameters first, then Retro's."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2.0 * self.config.n_layers)
+        gen = torch.Generator().manual_seed(seed)
+        named = list(self.named_parameters())
+        ordered = [p for p in named if not self.is_retro_parameter(p[0])]
+        ordered += [p for p in named if self.is_retro_parameter(p[0])]
+        for name, p in ordered:
+            if p.is_meta:
+                continue
+            if "norm" in name.rsplit(".", 2)[-2]:
+                p.zero_()
+            elif name.endswith(("proj.weight", "down.weight")):
+                p.copy_(torch.randn(p.shape, generator=gen) * out_std)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (optionally without input embedding and output layer)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel() + self.lm_head.weight.numel()
+        return n
+
+    # -- forward
+
+    def forward(self, tokens, neighbors=None, neighbor_mask=None, cache: "KVCache | None" = None):
+        """Logits (B,T,V) for tokens (B,T).
+
+        neighbors (B,C,k,R) int64 and neighbor_mask (B,C,k,R) bool are the neighbors of the
+        chunks that *complete* in this call: without a cache, chunks 0 .. T//chunk_length - 1
+        (chunk j's neighbors are used by tokens from the last token of chunk j onward). A missing
+        mask means every neighbor token is valid; ``neighbors=None`` switches retrieval off (same
+        result as all masked). GPT ignores neighbors. With a ``KVCache`` the tokens continue the
+        cached sequence at ``cache.pos`` and the cache is advanced.
+        """
+        cfg = self.config
+        B, T = tokens.shape
+        start = cache.pos if cache is not None else 0
+        L = cfg.chunk_length
+        first_chunk = start // L  # chunks first_chunk .. first_chunk + n_new - 1 end in this call
+        n_new = (start + T) // L - first_chunk
+        retrieval = cfg.retro and (neighbors is not None or (cache is not None and cache.has_neighbors))
+        if cfg.retro and neighbors is not None:
+            if neighbors.dim() != 4 or neighbors.shape[:2] != (B, n_new):
+                raise PipelineError(
+                    f"neighbors must have shape (batch={B}, chunks={n_new}, k, R) for {T} tokens "
+                    f"from position {start}; got {tuple(neighbors.shape)}"
+                )
+            if neighbor_mask is None:
+                neighbor_mask = torch.ones_like(neighbors, dtype=torch.bool)
+            elif neighbor_mask.shape != neighbors.shape:
+                raise PipelineError(
+                    f"neighbor_mask shape {tuple(neighbor_mask.shape)} != neighbors shape {tuple(neighbors.shape)}"
+                )
+
+        x = self.embed(tokens)
+        rope = rope_tables(start, T, cfg, x.device, x.dtype)
+        attn_mask = cache.self_attention_mask(T) if cache is not None else None
+        chunk_kv = {}  # CCA layer -> (keys, values, mask) of all completed chunks
+        first_cca = True
+        for i, layer in enumerate(self.layers):
+            kv_slot = (cache.k[i], cache.v[i], start) if cache is not None else None
+            x = x + layer.attn(layer.norm1(x), rope, attn_mask=attn_mask, cache=kv_slot)
+            if layer.cca is not None and (retrieval or cache is not None):
+                h = layer.cca_norm(x)
+                if first_cca:  # the encoder reads the decoder states entering the first CCA layer
+                    first_cca = False
+                    encoded = self._encode(h, neighbors, neighbor_mask, first_chunk, n_new, cache)
+                if retrieval:
+                    keys, values, mask = self._chunk_kv(i, layer, encoded, neighbor_mask, first_chunk, n_new, cache)
+                    y = chunked_cross_attention(layer.cca.project_q(h), keys, values, mask, start, L)
+                    x = x + layer.cca.output(y)
+            x = x + layer.mlp(layer.norm2(x))
+        if cache is not None:
+            cache.pos += T
+        return self.lm_head(self.final_norm(x))
+
+    def _encode(self, h, neighbors, neighbor_mask, first_chunk, n_new, cache):
+        """Run the encoder over the neighbors of the chunks completing in this call.
+
+        h (B,T,hidden) are the normed decoder states at the first CCA layer; with a cache they
+        are stored so that a chunk spanning several calls gets its full context.
+        Returns (B, n_new, k, R, hidden) or None when there is nothing to encode.
+        """
+        B, T, hidden = h.shape
+        L = self.config.chunk_length
+        if cache is not None:
+            cache.context[:, cache.pos:cache.pos + T] = h
+        if neighbors is None or n_new == 0:
+            return None
+        if cache is not None:
+            context = cache.context[:, first_chunk * L:(first_chunk + n_new) * L]
+            context_mask = cache.pad_mask[:, first_chunk * L:(first_chunk + n_new) * L]
+            context_mask = context_mask.reshape(B * n_new, L)
+        else:
+            context = h[:, :n_new * L]
+            context_mask = None
+        context = context.reshape(B * n_new, L, hidden)
+        k, R = neighbors.shape[2:]
+        emb = self.embed(neighbors.reshape(B * n_new, k, R))
+        out = self.encoder(emb, neighbor_mask.reshape(B * n_new, k, R), context, context_mask)
+        return out.view(B, n_new, k, R, hidden)
+
+    def _chunk_kv(self, i, layer, encoded, neighbor_mask, first_chunk, n_new, cache):
+        """Keys, values (B,C,H,k*R,d) and mask (B,C,k*R) of this CCA layer for every chunk
+        completed so far; new chunks are projected once and, with a cache, stored."""
+        if encoded is not None:
+            B, C, k, R, hidden = encoded.shape
+            keys, values = layer.cca.project_kv(encoded.reshape(B, C, k * R, hidden))
+            mask = neighbor_mask.reshape(B, C, k * R)
+        if cache is None:
+            return keys, values, mask
+        if encoded is not None:
+            cache.store_chunks(i, first_chunk, keys, values, mask)
+        n_done = first_chunk + n_new
+        return cache.chunk_k[i][:, :n_done], cache.chunk_v[i][:, :n_done], cache.chunk_mask[:, :n_done]
+
+
+# ----------------------------------------------------------------------------- decoding cache
+
+
+class KVCache:
+    """State for incremental decoding of a batch of left-padded sequences.
+
+    Holds, per decoder layer, self-attention keys/values of every position so far; for Retro,
+    the normed decoder states at the first CCA layer (the encoder's context) and, per CCA layer,
+    keys/values of the encoded neighbors of every completed chunk, so the encoder runs once per
+    chunk. ``pad_mask`` (B, max_length) marks real tokens; pad positions are never attended to.
+    """
+
+    def __init__(self, model: Retro, batch_size: int, max_length: int, pad_mask=None):
+        cfg = model.config
+        p = next(model.parameters())
+        device, dtype = p.device, p.dtype
+        B, H, d = batch_size, cfg.heads, cfg.head_dim
+        self.pos = 0
+        self.max_length = max_length
+        self.chunk_length = cfg.chunk_length
+        if pad_mask is None:
+            pad_mask = torch.ones(B, max_length, dtype=torch.bool, device=device)
+        self.pad_mask = pad_mask.to(device)
+        self.has_padding = not bool(self.pad_mask.all())
+        self.k = [torch.zeros(B, H, max_length, d, device=device, dtype=dtype) for _ in model.layers]
+        self.v = [torch.zeros(B, H, max_length, d, device=device, dtype=dtype) for _ in model.layers]
+        self.has_neighbors = False
+        if cfg.retro:
+            C, S = max_length // cfg.chunk_length, cfg.num_neighbors * cfg.neighbor_length
+            self.context = torch.zeros(B, max_length, cfg.hidden, device=device, dtype=dtype)
+            cca = [i for i, layer in enumerate(model.layers) if layer.cca is not None]
+            self.chunk_k = {i: torch.zeros(B, C, H, S, d, device=device, dtype=dtype) for i in cca}
+            self.chunk_v = {i: torch.zeros(B, C, H, S, d, device=device, dtype=dtype) for i in cca}
+            self.chunk_mask = torch.zeros(B, C, S, dtype=torch.bool, device=device)
+
+    def self_attention_mask(self, T: int):
+        """(B,1,T,pos+T) bool for T new queries, or None when plain causal attention is right."""
+        start = self.pos
+        if start + T > self.max_length:
+            raise PipelineError(f"decoding past the cache length {self.max_length}")
+        if not self.has_padding and (T == 1 or start == 0):
+            return None
+        q_pos = torch.arange(start, start + T, device=self.pad_mask.device)
+        k_pos = torch.arange(start + T, device=self.pad_mask.device)
+        causal = k_pos[None, :] <= q_pos[:, None]
+        # every query may attend to itself, so a pad position never has an empty row
+        valid = self.pad_mask[:, None, :start + T] | (k_pos[None, :] == q_pos[:, None])[None]
+        return (causal[None] & valid)[:, None]
+
+    def store_chunks(self, layer: int, first_chunk: int, keys, values, mask):
+        n = keys.shape[1]
+        if keys.shape[-2] != self.chunk_k[layer].shape[-2]:
+            raise PipelineError(
+                f"neighbors give {keys.shape[-2]} tokens per chunk; the cache holds "
+                f"num_neighbors x neighbor_length = {self.chunk_k[layer].shape[-2]}"
+            )
+        self.chunk_k[layer][:, first_chunk:first_chunk + n] = keys
+        self.chunk_v[layer][:, first_chunk:first_chunk + n] = values
+        self.chunk_mask[:, first_chunk:first_chunk + n] = mask
+        self.has_neighbors = self.has_neighbors or bool(mask.any())
+
+
+# ----------------------------------------------------------------------------- loading, FLOPs
+
+
+def load_decoder_weights(model: Retro, state_dict: dict) -> list[str]:
+    """Load a GPT (or Retro) state dict into ``model``; encoder and CCA stay as they are.
+
+    Every decoder parameter must be present with the same shape. Returns the names left
+    fresh (Retro's encoder and CCA parameters). The continued-pretraining path of InstructRetro.
+    """
+    own = model.state_dict()
+    missing = [n for n in own if n not in state_dict and not Retro.is_retro_parameter(n)]
+    if missing:
+        raise PipelineError(f"checkpoint lacks decoder parameters {missing[:5]}")
+    unexpected = [n for n in state_dict if n not in own and not Retro.is_retro_parameter(n)]
+    if unexpected:
+        raise PipelineError(f"checkpoint has parameters this model lacks: {unexpected[:5]}")
+    for n in own:
+        if n in state_dict and state_dict[n].shape != own[n].shape:
+            raise PipelineError(
+                f"checkpoint parameter {n} has shape {tuple(state_dict[n].shape)}, model {tuple(own[n].shape)}"
+            )
+    load = {n: t for n, t in state_dict.items() if n in own}
+    model.load_state_dict(load, strict=False)
+    return [n for n in own if n not in load]
+
+
+def flops_per_token(config: ModelConfig, seq_length: int | None = None) -> float:
+    """Model FLOPs per trained decoder token (forward + backward = 3 x forward), counting the
+    matmuls of decoder, LM head, CCA and the encoder's work on k x 2 x chunk_length neighbor
+    tokens per chunk. Attention scores count causal self-attention at half of T keys."""
+    T = seq_length or config.seq_length
+    h, f, L = config.hidden, config.ffn_hidden, config.chunk_length
+    layer = 2 * (4 * h * h + 3 * h * f)  # projections and MLP, per token
+    fwd = config.n_layers * (layer + 2 * h * T) + 2 * h * config.vocab_size
+    if config.retro:
+        k, R = config.num_neighbors, config.neighbor_length
+        per_token = k * R / L  # neighbor tokens encoded per decoder token
+        enc_layer = layer + 4 * h * R  # bidirectional attention over R keys
+        enc = config.encoder_layers * enc_layer + 2 * 2 * h * h + 4 * h * L  # + cross-attn q, out, scores
+        enc_per_token = per_token * enc + 2 * 2 * h * h  # + context k, v once per chunk token
+        cca = 2 * 2 * h * h + per_token * 2 * 2 * h * h + 4 * h * k * R  # q, out; k, v; scores
+        fwd += enc_per_token + len(config.cca_layers) * cca
+    return 3.0 * fwd

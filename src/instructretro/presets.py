@@ -1,0 +1,104 @@
+"""Named model presets: architecture plus per-preset training defaults.
+
+``get(name, **overrides) -> ModelConfig`` builds the architecture; ``training(name)`` and
+``sft(name)`` give the hyperparameters the pretrain and sft stages start from (params override
+them). Architectures of 843m/2b/4b/43b (layers/hidden/heads, seq 4096, SwiGLU, RoPE 0.5) follow
+the reference recipe; their vocab is the reference's 256k multilingual SentencePiece size, so
+parameter counts match the names only at that vocab (a stage passes its tokenizer's size).
+``tiny`` is ours: the CPU default, about 2.4 M parameters at vocab 4096.
+
+Parameter counts at each preset's vocab (Retro includes encoder and CCA; printed by
+``pytest -s tests/test_presets.py``, built on the meta device):
+
+====== ====== ====== ===== ===== ====== ========== ============== ==============
+preset layers hidden heads ffn   vocab  CCA layers Retro          GPT
+====== ====== ====== ===== ===== ====== ========== ============== ==============
+tiny   4      128    4     320   4096   2, 4       2,380,032      1,804,544
+843m   24     1024   16    2688  256000 9..24 /3   877,520,896    823,232,512
+2b     32     2048   32    5440  256000 9..30 /3   2,906,714,112  2,655,260,672
+4b     48     2560   32    6784  256000 9..48 /3   5,620,311,040  5,070,361,600
+43b    48     8192   64    21824 256000 9..48 /3   48,461,856,768 42,825,433,088
+====== ====== ====== ===== ===== ====== ========== ============== ==============
+"""
+
+from __future__ import annotations
+
+from .errors import PipelineError
+from .model import ModelConfig
+
+REFERENCE_VOCAB = 256000
+
+# Architecture per preset (fields of ModelConfig; the rest take their defaults).
+ARCHITECTURES: dict[str, dict] = {
+    "tiny": dict(vocab_size=4096, n_layers=4, hidden=128, heads=4, seq_length=256, chunk_length=64,
+                 cca_layers=(2, 4), encoder_layers=2, num_neighbors=1, init_std=0.02),
+    "843m": dict(vocab_size=REFERENCE_VOCAB, n_layers=24, hidden=1024, heads=16, seq_length=4096,
+                 num_neighbors=2, init_std=0.02),
+    "2b": dict(vocab_size=REFERENCE_VOCAB, n_layers=32, hidden=2048, heads=32, seq_length=4096,
+               num_neighbors=2, init_std=0.014),
+    "4b": dict(vocab_size=REFERENCE_VOCAB, n_layers=48, hidden=2560, heads=32, seq_length=4096,
+               num_neighbors=2, init_std=0.01),
+    "43b": dict(vocab_size=REFERENCE_VOCAB, n_layers=48, hidden=8192, heads=64, seq_length=4096,
+                num_neighbors=2, init_std=0.007),
+}
+
+# Pretraining defaults. 843m: the reference's 800m Retro pretraining (global batch 128,
+# lr 2.5e-5 -> 2.5e-6 cosine, wd 0.1, betas 0.9/0.95). Larger sizes: ours, lr scaled down with
+# width. tiny: ours, sized for a few minutes on 2 CPU cores (the lr sweep in the README decides).
+_PRETRAIN_BASE = dict(lr_schedule="cosine", weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0,
+                      warmup_fraction=0.01, micro_batch=1, global_batch=128, iterations=10000)
+TRAINING: dict[str, dict] = {
+    "tiny": {**_PRETRAIN_BASE, "lr": 1e-3, "min_lr": 1e-4, "warmup_fraction": 0.05,
+             "micro_batch": 8, "global_batch": 8, "iterations": 600},
+    "843m": {**_PRETRAIN_BASE, "lr": 2.5e-5, "min_lr": 2.5e-6},
+    "2b": {**_PRETRAIN_BASE, "lr": 2e-5, "min_lr": 2e-6},
+    "4b": {**_PRETRAIN_BASE, "lr": 1.5e-5, "min_lr": 1.5e-6},
+    "43b": {**_PRETRAIN_BASE, "lr": 9e-6, "min_lr": 9e-7},
+}
+
+# Instruction tuning defaults. 843m: the reference (batch 128, lr 5e-6 constant, 1000 iterations,
+# betas 0.9/0.98, wd 0.01, clip 1.0); the other big sizes reuse it; tiny: ours.
+_SFT_BASE = dict(lr=5e-6, lr_schedule="constant", weight_decay=0.01, betas=(0.9, 0.98),
+                 grad_clip=1.0, micro_batch=1, global_batch=128, iterations=1000)
+SFT: dict[str, dict] = {
+    "tiny": {**_SFT_BASE, "lr": 3e-4, "micro_batch": 8, "global_batch": 8, "iterations": 300},
+    "843m": dict(_SFT_BASE),
+    "2b": dict(_SFT_BASE),
+    "4b": dict(_SFT_BASE),
+    "43b": dict(_SFT_BASE),
+}
+
+NAMES = tuple(ARCHITECTURES)
+
+
+def _check(name: str) -> None:
+    if name not in ARCHITECTURES:
+        raise PipelineError(f"param 'model.name' is {name!r}; expected one of {list(NAMES)}")
+
+
+def get(name: str, **overrides) -> ModelConfig:
+    """ModelConfig of preset ``name`` with ``overrides`` (ModelConfig fields) applied.
+
+    An override of ``None`` is ignored, so a stage can pass optional params straight through.
+    """
+    _check(name)
+    fields = {**ARCHITECTURES[name], "name": name}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in ModelConfig.__dataclass_fields__:
+            raise PipelineError(f"param 'model.{key}' is not a model field")
+        fields[key] = tuple(value) if key == "cca_layers" else value
+    return ModelConfig(**fields)
+
+
+def training(name: str) -> dict:
+    """Pretraining defaults of preset ``name`` (a fresh dict: lr, min_lr, batch, ...)."""
+    _check(name)
+    return dict(TRAINING[name])
+
+
+def sft(name: str) -> dict:
+    """Instruction-tuning defaults of preset ``name`` (a fresh dict)."""
+    _check(name)
+    return dict(SFT[name])
