@@ -255,13 +255,14 @@ class BlockCache:
 
 
 def embed_rows_blockwise(texts_of, n_rows: int, encoder: Encoder, block_size: int, cache: BlockCache,
-                         desc: str, fixed: dict[int, np.ndarray] | None = None) -> tuple[int, float]:
-    """Embed rows ``[0, n_rows)`` block by block into ``cache``; return (rows embedded now, seconds).
+                         desc: str, known: np.ndarray | None = None,
+                         known_embeddings: np.ndarray | None = None) -> tuple[int, float]:
+    """Embed rows ``[0, n_rows)`` block by block into ``cache``; return (texts encoded now, seconds).
 
-    ``texts_of(lo, hi)`` gives the texts of rows ``lo..hi-1``. ``fixed`` maps a row to an
-    embedding that is already known (re-used instead of encoded). Finished blocks are skipped.
+    ``texts_of(lo, hi)`` gives the texts of rows ``lo..hi-1``. ``known[row]`` >= 0 re-uses
+    ``known_embeddings[known[row]]`` instead of encoding; -2 leaves the row zero (nothing to
+    embed); -1 encodes. Blocks already in the cache are skipped.
     """
-    fixed = fixed or {}
     n_blocks = -(-n_rows // block_size)
     done = 0
     seconds = 0.0
@@ -272,13 +273,15 @@ def embed_rows_blockwise(texts_of, n_rows: int, encoder: Encoder, block_size: in
             bar.update(hi - lo)
             continue
         t0 = time.perf_counter()
-        texts = texts_of(lo, hi)
         block = np.zeros((hi - lo, encoder.dim), dtype=np.float32)
-        todo = [i for i in range(hi - lo) if lo + i not in fixed]
-        for i in range(hi - lo):
-            if lo + i in fixed:
-                block[i] = fixed[lo + i]
-        if todo:
+        todo = np.arange(hi - lo)
+        if known is not None:
+            k = known[lo:hi]
+            reuse = np.flatnonzero(k >= 0)
+            block[reuse] = known_embeddings[k[reuse]]
+            todo = np.flatnonzero(k == -1)
+        if len(todo):
+            texts = texts_of(lo, hi)
             block[todo] = encoder.encode([texts[i] for i in todo])
         cache.save(b, block)
         seconds += time.perf_counter() - t0

@@ -1,0 +1,96 @@
+"""Index: the auto factory, clear errors for bad strings, training, populating with chunk ids."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from instructretro.errors import PipelineError
+from instructretro.index import auto_factory, make_index, populate, read_index, set_search_params, train_index, write_index
+
+
+def clustered(n: int, dim: int = 384, centers: int = 40, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centers, dim))
+    x = c[rng.integers(0, centers, n)] + 0.3 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_embeddings(path, x):
+    with h5py.File(path, "w") as f:
+        f["embeddings"] = x
+        f["chunks"] = np.stack([np.arange(len(x)), np.zeros(len(x), int), np.full(len(x), 64)], 1).astype(np.int64)
+        f["doc_ids"] = np.arange(len(x), dtype=np.uint64)
+        f.attrs["dim"] = x.shape[1]
+    return path
+
+
+def test_auto_is_flat_for_tiny_and_ivf_sized_by_training_points():
+    assert auto_factory(150, 384, 150) == "Flat"  # about 50 documents
+    for n in (2_000, 5_000, 20_000, 100_000, 400_000):
+        s = auto_factory(n, 384, min(n, 100_000))
+        assert s.startswith("IVF") and s.endswith(",Flat")
+        nlist = int(s[3:].split(",")[0])
+        assert 39 * nlist <= min(n, 100_000) and nlist <= 4 * n ** 0.5 and nlist & (nlist - 1) == 0
+    assert "SQ8" in auto_factory(2_000_000, 384, 1_000_000)
+    big = auto_factory(50_000_000, 384, 5_000_000)
+    assert "PQ32" in big and 384 % 32 == 0
+
+
+@pytest.mark.parametrize("factory, match", [
+    ("IVF16,PQ7", "multiple of the number of subquantizers"),
+    ("NotAnIndex", "could not parse"),
+    ("IVF4096,Flat", r"cannot be trained on 2000 points \(IVF with 4096 lists needs 39"),
+])
+def test_bad_factory_strings_say_what_would_work(factory, match):
+    with pytest.raises(PipelineError, match=match) as err:
+        make_index(factory, 384, 2000, 2000)
+    assert "use 'auto' (here: 'IVF32,Flat')" in str(err.value) and "index.factory" in str(err.value)
+
+
+def test_train_and_populate_auto(tmp_path):
+    x = clustered(3000)
+    h5 = write_embeddings(tmp_path / "emb.h5", x)
+    index, m = train_index(h5, "auto", 100_000, seed=7)
+    assert m["factory"] == auto_factory(3000, 384, 3000) == "IVF64,Flat"
+    assert m["training_points"] == 3000 and index.is_trained and index.ntotal == 0
+    write_index(index, tmp_path / "trained.faiss")
+    again, _ = train_index(h5, "auto", 100_000, seed=7)
+    write_index(again, tmp_path / "again.faiss")
+    assert (tmp_path / "trained.faiss").read_bytes() == (tmp_path / "again.faiss").read_bytes()
+    full = populate(read_index(tmp_path / "trained.faiss"), h5, block_size=700)
+    assert full.ntotal == 3000
+    set_search_params(full, nprobe=16)
+    _, ids = full.search(x[:50], 1)
+    assert np.mean(ids[:, 0] == np.arange(50)) > 0.95  # a vector finds itself: ids are chunk ids
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF16,SQ8"])
+def test_ids_are_chunk_ids_for_every_kind(tmp_path, factory):
+    x = clustered(1500, dim=64, seed=3)
+    h5 = write_embeddings(tmp_path / "emb.h5", x)
+    index, m = train_index(h5, factory, 1000, seed=1)
+    assert m["factory"] == factory
+    full = populate(index, h5, block_size=400)
+    set_search_params(full, nprobe=32, efsearch=64)
+    _, ids = full.search(x[1000:1040], 1)
+    assert np.mean(ids[:, 0] == np.arange(1000, 1040)) > 0.9
+
+
+def test_auto_on_fifty_documents_is_flat_and_exact(tmp_path):
+    x = clustered(180, seed=2)
+    h5 = write_embeddings(tmp_path / "emb.h5", x)
+    index, m = train_index(h5, "auto", 100_000, seed=0)
+    assert m["factory"] == "Flat" and m["training_points"] == 0
+    full = populate(index, h5, 64)
+    _, ids = full.search(x, 1)
+    assert np.array_equal(ids[:, 0], np.arange(180))
+
+
+def test_too_few_points_for_explicit_ivf(tmp_path):
+    h5 = write_embeddings(tmp_path / "emb.h5", clustered(500, dim=32))
+    with pytest.raises(PipelineError, match="IVF with 256 lists needs 39 points per list"):
+        train_index(h5, "IVF256,Flat", 100_000, seed=0)
+    with pytest.raises(PipelineError, match="embeddings file not found"):
+        train_index(tmp_path / "missing.h5", "auto", 10, 0)
