@@ -325,6 +325,8 @@ def chunked_cross_attention(q, keys, values, key_mask, start, chunk_length):
     """
     B, H, T, d = q.shape
     L = chunk_length
+    if keys.shape[1] == 0:  # no chunk completed yet
+        return torch.zeros_like(q)
     first = (start + 1) // L  # "attending group" a of the first query: attends chunk a - 1
     last = (start + T) // L
     if first == last:  # all queries in one group (always so when decoding one token)

@@ -1,0 +1,230 @@
+"""Retro model: gradient-based invariants, retrieval switched off, GPT weights, config, FLOPs."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from instructretro.errors import PipelineError
+from instructretro.model import (KVCache, ModelConfig, Retro, default_cca_layers, flops_per_token,
+                                 load_decoder_weights, swiglu_ffn_hidden)
+
+L = 4  # chunk length of the test models
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is ~50x faster under load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=40, n_layers=3, hidden=32, heads=2, seq_length=16, chunk_length=L,
+                cca_layers=(1, 3), encoder_layers=2, num_neighbors=2)
+    return ModelConfig(**{**base, **kw})
+
+
+def make_batch(config, B=3, T=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, config.vocab_size, (B, T), generator=g)
+    C, k, R = T // config.chunk_length, config.num_neighbors, config.neighbor_length
+    neighbors = torch.randint(3, config.vocab_size, (B, C, k, R), generator=g)
+    mask = torch.rand(B, C, k, R, generator=g) > 0.2
+    mask[0, 1, 1] = False  # one neighbor fully masked
+    return tokens, neighbors, mask
+
+
+def forward_with_embedding_grads(model, tokens, neighbors, mask, loss_of_logits):
+    """Run forward, backprop ``loss_of_logits(logits)``; return grads of the token embeddings
+    (B,T,h) and of the neighbor embeddings (B,C,k,R,h)."""
+    outputs = []
+
+    def keep(_module, _inputs, out):
+        out.retain_grad()
+        outputs.append(out)
+
+    handle = model.embed.register_forward_hook(keep)
+    try:
+        logits = model(tokens, neighbors, mask)
+        loss_of_logits(logits).backward()
+    finally:
+        handle.remove()
+    token_grad = outputs[0].grad
+    B, C, k, R = neighbors.shape
+    neighbor_grad = outputs[1].grad.view(B, C, k, R, -1)
+    return token_grad, neighbor_grad
+
+
+@pytest.fixture(scope="module")
+def retro():
+    torch.manual_seed(0)
+    return Retro(tiny_config()).double()
+
+
+def test_forward_shapes_and_finite(retro):
+    tokens, neighbors, mask = make_batch(retro.config)
+    logits = retro(tokens, neighbors, mask)
+    assert logits.shape == (3, 16, 40)
+    assert torch.isfinite(logits).all()
+
+
+def test_sample_outputs_do_not_depend_on_other_samples(retro):
+    tokens, neighbors, mask = make_batch(retro.config)
+    tg, ng = forward_with_embedding_grads(retro, tokens, neighbors, mask, lambda lg: lg[1].sum())
+    assert tg[1].abs().sum() > 0 and ng[1].abs().sum() > 0
+    for other in (0, 2):
+        assert tg[other].abs().sum() == 0
+        assert ng[other].abs().sum() == 0
+
+
+@pytest.mark.parametrize("t", [0, 5, 10, 15])
+def test_token_depends_on_no_later_token(retro, t):
+    tokens, neighbors, mask = make_batch(retro.config)
+    tg, _ = forward_with_embedding_grads(retro, tokens, neighbors, mask, lambda lg: lg[:, t].sum())
+    assert tg[:, t + 1:].abs().sum() == 0
+    assert (tg[:, :t + 1].abs().sum(-1) > 0).all()  # and on every earlier one
+
+
+@pytest.mark.parametrize("t", [0, L - 2, L - 1, 2 * L - 2, 2 * L - 1, 3 * L + 1, 4 * L - 1])
+def test_token_sees_only_neighbors_of_chunks_ended_at_or_before_it(retro, t):
+    tokens, neighbors, mask = make_batch(retro.config)
+    _, ng = forward_with_embedding_grads(retro, tokens, neighbors, mask, lambda lg: lg[:, t].sum())
+    per_chunk = ng.abs().sum(dim=(0, 2, 3, 4))  # (C,)
+    attended = (t + 1) // L - 1  # the last chunk that ended at or before t (-1: none yet)
+    for j in range(per_chunk.numel()):
+        if j > attended:  # chunk j ends after t
+            assert per_chunk[j] == 0, f"token {t} must not depend on chunk {j}'s neighbors"
+        elif j == attended:  # directly through CCA (earlier chunks reach t through earlier tokens)
+            assert per_chunk[j] > 0, f"token {t} should use chunk {j}'s neighbors"
+
+
+def test_masked_neighbor_tokens_contribute_nothing(retro):
+    tokens, neighbors, mask = make_batch(retro.config)
+    _, ng = forward_with_embedding_grads(retro, tokens, neighbors, mask, lambda lg: lg.sum())
+    assert ng[~mask].abs().sum() == 0
+    assert ng[mask].abs().sum() > 0
+    changed = torch.where(mask, neighbors, torch.randint_like(neighbors, 3, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(retro(tokens, changed, mask), retro(tokens, neighbors, mask),
+                                   rtol=0, atol=1e-12)
+
+
+def test_all_neighbors_masked_equals_retrieval_off_and_gpt():
+    torch.manual_seed(1)
+    retro = Retro(tiny_config()).double()
+    gpt = Retro(tiny_config(retro=False)).double()
+    fresh = load_decoder_weights(gpt, retro.state_dict())  # Retro -> GPT: encoder, CCA dropped
+    assert fresh == []
+    tokens, neighbors, mask = make_batch(retro.config)
+    with torch.no_grad():
+        masked = retro(tokens, neighbors, torch.zeros_like(mask))
+        off = retro(tokens)
+        plain = gpt(tokens, neighbors, mask)  # GPT ignores neighbors
+        used = retro(tokens, neighbors, mask)
+    assert torch.equal(masked, off)
+    assert torch.equal(off, plain)
+    # with neighbors, tokens before the end of chunk 0 are unchanged, later ones are not
+    assert torch.equal(used[:, :L - 1], off[:, :L - 1])
+    assert not torch.allclose(used[:, L - 1:], off[:, L - 1:])
+
+
+def test_same_seed_gives_same_decoder_weights_for_retro_and_gpt():
+    torch.manual_seed(7)
+    retro = Retro(tiny_config())
+    torch.manual_seed(7)
+    gpt = Retro(tiny_config(retro=False))
+    rs = retro.state_dict()
+    for name, tensor in gpt.state_dict().items():
+        assert torch.equal(rs[name], tensor), name
+
+
+def test_gpt_state_dict_loads_into_retro():
+    torch.manual_seed(2)
+    gpt = Retro(tiny_config(retro=False)).double()
+    torch.manual_seed(3)
+    retro = Retro(tiny_config()).double()
+    fresh = load_decoder_weights(retro, gpt.state_dict())
+    assert fresh and all(Retro.is_retro_parameter(n) for n in fresh)
+    assert set(fresh) == set(retro.state_dict()) - set(gpt.state_dict())
+    tokens, _, _ = make_batch(retro.config)
+    with torch.no_grad():
+        assert torch.equal(retro(tokens), gpt(tokens))
+    # the documented alternative: load_state_dict(strict=False) misses exactly the Retro params
+    result = Retro(tiny_config()).load_state_dict(gpt.state_dict(), strict=False)
+    assert set(result.missing_keys) == set(fresh) and not result.unexpected_keys
+
+
+def test_load_decoder_weights_rejects_other_decoders():
+    gpt = Retro(tiny_config(retro=False, hidden=48))
+    with pytest.raises(PipelineError, match="shape"):
+        load_decoder_weights(Retro(tiny_config()), gpt.state_dict())
+    partial = {k: v for k, v in Retro(tiny_config()).state_dict().items() if "lm_head" not in k}
+    with pytest.raises(PipelineError, match="lacks decoder parameters"):
+        load_decoder_weights(Retro(tiny_config()), partial)
+
+
+def test_parameter_names_and_no_linear_biases(retro):
+    names = dict(retro.named_parameters())
+    linear = [m for m in retro.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(m.bias is None for m in linear)
+    assert names["embed.weight"].data_ptr() != names["lm_head.weight"].data_ptr()  # untied
+    assert "layers.0.cca.q.weight" in names and "layers.1.cca.q.weight" not in names  # CCA at 1, 3
+    assert "layers.2.cca.q.weight" in names
+    gpt = Retro(tiny_config(retro=False))
+    assert not any(Retro.is_retro_parameter(n) for n, _ in gpt.named_parameters())
+
+
+def test_incremental_forward_matches_full_forward(retro):
+    tokens, neighbors, mask = make_batch(retro.config, B=2)
+    with torch.no_grad():
+        full = retro(tokens, neighbors, mask)
+        cache = KVCache(retro, 2, 16)
+        pieces, start = [], 0
+        for size in (3, 1, 1, 6, 1, 4):  # crosses chunk boundaries inside and at piece ends
+            lo, hi = start // L, (start + size) // L
+            pieces.append(retro(tokens[:, start:start + size], neighbors[:, lo:hi], mask[:, lo:hi],
+                                cache=cache))
+            start += size
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-10)
+
+
+def test_neighbor_shape_mismatch_is_a_pipeline_error(retro):
+    tokens, neighbors, mask = make_batch(retro.config)
+    with pytest.raises(PipelineError, match="neighbors must have shape"):
+        retro(tokens, neighbors[:, :2], mask[:, :2])
+
+
+def test_config_rules_and_validation():
+    assert default_cca_layers(12) == (6, 9, 12)
+    assert default_cca_layers(24) == (9, 12, 15, 18, 21, 24)
+    assert default_cca_layers(48)[:2] == (9, 12) and default_cca_layers(48)[-1] == 48
+    assert swiglu_ffn_hidden(1024) == 2688 and swiglu_ffn_hidden(8192) == 21824
+    assert swiglu_ffn_hidden(16) >= 16 and swiglu_ffn_hidden(16) % 8 == 0
+    cfg = tiny_config()
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(PipelineError, match="model.heads"):
+        tiny_config(heads=5)
+    with pytest.raises(PipelineError, match="outside"):
+        tiny_config(cca_layers=(4,))
+    with pytest.raises(PipelineError, match="no CCA layer"):
+        tiny_config(cca_layers=None)  # 3 layers: the default rule gives none
+    assert tiny_config(cca_layers=None, retro=False).cca_layers == ()
+    with pytest.raises(PipelineError, match="unknown model config keys"):
+        ModelConfig.from_dict({**cfg.to_dict(), "dropout": 0.1})
+
+
+@pytest.mark.parametrize("retro_flag", [False, True])
+def test_flops_per_token_matches_counted_flops(retro_flag):
+    """flops_per_token agrees with torch's FLOP counter on forward + backward (within 10%;
+    the counter charges causal attention at full T and CCA's padded query groups)."""
+    cfg = tiny_config(retro=retro_flag, hidden=64, heads=4, vocab_size=256, seq_length=32,
+                      chunk_length=8, num_neighbors=2)
+    model = Retro(cfg)
+    tokens = torch.randint(3, 256, (2, 32))
+    neighbors = torch.randint(3, 256, (2, 4, 2, 16))
+    with FlopCounterMode(display=False) as counter:
+        model(tokens, neighbors if retro_flag else None).sum().backward()
+    counted = counter.get_total_flops() / tokens.numel()
+    assert abs(flops_per_token(cfg) - counted) / counted < 0.10
