@@ -27,3 +27,23 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# Instruction tuning. `make sft` runs the sft stage (and whatever it depends on) for the default
+# preset (params.yaml model.name); `make sft MODEL=843m` runs it as a DVC experiment for that
+# preset (dvc exp run -S model.name=843m sft), printing first what the SFT run will cost;
+# `make sft MODEL=843m SMOKE=1` runs one step of the real 843m graph on a 2-chunk sequence
+# (fresh weights, output in a scratch folder) to prove the plumbing on any machine.
+SMOKE  ?=
+SFT_ENV := PATH=$(abspath $(BIN)):$$PATH
+.PHONY: sft
+sft: install
+ifeq ($(SMOKE),1)
+	$(SFT_ENV) $(DVC) repro tokenizer
+	$(SFT_ENV) python stages/sft.py --smoke $(if $(MODEL),--model $(MODEL))
+else ifneq ($(MODEL),)
+	$(SFT_ENV) $(DVC) repro tokenizer
+	$(SFT_ENV) python stages/sft.py --estimate --model $(MODEL)
+	$(SFT_ENV) $(DVC) exp run -S model.name=$(MODEL) sft
+else
+	$(SFT_ENV) $(DVC) repro sft
+endif

@@ -264,3 +264,137 @@ def test_presets_and_overrides():
         sft.sft_settings("7b")
     with pytest.raises(PipelineError, match="sft.lrate"):
         sft.sft_settings("tiny", {"lrate": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and the stage
+
+
+def _tiny_model(vocab_size: int, seed: int = 0):
+    import torch
+
+    from instructretro import presets
+    from instructretro.model import Retro
+
+    torch.manual_seed(seed)
+    return Retro(presets.get("tiny", vocab_size=vocab_size, n_layers=2, cca_layers=(2,)))
+
+
+def test_a_few_sft_steps_lower_the_answer_loss(tmp_path, tok):
+    from instructretro import train
+
+    blend, _ = _blend(tmp_path)
+    d = sft.build_data(blend[:1], tok, seq_length=128, chunk_length=64, num_draws=12 * 8, valid_fraction=0.0, seed=3)
+    model = _tiny_model(tok.vocab_size)
+    settings = sft.sft_settings("tiny", {"steps": 12, "global_batch": 8, "micro_batch": 4, "lr": 3e-3})
+    cfg = sft.train_config(settings, 1, seed=3, eval_interval=100, save_interval=10**9)
+    assert (cfg.grad_accum, cfg.min_lr, cfg.beta2) == (2, cfg.lr, 0.98)  # constant lr, the SFT betas
+    engine = train.build_engine(model, cfg)
+    loss_fn = sft.make_loss_fn(d.names)
+    samples = d.train[0]
+    batches = lambda: (sft.collate(samples[i : i + 8], 64, None, [0] * len(samples[i : i + 8]))
+                       for i in range(0, len(samples), 8))
+    before = train.evaluate(engine, batches(), loss_fn)
+    sft.finetune(engine, cfg, d, chunk_length=64, progress=False)
+    after = train.evaluate(engine, batches(), loss_fn)
+    assert before["loss_count"] == after["loss_count"] == sum(int(s.loss_mask.sum()) for s in d.train[0])
+    assert after["loss"] < before["loss"] - 0.5, (before, after)
+    assert after["loss_chat"] == pytest.approx(after["loss"])
+
+
+def test_collate_pads_to_chunks_and_gathers_neighbors(tok):
+    r = FakeRetriever(["a", "b", "c"], chunk_length=64)
+    a = sft.Sample(np.arange(3, 73), np.r_[np.zeros(60, bool), np.ones(10, bool)], neighbors=np.array([[0, 1], [2, -1]]))
+    b = sft.Sample(np.arange(3, 13), np.r_[np.zeros(5, bool), np.ones(5, bool)], neighbors=np.array([[1, 2]]))
+    batch = sft.collate([a, b], 64, r, [0, 1])
+    assert batch["tokens"].shape == (2, 128) and batch["neighbors"].shape == (2, 2, 2, 128)
+    assert batch["loss_mask"].sum().item() == 10 + 5  # the answers; the first token is never a target
+    assert not batch["neighbor_mask"][1, 1].any() and not batch["neighbor_mask"][0, 1, 1].any()
+    assert batch["neighbor_mask"][0, 0].all()
+    assert batch["tokens"][1, 9:].eq(PAD_ID).all() and batch["dataset"].tolist() == [0, 1]
+
+
+def _run_stage(*args, cwd):
+    """Run stages/sft.py in a fresh process (without this process's torch.distributed settings)."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return subprocess.run([sys.executable, str(REPO / "stages" / args[0]), *map(str, args[1:])], cwd=cwd,
+                          capture_output=True, text=True, env=dict(env, PYTHONHASHSEED="0"))
+
+
+def _stage_setup(tmp_path, small_world, small_tokenizer, tok, **sft_params):
+    import yaml
+
+    from instructretro import train
+
+    model = _tiny_model(tok.vocab_size)
+    train.export_checkpoint(model, model.config, tmp_path / "ckpt")
+    params = {
+        "retro": {"chunk_length": 64},
+        "model": {"name": "tiny"},
+        "sft": {
+            "init_from": str(tmp_path / "ckpt"), "data": str(small_world / "sft"),
+            "blend": [{"name": "chat", "path": "chat.jsonl", "format": "conversation", "prob": 0.7},
+                      {"name": "short_qa", "path": "short_qa.jsonl", "format": "conversation", "prob": 0.2},
+                      {"name": "alpaca", "path": "alpaca.jsonl", "format": "alpaca", "prob": 0.1}],
+            "valid_fraction": 0.1, "valid_samples": 8, "system": "Be brief.", "retrieval": "none",
+            "num_contexts": 2, "num_neighbors": None, "nprobe": 4, "efsearch": 16, "seed": 5, "eval_interval": 2,
+            **{k: None for k in sft.TRAIN_KEYS},
+            "seq_length": 256, "steps": 4, "global_batch": 4, "micro_batch": 2,
+        },
+    }
+    params["sft"].update(sft_params)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return ["sft.py", "--params", tmp_path / "params.yaml", "--tokenizer", small_tokenizer,
+            "--out", tmp_path / "out", "--metrics", tmp_path / "metrics.json", "--live", tmp_path / "live"]
+
+
+def test_stage_tunes_exports_and_reports_the_blend(tmp_path, small_world, small_tokenizer, tok):
+    from instructretro import train
+
+    args = _stage_setup(tmp_path, small_world, small_tokenizer, tok)
+    proc = _run_stage(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert np.isfinite(m["val_loss"]) and m["steps"] == 4 and m["retrieval"] == "none"
+    assert {n: c["drawn"] for n, c in m["blend"].items()} == {"chat": 11, "short_qa": 3, "alpaca": 2}
+    assert set(m["val_loss_by_dataset"]) == {"chat", "short_qa", "alpaca"}
+    model = train.load_model(tmp_path / "out")
+    assert model.config.seq_length == 256 and model.config.name == "tiny"
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert list((tmp_path / "live" / "plots" / "metrics").rglob("*.tsv"))
+    first = (tmp_path / "out" / "model.safetensors").read_bytes()
+    # deterministic: the same run gives the same weights and metrics
+    assert _run_stage(*args, cwd=tmp_path).returncode == 0
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == first
+    assert json.loads((tmp_path / "metrics.json").read_text()) == m
+
+
+def test_stage_names_a_malformed_record(tmp_path, small_world, small_tokenizer, tok):
+    data = tmp_path / "sftdata"
+    _write_jsonl(data / "chat.jsonl", [_conv("q?", "a.")] * 3)
+    with open(data / "chat.jsonl", "a") as f:
+        f.write('{"messages": [{"role": "user", "content": 3}]}\n')
+    args = _stage_setup(tmp_path, small_world, small_tokenizer, tok, data=str(data),
+                        blend=[{"name": "chat", "path": "chat.jsonl", "format": "conversation", "prob": 1}])
+    proc = _run_stage(*args, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "chat.jsonl:4:" in proc.stderr
+
+
+def test_make_sft_resolves_the_preset():
+    def dry(*args):
+        out = subprocess.run(["make", "-n", "sft", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        return [line for line in out.splitlines() if "sft" in line or "dvc" in line]
+
+    default = dry()
+    assert any(line.endswith("dvc repro sft") for line in default) and not any("-S" in line for line in default)
+    big = dry("MODEL=843m")
+    assert any("stages/sft.py --estimate --model 843m" in line for line in big)
+    assert any(line.endswith("dvc exp run -S model.name=843m sft") for line in big)
+    smoke = dry("MODEL=843m", "SMOKE=1")
+    assert any("stages/sft.py --smoke --model 843m" in line for line in smoke)
+    assert not any("exp run" in line for line in smoke)

@@ -43,34 +43,42 @@ from .tokenizer import EOD_ID, PAD_ID
 # ----------------------------------------------------------------------------------------------
 # 1. Presets: SFT training defaults per model preset. ``None`` in params means "the preset's".
 
-SFT_PRESETS: dict[str, dict] = {
-    # The CPU preset: trains in a couple of minutes on 2 cores.
-    "tiny": dict(seq_length=512, steps=150, global_batch=16, micro_batch=16, lr=3e-4, warmup=10,
-                 beta1=0.9, beta2=0.98, weight_decay=0.01, clip=1.0, zero_stage=0, precision="fp32"),
-    # The reference's 843m SFT settings: global batch 128, lr 5e-6 constant, 1000 iterations.
-    "843m": dict(seq_length=4096, steps=1000, global_batch=128, micro_batch=4, lr=5e-6, warmup=0,
-                 beta1=0.9, beta2=0.98, weight_decay=0.01, clip=1.0, zero_stage=1, precision="bf16"),
+# The optimisation recipe per preset lives in ``presets.sft`` (843m: the reference). What only
+# SFT needs is here: the sequence length (4096 for the big presets as in the reference; 512 for
+# tiny, room for two 128-token contexts in prompt mode), warmup, precision and ZeRO stage.
+SFT_EXTRAS: dict[str, dict] = {
+    "tiny": dict(seq_length=512, warmup=0, precision="fp32", zero_stage=0),
+    "843m": dict(seq_length=4096, warmup=0, precision="bf16", zero_stage=1),
+    "2b": dict(seq_length=4096, warmup=0, precision="bf16", zero_stage=1),
+    "4b": dict(seq_length=4096, warmup=0, precision="bf16", zero_stage=2),
+    "43b": dict(seq_length=4096, warmup=0, precision="bf16", zero_stage=3),
 }
-# The larger presets keep the 843m recipe with smaller micro batches and more ZeRO sharding.
-SFT_PRESETS["2b"] = dict(SFT_PRESETS["843m"], micro_batch=2)
-SFT_PRESETS["4b"] = dict(SFT_PRESETS["843m"], micro_batch=1, zero_stage=2)
-SFT_PRESETS["43b"] = dict(SFT_PRESETS["843m"], micro_batch=1, zero_stage=3)
-
-TRAIN_KEYS = tuple(SFT_PRESETS["tiny"])  # the sft.* keys whose null means "the preset's"
+# The sft.* training keys; ``null`` in params means "the preset's value".
+TRAIN_KEYS = ("seq_length", "steps", "global_batch", "micro_batch", "lr", "lr_schedule", "warmup",
+              "beta1", "beta2", "weight_decay", "clip", "zero_stage", "precision")
 RETRIEVAL_MODES = ("prompt", "encoder", "none")
 FORMATS = ("conversation", "alpaca", "auto")
 
 
 def sft_settings(preset: str, overrides: dict | None = None) -> dict:
-    """The preset's SFT defaults with every non-``None`` value of ``overrides`` applied."""
-    if preset not in SFT_PRESETS:
-        raise PipelineError(f"params.yaml: model.name {preset!r} has no SFT defaults; expected one of {sorted(SFT_PRESETS)}")
-    out = dict(SFT_PRESETS[preset])
+    """The SFT training settings of ``preset`` with every non-``None`` override applied."""
+    from . import presets
+
+    if preset not in SFT_EXTRAS:
+        raise PipelineError(f"model preset {preset!r} (model.name / the checkpoint's config) has no SFT "
+                            f"defaults; expected one of {sorted(SFT_EXTRAS)}")
+    base = presets.sft(preset)
+    out = dict(SFT_EXTRAS[preset], steps=base["iterations"], global_batch=base["global_batch"],
+               micro_batch=base["micro_batch"], lr=base["lr"], lr_schedule=base["lr_schedule"],
+               beta1=base["betas"][0], beta2=base["betas"][1], weight_decay=base["weight_decay"],
+               clip=base["grad_clip"])
     for key, value in (overrides or {}).items():
         if key not in out:
             raise PipelineError(f"params.yaml: unknown SFT training key 'sft.{key}'; expected one of {sorted(out)}")
         if value is not None:
             out[key] = value
+    if out["lr_schedule"] not in ("constant", "cosine"):
+        raise PipelineError(f"params.yaml: param 'sft.lr_schedule' is {out['lr_schedule']!r}; expected constant or cosine")
     return out
 
 
@@ -415,3 +423,118 @@ def format_report(report: dict) -> str:
         lines.append(f"{name:<16}{c['prob']:>8.3f}{c['train_samples']:>9}{c['drawn']:>9}{c['epochs']:>9.2f}"
                      f"{c['train_truncated']:>7}{c['train_dropped']:>8}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Batches and the loss.
+
+
+def collate(samples: Sequence[Sample], chunk_length: int, retriever=None, datasets: Sequence[int] | None = None) -> dict:
+    """Right-pad samples to a common length (a multiple of ``chunk_length``) as a batch dict.
+
+    ``tokens``, ``labels`` (B, T) int64 and ``loss_mask`` (B, T) float32; in encoder mode also
+    ``neighbors`` / ``neighbor_mask`` (B, C, k, 2 * chunk_length) from the retriever; with
+    ``datasets`` a ``dataset`` (B,) index for per-dataset validation losses.
+    """
+    import torch
+
+    T = max(len(s.inputs) for s in samples)
+    T = -(-T // chunk_length) * chunk_length
+    B = len(samples)
+    tokens = np.full((B, T), PAD_ID, dtype=np.int64)
+    labels = np.full((B, T), PAD_ID, dtype=np.int64)
+    mask = np.zeros((B, T), dtype=np.float32)
+    for b, s in enumerate(samples):
+        n = len(s.inputs)
+        tokens[b, :n], labels[b, :n], mask[b, :n] = s.inputs, s.labels, s.loss_mask
+    batch = {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels), "loss_mask": torch.from_numpy(mask)}
+    if samples[0].neighbors is not None:
+        C, k = T // chunk_length, samples[0].neighbors.shape[1]
+        ids = np.full((B, C, k), -1, dtype=np.int64)
+        for b, s in enumerate(samples):
+            ids[b, : len(s.neighbors)] = s.neighbors
+        ntok, nmask = retriever.neighbor_tokens(ids)
+        batch["neighbors"] = torch.as_tensor(np.asarray(ntok, dtype=np.int64))
+        batch["neighbor_mask"] = torch.as_tensor(np.asarray(nmask, dtype=bool))
+    if datasets is not None:
+        batch["dataset"] = torch.as_tensor(np.asarray(datasets, dtype=np.int64))
+    return batch
+
+
+def make_loss_fn(names: Sequence[str] = ()):
+    """``loss_fn(model, batch) -> {"loss": (sum, count), "loss_<name>": ...}`` over answer tokens.
+
+    Per-dataset entries appear when the batch has ``dataset`` (validation); every name is always
+    present (count 0 when absent) so that all processes report the same keys.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def loss_fn(model, batch):
+        logits = model(batch["tokens"], batch.get("neighbors"), batch.get("neighbor_mask"))
+        ce = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none")
+        ce = ce.view_as(batch["loss_mask"]) * batch["loss_mask"]
+        out = {"loss": (ce.sum(), batch["loss_mask"].sum())}
+        if "dataset" in batch:
+            per_sample, count = ce.sum(1), batch["loss_mask"].sum(1)
+            for d, name in enumerate(names):
+                sel = batch["dataset"] == d
+                out[f"loss_{name}"] = (per_sample[sel].sum(), count[sel].sum())
+        return out
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Training.
+
+
+def train_config(settings: dict, world_size: int, *, seed: int, eval_interval: int, save_interval: int):
+    """The ``train.TrainConfig`` of an SFT run (global batch = micro x accumulation x ranks)."""
+    from .train import TrainConfig
+
+    per_step = settings["micro_batch"] * world_size
+    if settings["global_batch"] % per_step:
+        raise PipelineError(f"params.yaml: sft global_batch {settings['global_batch']} is not a multiple of "
+                            f"micro_batch {settings['micro_batch']} x {world_size} processes")
+    lr = float(settings["lr"])
+    cfg = TrainConfig(steps=settings["steps"], micro_batch=settings["micro_batch"],
+                      grad_accum=settings["global_batch"] // per_step, lr=lr,
+                      min_lr=lr if settings["lr_schedule"] == "constant" else lr / 10, warmup=settings["warmup"],
+                      weight_decay=settings["weight_decay"], beta1=settings["beta1"], beta2=settings["beta2"],
+                      clip=settings["clip"], zero_stage=settings["zero_stage"], precision=settings["precision"],
+                      seed=seed, eval_interval=min(eval_interval, settings["steps"]), eval_batches=1,
+                      save_interval=save_interval)
+    cfg.validate("params.yaml: param 'sft.")
+    return cfg
+
+
+def finetune(engine, cfg, sdata: SFTData, *, chunk_length: int, retriever=None, rank: int = 0, world_size: int = 1,
+             eval_micro_batch: int = 8, live=None, progress: bool = True) -> dict:
+    """Instruction-tune ``engine`` on ``sdata``'s draw; validate on its held-out samples.
+
+    Draw ``i`` of the schedule is sample ``b`` of micro batch ``micro`` of process ``rank`` at
+    optimizer step ``step`` with ``i = step * global + (micro * world + rank) * micro_batch + b``.
+    Returns the last logged values, ``val/loss`` and per-dataset ``val/loss_<name>`` included.
+    """
+    from . import train as T
+
+    global_batch = cfg.micro_batch * cfg.grad_accum * world_size
+    if len(sdata.which) < cfg.steps * global_batch:
+        raise PipelineError(f"sft: {len(sdata.which)} samples drawn, the run needs {cfg.steps * global_batch}")
+
+    def batch_fn(step: int, micro: int) -> dict:
+        base = step * global_batch + (micro * world_size + rank) * cfg.micro_batch
+        return collate([sdata.drawn(i) for i in range(base, base + cfg.micro_batch)], chunk_length, retriever)
+
+    valid = [(d, s) for d, samples in enumerate(sdata.valid) for s in samples][rank::world_size]
+    valid.sort(key=lambda ds: len(ds[1].tokens))  # similar lengths together: less padding
+
+    def eval_batches():
+        for i in range(0, len(valid), eval_micro_batch):
+            part = valid[i : i + eval_micro_batch]
+            yield collate([s for _, s in part], chunk_length, retriever, [d for d, _ in part])
+
+    loss_fn = make_loss_fn(sdata.names)
+    eval_fn = (lambda: T.evaluate(engine, eval_batches(), loss_fn, engine.device)) if valid else None
+    return T.train(engine, cfg, batch_fn, loss_fn, eval_fn=eval_fn, live=live, progress=progress)

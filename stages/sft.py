@@ -1,0 +1,194 @@
+"""Stage sft: instruction-tune the pretrained Retro on the blend in ``sft.blend``.
+
+Loads the exported checkpoint ``sft.init_from``, builds the blend (prompt format, loss mask,
+truncation, retrieval mode ``sft.retrieval``), trains with DeepSpeed, validates on a held-out
+part of each dataset, exports ``config.json`` + ``model.safetensors`` like pretrain, and writes
+``val_loss`` and the blend table (samples drawn and epochs per dataset) to the metrics.
+
+``--estimate`` prints what the full run of ``--model`` costs (here and on GPUs) and exits;
+``--smoke`` proves the plumbing of a big preset on any machine: one optimizer step of one
+sample of the real ``--model`` graph (fresh weights) with a sequence of two chunks, written to
+a scratch folder, then the estimated cost of the full run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from instructretro import params as P, presets, sft, train
+from instructretro.errors import PipelineError, cli
+from instructretro.io import write_json
+from instructretro.model import Retro, flops_per_token
+from instructretro.tokenizer import Tokenizer
+
+
+def read_params(p: P.Params) -> dict:
+    """Every ``sft.*`` key this stage reads (plus ``retro.chunk_length``), checked."""
+    out = {
+        "init_from": p.get("sft.init_from", str),
+        "data": p.get("sft.data", str),
+        "blend": p.get("sft.blend", list),
+        "valid_fraction": p.get("sft.valid_fraction", float),
+        "valid_samples": P.positive("sft.valid_samples", p.get("sft.valid_samples", int)),
+        "system": p.get("sft.system", str),
+        "retrieval": p.get("sft.retrieval", str, choices=sft.RETRIEVAL_MODES),
+        "num_contexts": p.get("sft.num_contexts", int),
+        "num_neighbors": p.get("sft.num_neighbors", (int, type(None))),
+        "nprobe": P.positive("sft.nprobe", p.get("sft.nprobe", int)),
+        "efsearch": P.positive("sft.efsearch", p.get("sft.efsearch", int)),
+        "seed": p.get("sft.seed", int),
+        "eval_interval": P.positive("sft.eval_interval", p.get("sft.eval_interval", int)),
+        "chunk_length": P.positive("retro.chunk_length", p.get("retro.chunk_length", int)),
+        "overrides": {k: p.get(f"sft.{k}") for k in sft.TRAIN_KEYS},
+    }
+    if not 0.0 <= out["valid_fraction"] < 1.0:
+        raise PipelineError(f"{p.source}: param 'sft.valid_fraction' must be in [0, 1), got {out['valid_fraction']}")
+    if out["num_contexts"] < 0:
+        raise PipelineError(f"{p.source}: param 'sft.num_contexts' must be >= 0")
+    return out
+
+
+def make_retriever(args, s: dict):
+    if s["retrieval"] == "none":
+        return None
+    from instructretro.retrieval import Retriever
+
+    return Retriever(args.embeddings, args.index, args.db_tokens, args.tokenizer, chunk_length=s["chunk_length"],
+                     nprobe=s["nprobe"], efsearch=s["efsearch"])
+
+
+def machine_flops() -> float:
+    """fp32 matmul FLOP/s of this machine (a 0.2 s probe), for cost estimates."""
+    a = torch.randn(1024, 1024)
+    a @ a
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.2:
+        a @ a
+        n += 1
+    return n * 2 * 1024**3 / (time.perf_counter() - t0)
+
+
+def cost_line(config, settings: dict, flops_per_s: float, where: str) -> str:
+    """One line: tokens, FLOPs and time of the full run at ``flops_per_s``."""
+    tokens = settings["steps"] * settings["global_batch"] * settings["seq_length"]
+    flops = flops_per_token(config, settings["seq_length"]) * tokens
+    secs = flops / flops_per_s
+    human = f"{secs / 86400:.1f} days" if secs > 86400 else f"{secs / 3600:.1f} h" if secs > 3600 else f"{secs / 60:.1f} min"
+    return (f"sft cost: {settings['steps']} steps x {settings['global_batch']} x {settings['seq_length']} tokens "
+            f"= {tokens:.2e} tokens, {flops:.2e} FLOPs: about {human} {where}")
+
+
+def print_cost(config, settings: dict, measured: float | None = None) -> None:
+    here = measured or machine_flops()
+    print(cost_line(config, settings, here, f"here ({here / 1e9:.0f} GFLOP/s {'measured' if measured else 'matmul peak'})"))
+    h100 = 8 * 989e12 * 0.4  # 8 H100s, bf16 dense peak, 40% model FLOPs utilisation
+    print(cost_line(config, settings, h100, "on 8 H100 GPUs at 40% MFU"))
+
+
+@cli
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--tokenizer", default="data/tokenizer/spm.model")
+    ap.add_argument("--db-tokens", default="data/tokens/db")
+    ap.add_argument("--embeddings", default="data/db/embeddings.h5")
+    ap.add_argument("--index", default="data/index/populated.faiss")
+    ap.add_argument("--out", default="data/checkpoints/sft")
+    ap.add_argument("--metrics", default="metrics/sft.json")
+    ap.add_argument("--live", default="dvclive/sft")
+    ap.add_argument("--smoke", action="store_true", help="one step of the --model preset's real graph")
+    ap.add_argument("--estimate", action="store_true", help="print the cost of the --model preset's SFT run and exit")
+    ap.add_argument("--model", default=None, help="preset for --smoke / --estimate (default: model.name)")
+    ap.add_argument("--local_rank", type=int, default=None)  # set by the deepspeed launcher
+    args = ap.parse_args(argv)
+    p = P.load(args.params)
+    s = read_params(p)
+    tok = Tokenizer(args.tokenizer)
+    torch.manual_seed(s["seed"])
+
+    if args.estimate:
+        name = args.model or p.get("model.name", str)
+        config = presets.get(name, vocab_size=tok.vocab_size, chunk_length=s["chunk_length"])
+        with torch.device("meta"):
+            n_params = Retro(config).num_parameters()
+        print(f"sft: {name} Retro, {n_params:,} parameters at vocab {tok.vocab_size}")
+        print_cost(config, sft.sft_settings(name, s["overrides"]))
+        return
+    if args.smoke:
+        name = args.model or p.get("model.name", str)
+        config = presets.get(name, vocab_size=tok.vocab_size, chunk_length=s["chunk_length"])
+        settings = sft.sft_settings(name, s["overrides"])
+        full = dict(settings)
+        settings.update(steps=1, global_batch=1, micro_batch=1, seq_length=2 * s["chunk_length"],
+                        precision="bf16" if torch.cuda.is_available() else "fp32", zero_stage=0)
+        print(f"sft smoke: one step of the {name} graph ({config.n_layers} layers, hidden {config.hidden}, "
+              f"vocab {config.vocab_size}), fresh weights, sequence {settings['seq_length']}")
+        model = Retro(config)
+        args.out = tempfile.mkdtemp(prefix="sft-smoke-")
+    else:
+        config = train.read_config(s["init_from"])
+        settings = sft.sft_settings(config.name, s["overrides"])
+        model = train.load_model(s["init_from"])
+        full = settings
+    print(f"sft: {config.name} model, {model.num_parameters():,} parameters, retrieval={s['retrieval']}")
+
+    rank, world = train.init_distributed()
+    cfg = sft.train_config(settings, world, seed=s["seed"], eval_interval=s["eval_interval"], save_interval=10**9)
+    retriever = make_retriever(args, s) if not (args.smoke and not Path(args.index).exists()) else None
+    retrieval = s["retrieval"] if retriever is not None or s["retrieval"] == "none" else "none"
+    if retrieval != s["retrieval"]:
+        print(f"sft smoke: {args.index} not built yet, so retrieval=none for the smoke step")
+    num_neighbors = s["num_neighbors"] or config.num_neighbors
+    blend = sft.parse_blend(s["blend"], s["data"], p.source)
+    sdata = sft.build_data(blend, tok, seq_length=settings["seq_length"], chunk_length=s["chunk_length"],
+                           num_draws=cfg.steps * settings["global_batch"], retrieval=retrieval, retriever=retriever,
+                           num_contexts=s["num_contexts"], num_neighbors=num_neighbors, system=s["system"],
+                           valid_fraction=s["valid_fraction"], valid_samples=4 if args.smoke else s["valid_samples"],
+                           seed=s["seed"])
+    if rank == 0:
+        print(sft.format_report(sdata.report))
+    if not args.smoke and settings["steps"] * settings["global_batch"] * settings["seq_length"] > 5e7 \
+            and not torch.cuda.is_available():
+        print_cost(config, full)
+
+    engine = train.build_engine(model, cfg)
+    live = None
+    if rank == 0 and not args.smoke:
+        from dvclive import Live
+
+        live = Live(args.live, dvcyaml=False, save_dvc_exp=False, report=None)
+    t0 = time.perf_counter()
+    last = sft.finetune(engine, cfg, sdata, chunk_length=s["chunk_length"], retriever=retriever, rank=rank,
+                        world_size=world, live=live)
+    seconds = time.perf_counter() - t0
+    export_config = dataclasses.replace(config, seq_length=max(config.seq_length, settings["seq_length"]))
+    train.export_checkpoint(engine, export_config, args.out, extra={"stage": "sft", "steps": cfg.steps})
+    if rank != 0:
+        return
+    if args.smoke:
+        step_flops = flops_per_token(config, settings["seq_length"]) * settings["seq_length"]
+        print(f"sft smoke: step done in {seconds:.1f} s, train loss {last['train/loss']:.3f}; "
+              f"checkpoint in {args.out}")
+        print_cost(config, full, measured=step_flops / seconds)
+        return
+    metrics = {
+        "val_loss": round(last.get("val/loss", float("nan")), 6),
+        "val_loss_by_dataset": {n: round(last.get(f"val/loss_{n}", float("nan")), 6) for n in sdata.names},
+        "train_loss": round(last["train/loss"], 6),
+        "steps": cfg.steps,
+        "retrieval": retrieval,
+        "blend": sdata.report,
+    }
+    write_json(args.metrics, metrics)
+    print(f"sft: {cfg.steps} steps in {seconds:.0f} s, val_loss {metrics['val_loss']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
