@@ -1,16 +1,16 @@
-"""Stage generate: answer every QA task of ``generate.tasks`` with the instruction-tuned model.
+"""Stage generate@<task>: answer one QA task of ``generate.tasks`` with the instruction-tuned model.
 
-Writes ``<out>/<task>.jsonl`` (question, prediction, gold answers, retrieved chunk ids) and a
-metrics JSON with per-task counts (questions, prompts cut, contexts dropped, tokens, speed).
-The retrieval mode, number of prompt contexts and decoding limits are params; see
-``instructretro.generate``.
+dvc.yaml runs one stage per task (``foreach`` over ``generate.tasks``), so each task's QA file
+is a dependency of its own stage. Writes ``--out`` (``data/answers/<task>.jsonl``: question,
+prediction, gold answers, retrieved chunk ids) and ``--metrics`` (questions, prompts cut,
+contexts dropped, tokens, speed). The retrieval mode, prompt contexts and decoding limits are
+params; see ``instructretro.generate``.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
@@ -18,20 +18,22 @@ from instructretro import data, params as P
 from instructretro.decoding import greedy_generate
 from instructretro.errors import PipelineError, cli
 from instructretro.generate import MODES, Settings, answer_questions, parse_tasks
-from instructretro.io import atomic_path, write_json, write_jsonl
+from instructretro.io import write_json, write_jsonl
 from instructretro.retrieval import Retriever
 from instructretro.tokenizer import Tokenizer
 from instructretro.train import load_model
 
 
 def read_settings(p: P.Params) -> Settings:
-    """The ``generate.*`` decoding and retrieval params, checked."""
+    """The ``generate.*`` decoding and retrieval params, checked; the system prompt defaults to
+    ``sft.system``, the one the model was instruction-tuned with."""
+    system = p.get("generate.system", (str, type(None)))
     return Settings(
         retrieval=p.get("generate.retrieval", str, choices=MODES),
         num_contexts=p.get("generate.num_contexts", int),
         max_new_tokens=P.positive("generate.max_new_tokens", p.get("generate.max_new_tokens", int)),
         batch_size=P.positive("generate.batch_size", p.get("generate.batch_size", int)),
-        system=p.get("generate.system", str),
+        system=system if system is not None else p.get("sft.system", str),
     )
 
 
@@ -39,25 +41,35 @@ def read_settings(p: P.Params) -> Settings:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--task", required=True, help="a name in generate.tasks")
     ap.add_argument("--tokenizer", default="data/tokenizer/spm.model")
     ap.add_argument("--db-tokens", default="data/tokens/db")
     ap.add_argument("--embeddings", default="data/db/embeddings.h5")
     ap.add_argument("--index", default="data/index/populated.faiss")
-    ap.add_argument("--out", default="data/answers")
-    ap.add_argument("--metrics", default="metrics/generate.json")
+    ap.add_argument("--out", required=True, help="answers, JSON lines")
+    ap.add_argument("--metrics", required=True)
     args = ap.parse_args(argv)
 
     p = P.load(args.params)
     settings = read_settings(p)
     if settings.num_contexts < 0:
         raise PipelineError(f"{args.params}: param 'generate.num_contexts' must be >= 0")
-    tasks = parse_tasks(p.get("generate.tasks"), source=args.params)
+    tasks = {t.name: t for t in parse_tasks(p.get("generate.tasks"), source=args.params)}
+    if args.task not in tasks:
+        raise PipelineError(f"{args.params}: no task named {args.task!r} in 'generate.tasks' ({sorted(tasks)})")
+    task = tasks[args.task]
     checkpoint = p.get("generate.checkpoint", str)
+    max_questions = p.get("generate.max_questions", int)  # 0: all; a quick look at a big set
     chunk_length = P.positive("retro.chunk_length", p.get("retro.chunk_length", int))
 
+    records = list(data.iter_qa(task.path))  # validates every line before any work
+    if max_questions > 0:
+        records = records[:max_questions]
     torch.manual_seed(0)
     model = load_model(checkpoint).eval()
     config = model.config
+    if config.chunk_length != chunk_length:
+        raise PipelineError(f"{checkpoint}: model chunk_length {config.chunk_length} != param 'retro.chunk_length' {chunk_length}")
     tok = Tokenizer(args.tokenizer)
     retriever = None
     if settings.retrieval != "none":
@@ -65,27 +77,22 @@ def main(argv=None):
                               chunk_length=chunk_length,
                               nprobe=P.positive("generate.nprobe", p.get("generate.nprobe", int)),
                               efsearch=P.positive("generate.efsearch", p.get("generate.efsearch", int)))
-    num_neighbors = config.num_neighbors if config.retro else 0
 
-    metrics = {}
-    with atomic_path(args.out) as tmp:
-        tmp.mkdir()
-        for task in tasks:
-            records = list(data.iter_qa(task.path))
-            t0 = time.time()
-            with torch.inference_mode():
-                answers, counts = answer_questions(
-                    model, tok, records, settings, generate_fn=greedy_generate, retriever=retriever,
-                    seq_length=config.seq_length, chunk_length=chunk_length,
-                    num_neighbors=num_neighbors, style=task.style, desc=f"generate {task.name}")
-            seconds = time.time() - t0
-            write_jsonl(tmp / f"{task.name}.jsonl", answers)
-            counts["seconds"] = round(seconds, 2)
-            counts["new_tokens_per_s"] = round(counts["new_tokens"] / max(seconds, 1e-9), 1)
-            metrics[task.name] = counts
-            print(f"generate {task.name}: {counts['questions']} questions, {counts['new_tokens']} new tokens "
-                  f"in {seconds:.1f}s, {counts['prompts_cut']} prompts cut, {counts['contexts_dropped']} contexts dropped")
-    write_json(args.metrics, metrics)
+    t0 = time.time()
+    with torch.inference_mode():
+        answers, counts = answer_questions(
+            model, tok, records, settings, generate_fn=greedy_generate, retriever=retriever,
+            seq_length=config.seq_length, chunk_length=chunk_length,
+            num_neighbors=config.num_neighbors if config.retro else 0, style=task.style,
+            desc=f"generate {task.name}")
+    seconds = time.time() - t0
+    write_jsonl(args.out, answers)
+    counts["seconds"] = round(seconds, 2)
+    counts["new_tokens_per_s"] = round(counts["new_tokens"] / max(seconds, 1e-9), 1)
+    counts["retrieval"] = settings.retrieval
+    write_json(args.metrics, counts)
+    print(f"generate {task.name}: {counts['questions']} questions, {counts['new_tokens']} new tokens "
+          f"in {seconds:.1f}s, {counts['prompts_cut']} prompts cut, {counts['contexts_dropped']} contexts dropped")
 
 
 if __name__ == "__main__":

@@ -104,6 +104,8 @@ def test_fit_prompt_drops_contexts_then_cuts(tok):
         (" Paris User: who", "short", "Paris"),
         (" It is Paris.\nBecause.\nUser: x", "long", "It is Paris.\nBecause."),
         ("", "short", ""),
+        (" The answer is Paris.\n", "short", "Paris."),
+        ("The answer is", "short", ""),
     ],
 )
 def test_clean_prediction(text, style, expected):
@@ -184,7 +186,8 @@ def test_encoder_mode_retrieves_each_chunk_by_its_text(tok):
     settings = Settings(retrieval="encoder", num_contexts=2, max_new_tokens=2 * CL, batch_size=2, system="")
     answers, counts = answer_questions(None, tok, records, settings, generate_fn=_fake_generate(lambda p: answer),
                                        retriever=retriever, seq_length=256, chunk_length=CL, num_neighbors=2)
-    prompts = [encode_prompt(tok, r["question"], [], "") for r in records]
+    prompts = [encode_prompt(tok, r["question"], [], "", answer_prefix=False) for r in records]
+    assert all(tok.decode(p).endswith("Assistant:") for p in prompts)
     width = max(-(-len(p) // CL) * CL for p in prompts)
     for a, prompt in zip(answers, prompts):
         assert a["context_source"] == "none" and a["prompt_chunk_ids"] == []
@@ -212,3 +215,142 @@ def test_encoder_neighbors_prefetch_and_cache(tok):
     assert len(retriever.searches) == 1  # all served from the prefetch
     assert fn(1, 0, [tk.PAD_ID] * CL) is None  # a padding chunk has no neighbors
     assert [j for j, _ in fn.calls[0]] == list(range(len(padded) // CL))
+
+
+# ----------------------------------------------------------------------------- with the real decoder
+
+
+@pytest.fixture(scope="module")
+def tiny_retro(tok):
+    import torch
+
+    from instructretro.model import ModelConfig, Retro
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layers=2, hidden=32, heads=2, seq_length=256,
+                      chunk_length=CL, cca_layers=(1, 2), num_neighbors=2, retro=True)
+    return Retro(cfg).double().eval()
+
+
+@pytest.mark.parametrize("mode", ["both", "none"])
+def test_kv_cache_gives_the_same_answers_as_recomputation(tok, tiny_retro, mode):
+    from functools import partial
+
+    from instructretro.decoding import greedy_generate
+
+    records = [{"question": "What river runs through the city of Town1?", "answer": ["River1"]},
+               {"question": "Who?", "answer": ["x"]}]
+    runs = []
+    for use_cache in (True, False):
+        retriever = FakeRetriever(tok)
+        settings = Settings(retrieval=mode, num_contexts=1, max_new_tokens=CL + 3, batch_size=2, system="Short.")
+        answers, counts = answer_questions(tiny_retro, tok, records, settings,
+                                           generate_fn=partial(greedy_generate, use_cache=use_cache),
+                                           retriever=retriever, seq_length=256, chunk_length=CL, num_neighbors=2)
+        runs.append((answers, retriever.searches))
+    assert runs[0] == runs[1]
+    assert counts["new_tokens"] > 0
+
+
+def test_encoder_retrieval_happens_at_each_chunk_boundary(tok, tiny_retro):
+    from instructretro.decoding import greedy_generate
+
+    records = [{"question": "What river runs through the city of Town3?", "answer": ["River3"]},
+               {"question": "Who is the mayor of Town12? Tell me now.", "answer": ["Person12"]}]
+    raw = {}
+
+    def generate(model, prompts, max_new_tokens, eod_id, neighbors_fn=None):
+        outs = greedy_generate(model, prompts, max_new_tokens, eod_id, neighbors_fn=neighbors_fn)
+        raw.update({tuple(p): o for p, o in zip(prompts, outs)})
+        return outs
+
+    retriever = FakeRetriever(tok)
+    n_new = 2 * CL + 3
+    settings = Settings(retrieval="encoder", max_new_tokens=n_new, batch_size=2, system="Short.")
+    answers, _ = answer_questions(tiny_retro, tok, records, settings, generate_fn=generate,
+                                  retriever=retriever, seq_length=256, chunk_length=CL, num_neighbors=2)
+    prompts = [encode_prompt(tok, r["question"], [], "Short.", answer_prefix=False) for r in records]
+    width = max(-(-len(p) // CL) * CL for p in prompts)
+    prefetched = set(retriever.searches[0])
+    for a, p in zip(answers, prompts):
+        out = raw[tuple(p)]
+        full = [tk.PAD_ID] * (width - len(p)) + p + out
+        # prompt chunks at the start, then each generated chunk once the token ending it exists
+        # and some token still has to be predicted after it
+        asked = [c for c in range(len(full) // CL) if c < width // CL or (c + 1) * CL < width + len(out)]
+        texts = [tok.decode(full[c * CL : (c + 1) * CL]) for c in asked]
+        texts = [t for t in texts if t.strip()]
+        assert len(texts) >= width // CL - (width - len(p)) // CL + (len(out) - 1) // CL - 1
+        assert a["encoder_chunk_ids"] == [list(FakeRetriever(tok).search([t], 2)[0]) for t in texts]
+        assert all(t in prefetched for t in texts[: -(-len(p) // CL)])  # prompt chunks came from the prefetch
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _stage_setup(tmp_path, small_tokenizer, qa_lines, retro=True):
+    import torch
+
+    from instructretro.model import ModelConfig, Retro
+    from instructretro.train import export_checkpoint
+
+    vocab = tk.Tokenizer(small_tokenizer).vocab_size
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab, n_layers=2, hidden=32, heads=2, seq_length=256, chunk_length=64,
+                      cca_layers=(2,), num_neighbors=1, retro=retro)
+    export_checkpoint(Retro(cfg), cfg, tmp_path / "ckpt")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(line + "\n" for line in qa_lines))
+    (tmp_path / "params.yaml").write_text(f"""
+retro: {{chunk_length: 64}}
+sft: {{system: "Be short."}}
+generate:
+  checkpoint: {tmp_path / 'ckpt'}
+  tasks:
+    - {{name: nq, path: {qa}}}
+  retrieval: none
+  num_contexts: 2
+  max_new_tokens: 5
+  batch_size: 2
+  max_questions: 0
+  system: null
+  nprobe: 1
+  efsearch: 1
+""")
+    return ["--params", tmp_path / "params.yaml", "--tokenizer", small_tokenizer, "--task", "nq",
+            "--out", tmp_path / "answers" / "nq.jsonl", "--metrics", tmp_path / "metrics" / "nq.json"]
+
+
+def test_generate_stage_closed_book_writes_answers_deterministically(tmp_path, small_tokenizer):
+    from conftest import read_jsonl, run_stage
+
+    lines = [json.dumps({"question": "who got the first nobel prize in physics", "answer": ["Wilhelm Conrad Röntgen"]}),
+             json.dumps({"question": "What river runs through Kiawin?", "answers": ["Luplouv"]}),
+             json.dumps({"question": "q3", "answer": "x"})]
+    args = _stage_setup(tmp_path, small_tokenizer, lines)
+    proc = run_stage("generate.py", *args)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "answers" / "nq.jsonl"
+    answers = read_jsonl(out)
+    assert [a["question"] for a in answers] == ["who got the first nobel prize in physics", "What river runs through Kiawin?", "q3"]
+    assert [a["answer"] for a in answers] == [["Wilhelm Conrad Röntgen"], ["Luplouv"], ["x"]]
+    assert all(isinstance(a["prediction"], str) and a["new_tokens"] <= 5 for a in answers)
+    assert all(a["context_source"] == "none" and a["prompt_chunk_ids"] == [] for a in answers)
+    metrics = json.loads((tmp_path / "metrics" / "nq.json").read_text())
+    assert metrics["questions"] == 3 and metrics["prompts_cut"] == 0
+    first = out.read_bytes()
+    assert run_stage("generate.py", *args).returncode == 0
+    assert out.read_bytes() == first
+
+
+def test_generate_stage_malformed_qa_line_names_file_and_line(tmp_path, small_tokenizer):
+    from conftest import run_stage
+
+    lines = [json.dumps({"question": "ok?", "answer": ["a"]}), json.dumps({"question": "no answer"})]
+    args = _stage_setup(tmp_path, small_tokenizer, lines)
+    proc = run_stage("generate.py", *args)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: {tmp_path / 'qa.jsonl'}:2: 'answer' must be a non-empty list of strings"
+    assert not (tmp_path / "answers" / "nq.jsonl").exists()
+    proc = run_stage("generate.py", *args[:4], "--task", "tqa", *args[6:])
+    assert proc.returncode == 1 and "no task named 'tqa'" in proc.stderr

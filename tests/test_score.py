@@ -75,10 +75,10 @@ def _write(path, recs):
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
 
 
-def _run_stage(tmp_path, answers, extra_params=""):
+def _run_stage(tmp_path, answers, f1_gold="max"):
     params = tmp_path / "params.yaml"
-    params.write_text("score:\n  f1_gold: max\n" + extra_params)
-    out = tmp_path / "metrics" / "score.json"
+    params.write_text(f"score:\n  f1_gold: {f1_gold}\n")
+    out = tmp_path / "metrics" / "score" / f"{answers.stem}.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "stages" / "score.py"), "--params", str(params),
          "--answers", str(answers), "--metrics", str(out)],
@@ -87,30 +87,27 @@ def _run_stage(tmp_path, answers, extra_params=""):
     return proc, out
 
 
-def test_score_stage_writes_metrics_per_task(tmp_path):
-    answers = tmp_path / "answers"
-    answers.mkdir()
-    _write(answers / "nq.jsonl", [{"question": "q", "prediction": "Paris", "answer": ["Paris"]},
-                                  {"question": "q", "prediction": "Rome", "answer": ["Paris"]}])
-    _write(answers / "tqa.jsonl", [{"question": "q", "prediction": "x b", "answer": ["b"]}])
+def test_score_stage_writes_em_f1_count(tmp_path):
+    answers = tmp_path / "nq.jsonl"
+    _write(answers, [{"question": "q", "prediction": "Paris", "answer": ["Paris"]},
+                     {"question": "q", "prediction": "x Paris", "answer": ["Rome", "Paris"]}])
     proc, out = _run_stage(tmp_path, answers)
     assert proc.returncode == 0, proc.stderr
-    metrics = json.loads(out.read_text())
-    assert metrics == {
-        "nq": {"em": 50.0, "f1": 50.0, "count": 2},
-        "tqa": {"em": 0.0, "f1": pytest.approx(100 * 2 / 3, abs=1e-3), "count": 1},
-    }
+    assert json.loads(out.read_text()) == {"em": 50.0, "f1": pytest.approx(100 * (1 + 2 / 3) / 2, abs=1e-3), "count": 2}
     first = out.read_bytes()
     proc, out = _run_stage(tmp_path, answers)
     assert out.read_bytes() == first  # deterministic bytes
+    proc, out = _run_stage(tmp_path, answers, f1_gold="first")  # the reference's F1: first gold only
+    assert json.loads(out.read_text())["f1"] == 50.0
 
 
 def test_score_stage_malformed_line_names_file_and_line(tmp_path):
-    answers = tmp_path / "answers"
-    answers.mkdir()
-    (answers / "nq.jsonl").write_text('{"prediction": "a", "answer": ["a"]}\n{oops\n')
+    answers = tmp_path / "nq.jsonl"
+    answers.write_text('{"prediction": "a", "answer": ["a"]}\n{oops\n')
     proc, out = _run_stage(tmp_path, answers)
     assert proc.returncode == 1
     assert "nq.jsonl:2: malformed JSON" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
+    proc, out = _run_stage(tmp_path, answers, f1_gold="mean")
+    assert proc.returncode == 1 and "score.f1_gold" in proc.stderr

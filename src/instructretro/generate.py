@@ -26,8 +26,14 @@ left-pads it to a chunk boundary); contexts are dropped from the last one until 
 the prompt is cut from the left. Both are counted. Questions are decoded in batches sorted by
 prompt length (less padding), and the answers are written back in the input order.
 
-The prediction is the decoded continuation after ``The answer is``, cut at the end of its first
-line for short-span answers (the model may go on to a new turn), and stripped.
+In ``encoder`` and ``both`` modes the prompt stops at ``Assistant:``, so that it ends on a chunk
+boundary exactly where SFT's encoder-mode samples put the start of the answer (the chunk before
+the answer is the one whose neighbors the answer sees); the model writes ``The answer is``
+itself.
+
+The prediction is the decoded continuation, cut at the end of its first line for short-span
+answers (the model may go on to a new turn), with a generated ``The answer is`` removed, and
+stripped.
 """
 
 from __future__ import annotations
@@ -98,22 +104,26 @@ def user_turn(question: str, style: str = "short") -> str:
     return STYLES[style][0].format(question=question)
 
 
-def prompt_segments(question: str, contexts: Sequence[str], system: str, style: str = "short") -> list[str]:
-    """The QA prompt as the SFT stage lays out a conversation (``sft.prompt_segments``), plus
-    the assistant's answer prefix: system, contexts, user turn, ``Assistant: The answer is``."""
+def prompt_segments(question: str, contexts: Sequence[str], system: str, style: str = "short",
+                    answer_prefix: bool = True) -> list[str]:
+    """The QA prompt as the SFT stage lays out a conversation (``sft.prompt_segments``): system,
+    contexts, user turn, ``Assistant:``, then (``answer_prefix``) the style's `` The answer is``."""
     segs = [text for text, _ in sft.prompt_segments(system, [("user", user_turn(question, style))], contexts)]
     prefix = STYLES[style][1]
-    return segs + ([f" {prefix}"] if prefix else [])
+    return segs + ([f" {prefix}"] if prefix and answer_prefix else [])
 
 
-def build_prompt(question: str, contexts: Sequence[str], system: str, style: str = "short") -> str:
+def build_prompt(question: str, contexts: Sequence[str], system: str, style: str = "short",
+                 answer_prefix: bool = True) -> str:
     """The reference's QA prompt as text."""
-    return "".join(prompt_segments(question, contexts, system, style))
+    return "".join(prompt_segments(question, contexts, system, style, answer_prefix))
 
 
-def encode_prompt(tokenizer: Tokenizer, question: str, contexts: Sequence[str], system: str, style: str = "short") -> list[int]:
+def encode_prompt(tokenizer: Tokenizer, question: str, contexts: Sequence[str], system: str, style: str = "short",
+                  answer_prefix: bool = True) -> list[int]:
     """Token ids of the prompt, each segment encoded on its own exactly as SFT encodes it."""
-    return [i for ids in tokenizer.encode_batch(prompt_segments(question, contexts, system, style)) for i in ids]
+    segs = prompt_segments(question, contexts, system, style, answer_prefix)
+    return [i for ids in tokenizer.encode_batch(segs) for i in ids]
 
 
 def prompt_budget(seq_length: int, max_new_tokens: int, chunk_length: int) -> int:
@@ -128,26 +138,30 @@ def prompt_budget(seq_length: int, max_new_tokens: int, chunk_length: int) -> in
 
 
 def fit_prompt(tokenizer: Tokenizer, question: str, contexts: Sequence[str], system: str, style: str,
-               budget: int) -> tuple[list[int], int, bool]:
+               budget: int, answer_prefix: bool = True) -> tuple[list[int], int, bool]:
     """Tokenize the prompt within ``budget`` tokens.
 
     Returns ``(ids, contexts_used, cut)``: contexts are dropped from the last until the prompt
     fits; if even the prompt with no context is too long it is cut from the left (``cut``).
     """
     for n in range(len(contexts), -1, -1):
-        ids = encode_prompt(tokenizer, question, contexts[:n], system, style)
+        ids = encode_prompt(tokenizer, question, contexts[:n], system, style, answer_prefix)
         if len(ids) <= budget:
             return ids, n, False
     return ids[-budget:], 0, True
 
 
 def clean_prediction(text: str, style: str = "short") -> str:
-    """Cut the generated text at the end of the answer and strip it."""
+    """Cut the generated text at the end of the answer, drop a generated answer prefix, strip."""
     for stop in ("\nUser:", "\nSystem:", "User:"):
         text = text.split(stop, 1)[0]
     if style == "short":
         text = text.strip().split("\n", 1)[0]
-    return text.strip()
+    text = text.strip()
+    prefix = STYLES[style][1]
+    if prefix and text.startswith(prefix):
+        text = text[len(prefix):].strip()
+    return text
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -259,9 +273,12 @@ def answer_questions(model, tokenizer: Tokenizer, records: list[dict], settings:
     budget = prompt_budget(seq_length, settings.max_new_tokens, chunk_length)
     contexts = prompt_contexts(records, retriever, settings)
 
+    # With the encoder the prompt ends at "Assistant:" on a chunk boundary, as SFT aligns its
+    # encoder-mode samples; the model then writes the answer prefix itself (cut off again).
     prompts, used, cut = [], [], 0
     for rec, (ctx, _, _) in zip(records, contexts):
-        ids, n, was_cut = fit_prompt(tokenizer, rec["question"], ctx, settings.system, style, budget)
+        ids, n, was_cut = fit_prompt(tokenizer, rec["question"], ctx, settings.system, style, budget,
+                                     answer_prefix=not use_encoder)
         prompts.append(ids)
         used.append(n)
         cut += was_cut
