@@ -36,8 +36,8 @@ def make_texts(n_docs: int, seed: int = 0, words_per_doc=(20, 160)) -> list[str]
     return texts
 
 
-def make_store(folder: Path, texts: list[str], tok_path: Path, vocab_size: int = 400) -> Path:
-    """Train a small tokenizer (if missing) and write ``texts`` as the train split of a token store."""
+def make_store(folder: Path, texts: list[str], tok_path: Path, vocab_size: int = 400, valid: list[str] = ()) -> Path:
+    """Train a small tokenizer (if missing); write ``texts`` (train) and ``valid`` as a token store."""
     if not tok_path.exists():
         tok_path.parent.mkdir(parents=True, exist_ok=True)
         tok_path.write_bytes(T.train(iter(texts), vocab_size, 1_000_000))
@@ -45,6 +45,8 @@ def make_store(folder: Path, texts: list[str], tok_path: Path, vocab_size: int =
     w = TokenStoreWriter(folder, tok.vocab_size)
     for t in texts:
         w.add("train", document_id(t), tok.encode(t))
+    for t in valid:
+        w.add("valid", document_id(t), tok.encode(t))
     w.close()
     return folder
 

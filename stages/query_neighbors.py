@@ -1,0 +1,53 @@
+"""Stage query-neighbors: neighbor ids of every pretraining query chunk (train and valid), with
+every DB chunk of the query sample's own documents excluded; recall vs exact search in metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from instructretro import params as P
+from instructretro.embed import encoder_from_params
+from instructretro.errors import PipelineError, cli
+from instructretro.index import read_index, set_search_params
+from instructretro.io import write_json
+from instructretro.neighbors import query_neighbors
+
+
+@cli
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--pretrain", default="data/tokens/pretrain")
+    ap.add_argument("--tokenizer", default="data/tokenizer/spm.model")
+    ap.add_argument("--embeddings", default="data/db/embeddings.h5")
+    ap.add_argument("--index", default="data/index/populated.faiss")
+    ap.add_argument("--out", default="data/neighbors/neighbors.h5")
+    ap.add_argument("--work", default="data/work/query")
+    ap.add_argument("--metrics", default="metrics/query_neighbors.json")
+    args = ap.parse_args(argv)
+    p = P.load(args.params)
+    chunk_length = P.positive("retro.chunk_length", p.get("retro.chunk_length", int))
+    seq_length = P.positive("retro.seq_length", p.get("retro.seq_length", int))
+    n_query = P.positive("query.num_neighbors_query", p.get("query.num_neighbors_query", int))
+    n_save = P.positive("query.num_neighbors_save", p.get("query.num_neighbors_save", int))
+    nprobe = P.positive("query.nprobe", p.get("query.nprobe", int))
+    efsearch = P.positive("query.efsearch", p.get("query.efsearch", int))
+    block_size = P.positive("query.block_size", p.get("query.block_size", int))
+    recall_sample = p.get("query.recall_sample", int)
+    if recall_sample < 0:
+        raise PipelineError(f"{p.source}: param 'query.recall_sample' must be >= 0, got {recall_sample}")
+    index = read_index(args.index)
+    set_search_params(index, nprobe, efsearch)
+    metrics = query_neighbors(args.pretrain, args.tokenizer, encoder_from_params(p), index, args.embeddings,
+                              chunk_length, seq_length, n_query, n_save, block_size, recall_sample,
+                              p.get("query.seed", int), args.out, args.work)
+    metrics.update(nprobe=nprobe, efsearch=efsearch)
+    write_json(args.metrics, metrics)
+    print(f"query-neighbors: {metrics['train']['query_chunks']} train / {metrics['valid']['query_chunks']} valid "
+          f"query chunks, recall@{metrics['k']} {metrics.get('recall_at_k')}, "
+          f"fewer than k: {metrics['fraction_fewer_than_k']}")
+
+
+if __name__ == "__main__":
+    main()
