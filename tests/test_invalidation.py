@@ -21,13 +21,19 @@ FROM_INDEX = ALL[5:]
 FROM_QUERY = ALL[7:]
 
 
+def _group(name: str) -> str:
+    """Stage name as the tests speak of it: foreach stages per QA task (generate@nq) count as
+    their group (generate); the two tokenize stages stay apart."""
+    return name if name.startswith("tokenize@") else name.split("@")[0]
+
+
 def _declared_stages() -> set[str]:
     from dvc.repo import Repo
 
     from e2e import REPO
 
     with Repo(str(REPO)) as r:
-        return {s.name for s in r.index.stages}
+        return {_group(s.name) for s in r.index.stages}
 
 
 pytestmark = pytest.mark.skipif(not set(ALL) <= _declared_stages(),
@@ -66,7 +72,7 @@ def _stale(repo) -> set[str]:
     stale = set(direct)
     for s in direct:
         stale |= up.get(s, set())
-    return stale
+    return {_group(s) for s in stale}
 
 
 def _set(repo, key, value):
