@@ -68,7 +68,7 @@ class Retriever:
             short = []
             for r, q in enumerate(live):
                 ids = cand[r][cand[r] >= 0]
-                if per_text is not None and per_text[q]:
+                if per_text is not None and len(per_text[q]):
                     ids = ids[~np.isin(self.doc_ids[ids], per_text[q])]
                 out[q, : min(n, len(ids))] = ids[:n]
                 if len(ids) < n and want < len(self):
