@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
+import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -55,13 +56,15 @@ def read_params(p: P.Params) -> dict:
     return out
 
 
-def make_retriever(args, s: dict):
+def make_retriever(args, p: P.Params, s: dict):
+    """The Retriever over the populated index, with the database's own encoder (``embed.*``)."""
     if s["retrieval"] == "none":
         return None
+    from instructretro.embed import encoder_from_params
     from instructretro.retrieval import Retriever
 
-    return Retriever(args.embeddings, args.index, args.db_tokens, args.tokenizer, chunk_length=s["chunk_length"],
-                     nprobe=s["nprobe"], efsearch=s["efsearch"])
+    return Retriever(args.embeddings, args.index, args.db_tokens, args.tokenizer, encoder=encoder_from_params(p),
+                     chunk_length=s["chunk_length"], nprobe=s["nprobe"], efsearch=s["efsearch"])
 
 
 def machine_flops() -> float:
@@ -85,11 +88,16 @@ def cost_line(config, settings: dict, flops_per_s: float, where: str) -> str:
             f"= {tokens:.2e} tokens, {flops:.2e} FLOPs: about {human} {where}")
 
 
-def print_cost(config, settings: dict, measured: float | None = None) -> None:
-    here = measured or machine_flops()
-    print(cost_line(config, settings, here, f"here ({here / 1e9:.0f} GFLOP/s {'measured' if measured else 'matmul peak'})"))
+def print_cost(config, settings: dict) -> None:
+    """The full run's cost here (at this machine's fp32 matmul speed, a lower bound) and on GPUs."""
+    here = machine_flops()
+    print(cost_line(config, settings, here, f"here at best ({here / 1e9:.0f} GFLOP/s fp32 matmul)"))
     h100 = 8 * 989e12 * 0.4  # 8 H100s, bf16 dense peak, 40% model FLOPs utilisation
     print(cost_line(config, settings, h100, "on 8 H100 GPUs at 40% MFU"))
+
+
+def _finite(x) -> float | None:
+    return round(x, 6) if x is not None and math.isfinite(x) else None
 
 
 @cli
@@ -131,7 +139,7 @@ def main(argv=None):
         print(f"sft smoke: one step of the {name} graph ({config.n_layers} layers, hidden {config.hidden}, "
               f"vocab {config.vocab_size}), fresh weights, sequence {settings['seq_length']}")
         model = Retro(config)
-        args.out = tempfile.mkdtemp(prefix="sft-smoke-")
+        args.out = str(Path(tempfile.mkdtemp(prefix="sft-smoke-")) / "checkpoint")
     else:
         config = train.read_config(s["init_from"])
         settings = sft.sft_settings(config.name, s["overrides"])
@@ -141,7 +149,7 @@ def main(argv=None):
 
     rank, world = train.init_distributed()
     cfg = sft.train_config(settings, world, seed=s["seed"], eval_interval=s["eval_interval"], save_interval=10**9)
-    retriever = make_retriever(args, s) if not (args.smoke and not Path(args.index).exists()) else None
+    retriever = make_retriever(args, p, s) if not (args.smoke and not Path(args.index).exists()) else None
     retrieval = s["retrieval"] if retriever is not None or s["retrieval"] == "none" else "none"
     if retrieval != s["retrieval"]:
         print(f"sft smoke: {args.index} not built yet, so retrieval=none for the smoke step")
@@ -173,14 +181,17 @@ def main(argv=None):
     if rank != 0:
         return
     if args.smoke:
-        step_flops = flops_per_token(config, settings["seq_length"]) * settings["seq_length"]
-        print(f"sft smoke: step done in {seconds:.1f} s, train loss {last['train/loss']:.3f}; "
-              f"checkpoint in {args.out}")
-        print_cost(config, full, measured=step_flops / seconds)
+        size = sum(f.stat().st_size for f in Path(args.out).iterdir())
+        reloaded = train.read_config(args.out)
+        shutil.rmtree(Path(args.out).parent)
+        print(f"sft smoke: one step (forward, backward, AdamW, validation) in {seconds:.1f} s, train loss "
+              f"{last['train/loss']:.3f}, val loss {last.get('val/loss', float('nan')):.3f}; exported "
+              f"{size / 1e9:.2f} GB ({reloaded.name}, read back, then deleted)")
+        print_cost(config, full)
         return
     metrics = {
-        "val_loss": round(last.get("val/loss", float("nan")), 6),
-        "val_loss_by_dataset": {n: round(last.get(f"val/loss_{n}", float("nan")), 6) for n in sdata.names},
+        "val_loss": _finite(last.get("val/loss")),
+        "val_loss_by_dataset": {n: _finite(last.get(f"val/loss_{n}")) for n in sdata.names},
         "train_loss": round(last["train/loss"], 6),
         "steps": cfg.steps,
         "retrieval": retrieval,
