@@ -157,17 +157,18 @@ class LayerNorm1p(nn.Module):
 
 
 def rope_tables(start: int, length: int, config: ModelConfig, device, dtype):
-    """cos, sin of shape (length, rotary_dim) for positions start .. start+length-1."""
+    """cos, sin of shape (length, 1, 1, rotary_dim) for positions start .. start+length-1,
+    to broadcast over (B, T, 2, heads, head_dim) queries and keys."""
     rot = config.rotary_dim
     inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, rot, 2, device=device).float() / rot))
     positions = torch.arange(start, start + length, device=device).float()
     angles = torch.outer(positions, inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return angles.cos().to(dtype)[:, None, None], angles.sin().to(dtype)[:, None, None]
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the first ``rotary_dim`` dims of each head of x (..., T, head_dim)."""
+    """Rotate the first ``rotary_dim`` dims of each head (rotate-half pairs i, i + rot/2)."""
     rot = cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     x1, x2 = x_rot.chunk(2, dim=-1)
@@ -201,8 +202,9 @@ class SelfAttention(nn.Module):
         (keys, values, start) triple: new keys/values are written at ``start`` and attention
         runs over everything cached so far."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim)
+        qk = apply_rope(qkv[:, :, :2], *rope)  # queries and keys rotated in one go
+        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         if cache is not None:
             k_cache, v_cache, start = cache
             k_cache[:, :, start:start + T] = k
