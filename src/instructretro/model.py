@@ -327,9 +327,7 @@ def chunked_cross_attention(q, keys, values, key_mask, start, chunk_length):
     """
     B, H, T, d = q.shape
     L = chunk_length
-    if keys.shape[1] == 0:  # no chunk completed yet
-        return torch.zeros_like(q)
-    first = (start + 1) // L  # "attending group" a of the first query: attends chunk a - 1
+    first = (start + 1) // L  # group a attends to chunk a - 1; a = 0: before chunk 0 ends
     last = (start + T) // L
     if first == last:  # all queries in one group (always so when decoding one token)
         front, group_len = 0, T
@@ -337,20 +335,22 @@ def chunked_cross_attention(q, keys, values, key_mask, start, chunk_length):
         front, group_len = (start + 1) % L, L
     back = (-(front + T)) % group_len
     G = (front + T + back) // group_len
-    qg = F.pad(q, (0, 0, front, back)).view(B, H, G, group_len, d).transpose(1, 2)
-    chunk = torch.arange(first, first + G, device=q.device) - 1  # chunk each group attends to
-    idx = chunk.clamp(min=0)
-    k_g, v_g = keys[:, idx], values[:, idx]  # (B,G,H,S,d)
-    m_g = key_mask[:, idx] & (chunk >= 0)[None, :, None]
+    skip = 1 if first == 0 else 0  # group a = 0 attends to nothing: its output is zero
+    n = G - skip
+    if n == 0:
+        return torch.zeros_like(q)
+    qg = F.pad(q, (0, 0, front, back)).view(B, H, G, group_len, d).transpose(1, 2)[:, skip:]
+    c0 = first - 1 + skip  # groups attend to the consecutive chunks c0 .. c0 + n - 1
+    k_g, v_g, m_g = keys[:, c0:c0 + n], values[:, c0:c0 + n], key_mask[:, c0:c0 + n]
     S = k_g.shape[-2]
     y = masked_attention(
-        qg.reshape(B * G, H, group_len, d),
-        k_g.reshape(B * G, H, S, d),
-        v_g.reshape(B * G, H, S, d),
-        m_g.reshape(B * G, S),
+        qg.reshape(B * n, H, group_len, d),
+        k_g.reshape(B * n, H, S, d),
+        v_g.reshape(B * n, H, S, d),
+        m_g.reshape(B * n, S),
     )
-    y = y.view(B, G, H, group_len, d).transpose(1, 2).reshape(B, H, G * group_len, d)
-    return y[:, :, front:front + T]
+    y = y.view(B, n, H, group_len, d).transpose(1, 2).reshape(B, H, n * group_len, d)
+    return F.pad(y, (0, 0, skip * group_len, 0))[:, :, front:front + T]
 
 
 class DecoderLayer(nn.Module):
