@@ -381,17 +381,29 @@ def documents(world: World, docs_per_entity: int, seed: int) -> list[dict]:
             stated = []
             chosen = [a for a in attrs if a in subsets[d]]
             rng.shuffle(chosen)
-            for i, a in enumerate(chosen):
+            i = 0
+            while chosen:
+                a = chosen.pop(0)
                 if i and i % 2 == 0:
                     t.add("\n\n")
-                ref, phr, _ = ATTRIBUTES[e.kind][a]
-                if rng.random() < 0.2:  # a verbatim quote of the reference entry
+                i += 1
+                if rng.random() < 0.45:
+                    # a verbatim quote of the reference entry: this fact's sentence and up to two
+                    # following ones (reference order) that this document states too
+                    run = [a]
+                    for b in attrs[attrs.index(a) + 1 :]:
+                        if b not in chosen or len(run) == 3 or rng.random() < 0.4:
+                            break
+                        run.append(b)
+                        chosen.remove(b)
                     t.add(GAZETTEER)
-                    t.sentence(ref, e.name, e.facts[a])
+                    for k, b in enumerate(run):
+                        t.sentence(("" if k == 0 else " ") + ATTRIBUTES[e.kind][b][0], e.name, e.facts[b])
+                        stated.append([b, e.facts[b]])
                     t.add("\" ")
                 else:
-                    t.sentence(rng.choice(phr) + " ", e.name, e.facts[a])
-                stated.append([a, e.facts[a]])
+                    t.sentence(rng.choice(ATTRIBUTES[e.kind][a][1]) + " ", e.name, e.facts[a])
+                    stated.append([a, e.facts[a]])
                 if fillers and rng.random() < 0.3:
                     t.sentence(fillers.pop() + " ", e.name)
                 if rng.random() < 0.1:
