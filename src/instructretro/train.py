@@ -60,12 +60,20 @@ class TrainConfig:
     save_interval: int = 50  # steps between resume checkpoints (and always at the last step)
 
     @classmethod
-    def from_params(cls, p, section: str) -> "TrainConfig":
-        """Read every field from ``section.<field>`` of a ``Params`` object and validate it."""
+    def from_params(cls, p, section: str, defaults: dict | None = None) -> "TrainConfig":
+        """Read every field from ``section.<field>`` of a ``Params`` object and validate it.
+
+        A key set to null takes its value from ``defaults`` (e.g. the model preset's recipe).
+        """
         values = {}
         for f in dataclasses.fields(cls):
             typ = float if f.type == "float" else int if f.type == "int" else str
-            values[f.name] = p.get(f"{section}.{f.name}", typ)
+            value = p.get(f"{section}.{f.name}", (typ, type(None)))
+            if value is None:
+                if not defaults or f.name not in defaults:
+                    raise PipelineError(f"{p.source}: param '{section}.{f.name}' is null and has no preset default")
+                value = typ(defaults[f.name])
+            values[f.name] = value
         cfg = cls(**values)
         cfg.validate(f"{p.source}: param '{section}.")
         return cfg
@@ -173,7 +181,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
             "type": "AdamW",
             # torch_adam: torch.optim.AdamW instead of DeepSpeed's FusedAdam (no C++/CUDA build).
             "params": {"lr": cfg.lr, "betas": [cfg.beta1, cfg.beta2], "eps": 1e-8,
-                       "weight_decay": cfg.weight_decay, "torch_adam": True},
+                       "weight_decay": cfg.weight_decay, "torch_adam": True,
+                       "foreach": True},  # one multi-tensor update instead of a loop over tensors
         },
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
@@ -218,16 +227,38 @@ def to_device(batch: Batch, device) -> Batch:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+# Extra masks a batch may carry, each giving one more loss measured alongside "loss".
+EXTRA_LOSS_MASKS = {"fact_mask": "loss_facts"}
+
+
+def lm_loss(model, batch: Batch) -> dict:
+    """Next-token cross-entropy: ``{"loss": (sum over loss_mask, tokens)}``, plus one entry per
+    extra mask in the batch (``fact_mask`` -> ``"loss_facts"``). Logits are upcast to fp32."""
+    logits = model(batch["tokens"], batch.get("neighbors"), batch.get("neighbor_mask"))
+    labels = batch["labels"]
+    ce = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+    ).view_as(labels)
+    mask = batch["loss_mask"].float()
+    out = {"loss": ((ce * mask).sum(), mask.sum())}
+    for key, name in EXTRA_LOSS_MASKS.items():
+        if key in batch:
+            extra = batch[key].float() * mask
+            out[name] = ((ce * extra).sum(), extra.sum())
+    return out
+
+
 @torch.no_grad()
-def evaluate(model, batches: Iterable[Batch], loss_fn: LossFn, device=None) -> dict:
+def evaluate(model, batches: Iterable[Batch], loss_fn: LossFn, device=None, names: Iterable[str] = ()) -> dict:
     """Token-weighted mean of every loss ``loss_fn`` returns, summed over all processes.
 
     Returns ``{name: mean loss}`` plus ``{name + "_count": tokens}``; a name with no tokens
-    anywhere has mean ``nan``.
+    anywhere has mean ``nan``. With several processes, pass every expected loss ``names`` so
+    that a process with no batch still takes part in the sum.
     """
     was_training = model.training
     model.eval()
-    sums: dict[str, list[float]] = {}
+    sums: dict[str, list[float]] = {name: [0.0, 0.0] for name in names}
     for batch in batches:
         if device is not None:
             batch = to_device(batch, device)
@@ -250,8 +281,11 @@ def evaluate(model, batches: Iterable[Batch], loss_fn: LossFn, device=None) -> d
 
 def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_fn: LossFn,
           eval_fn: Callable[[], dict] | None = None, work_dir: str | os.PathLike | None = None,
-          start_step: int = 0, live=None, progress: bool = True) -> dict:
+          start_step: int = 0, live=None, progress: bool = True, stop_after: int | None = None) -> dict:
     """Run optimizer steps ``start_step .. cfg.steps - 1``; return the last logged values.
+
+    ``stop_after``: stop (with a resume checkpoint) once that many steps are done, as if the
+    run had been killed there; the learning-rate schedule still spans ``cfg.steps``.
 
     Each step runs ``cfg.grad_accum`` micro batches ``batch_fn(step, micro)`` through
     ``loss_fn``; ``"loss"`` (sum / count) is what is minimised. ``eval_fn()`` runs every
@@ -266,7 +300,8 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
     tokens_done, seconds = 0, 0.0
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", mininterval=2.0,
                disable=None if (progress and is_rank0()) else True)
-    for step in range(start_step, cfg.steps):
+    end = cfg.steps if stop_after is None else max(start_step, min(cfg.steps, stop_after))
+    for step in range(start_step, end):
         t0 = time.perf_counter()
         losses, tokens = [], 0
         lr = engine.get_lr()[0]
@@ -297,7 +332,7 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
             for key, value in last.items():
                 if key != "step" and math.isfinite(value):
                     live.log_metric(key, value)
-        if work_dir is not None and (done % cfg.save_interval == 0 or done == cfg.steps):
+        if work_dir is not None and (done % cfg.save_interval == 0 or done == end):
             save_checkpoint(engine, work_dir, done)
         bar.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
         bar.update(1)
@@ -348,10 +383,6 @@ def full_state_dict(engine_or_model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
-def config_to_json(config) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
 def export_checkpoint(engine_or_model, config, folder: str | os.PathLike, extra: dict | None = None) -> None:
     """Write ``folder/config.json`` (the ModelConfig) and ``folder/model.safetensors`` atomically.
 
@@ -364,7 +395,7 @@ def export_checkpoint(engine_or_model, config, folder: str | os.PathLike, extra:
     if is_rank0():
         with atomic_path(folder) as tmp:
             tmp.mkdir(parents=True)
-            (tmp / "config.json").write_text(json.dumps(config_to_json(config), indent=2, sort_keys=True) + "\n")
+            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
             save_file(dict(sorted(state.items())), str(tmp / "model.safetensors"), metadata={"format": "pt"})
             if extra:
                 write_json(tmp / "train.json", extra)
@@ -382,14 +413,7 @@ def read_config(folder: str | os.PathLike):
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{path}: malformed JSON ({exc.msg})") from None
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise PipelineError(f"{path}: unknown ModelConfig fields {unknown}")
-    for f in dataclasses.fields(ModelConfig):  # JSON has lists where the config has tuples
-        if isinstance(raw.get(f.name), list) and isinstance(getattr(ModelConfig, f.name, None), tuple):
-            raw[f.name] = tuple(raw[f.name])
-    return ModelConfig(**raw)
+    return ModelConfig.from_dict(raw, str(path))
 
 
 def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -401,53 +425,29 @@ def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def load_model(folder: str | os.PathLike, **overrides):
-    """Build the model stored in an exported checkpoint and load its weights (fp32, CPU).
-
-    ``overrides`` replace config fields that do not change the weights' shapes (e.g. dropout).
-    """
+def load_model(folder: str | os.PathLike):
+    """Build the model stored in an exported checkpoint and load its weights (fp32, CPU)."""
     from .model import Retro
 
-    config = dataclasses.replace(read_config(folder), **overrides) if overrides else read_config(folder)
-    model = Retro(config)
-    load_weights(model, folder, allow_fresh_retrieval=False)
+    model = Retro(read_config(folder))
+    state = read_state_dict(folder)
+    if set(state) != set(model.state_dict()):
+        raise PipelineError(f"{folder}: weights do not match config.json "
+                            f"({len(set(state) ^ set(model.state_dict()))} names differ)")
+    model.load_state_dict(state)
     return model
 
 
-def load_weights(model: torch.nn.Module, folder: str | os.PathLike, allow_fresh_retrieval: bool = True) -> list[str]:
-    """Copy an exported checkpoint's weights into ``model``; return the names left fresh.
+def init_from_checkpoint(model: torch.nn.Module, folder: str | os.PathLike) -> list[str]:
+    """Copy an exported checkpoint's decoder weights into ``model``; return the names left fresh.
 
-    With ``allow_fresh_retrieval`` a GPT checkpoint loads into a Retro model: the decoder is
-    copied and the parameters the GPT lacks (encoder, chunked cross-attention) keep their fresh
-    initialisation, the continued-pretraining path of InstructRetro. Anything else that does
-    not match (an unknown name, a missing decoder weight, a shape) is an error.
+    A GPT checkpoint loads into a Retro model with the same decoder: the encoder and chunked
+    cross-attention keep their fresh initialisation (InstructRetro's continued pretraining).
+    The optimizer state is not part of an exported checkpoint, so it starts fresh too.
     """
-    state = read_state_dict(folder)
-    own = model.state_dict()
-    unexpected = sorted(set(state) - set(own))
-    if unexpected:
-        raise PipelineError(f"{folder}: checkpoint has weights the model lacks: {unexpected[:5]}")
-    bad = [k for k in state if state[k].shape != own[k].shape]
-    if bad:
-        k = bad[0]
-        raise PipelineError(f"{folder}: weight {k} has shape {tuple(state[k].shape)}, the model expects {tuple(own[k].shape)}")
-    fresh = sorted(set(own) - set(state))
-    if fresh:
-        retrieval_only = set(retrieval_parameter_names(model))
-        not_retrieval = [k for k in fresh if k not in retrieval_only]
-        if not allow_fresh_retrieval or not_retrieval:
-            raise PipelineError(f"{folder}: checkpoint lacks weights {(not_retrieval or fresh)[:5]}")
-    model.load_state_dict(state, strict=False)
-    return fresh
+    from .model import load_decoder_weights
 
-
-def retrieval_parameter_names(model: torch.nn.Module) -> list[str]:
-    """State-dict names that a Retro model has and the same-config GPT does not."""
-    from .model import Retro
-
-    config = model.config
-    if not getattr(config, "retro", False):
-        return []
-    with torch.device("meta"):
-        gpt = Retro(dataclasses.replace(config, retro=False))
-    return sorted(set(model.state_dict()) - set(gpt.state_dict()))
+    try:
+        return load_decoder_weights(model, read_state_dict(folder))
+    except PipelineError as exc:
+        raise PipelineError(f"{folder}: {exc}") from None

@@ -1,0 +1,90 @@
+"""Stage pretrain: train Retro (or, with model.retro=false, the GPT baseline) with DeepSpeed on
+the pretraining tokens and their neighbors; export the checkpoint; validation perplexity.
+
+One process on CPU (no launcher); on GPUs the same script under the ``deepspeed`` launcher
+(``make pretrain GPUS=8``). ``--eval-only CKPT`` is the reference's ``--skip-train``: the
+validation metrics of an exported checkpoint, nothing trained or exported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from instructretro import params as P, presets
+from instructretro.errors import PipelineError, cli
+from instructretro.io import write_json
+from instructretro.pretrain_data import PretrainInputs, is_main, preset_training, run_pretrain
+from instructretro.tokenstore import TokenStore
+from instructretro.train import TrainConfig
+
+
+def model_config_from_params(p, vocab_size: int):
+    """The ModelConfig of ``model.name`` with the ``model.*`` overrides (null = the preset's),
+    the tokenizer's vocab and the data's chunk and sequence lengths."""
+    section = p.section("model")
+    name = p.get("model.name", str)
+    retro = p.get("model.retro", bool)
+    overrides = {k: v for k, v in section.items() if k not in ("name", "retro")}
+    for key in ("vocab_size", "seq_length", "chunk_length"):
+        if overrides.get(key) is not None:
+            raise PipelineError(f"{p.source}: param 'model.{key}' is set by the data (tokenizer / retro.*); remove it")
+    overrides.update(retro=retro, vocab_size=vocab_size,
+                     chunk_length=P.positive("retro.chunk_length", p.get("retro.chunk_length", int)),
+                     seq_length=P.positive("retro.seq_length", p.get("retro.seq_length", int)))
+    return presets.get(name, **overrides)
+
+
+@cli
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--tokens", default="data/tokens/pretrain")
+    ap.add_argument("--neighbors", default="data/neighbors/neighbors.h5")
+    ap.add_argument("--db-tokens", default="data/tokens/db")
+    ap.add_argument("--embeddings", default="data/db/embeddings.h5")
+    ap.add_argument("--tokenizer", default="data/tokenizer/spm.model")
+    ap.add_argument("--out", default="data/checkpoints/pretrain")
+    ap.add_argument("--work", default="data/work/pretrain", help="resume checkpoints (persist)")
+    ap.add_argument("--live", default="dvclive/pretrain", help="DVCLive folder (plots)")
+    ap.add_argument("--metrics", default="metrics/pretrain.json")
+    ap.add_argument("--eval-only", metavar="CKPT", default="",
+                    help="only evaluate this exported checkpoint; write --metrics, train nothing")
+    ap.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                    help="stop after this many steps with a resume checkpoint (a later run continues)")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = ap.parse_args(argv)
+
+    p = P.load(args.params)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by the launcher; splits a preset's batch
+    model_name = p.get("model.name", str)
+    cfg = TrainConfig.from_params(p, "pretrain", preset_training(presets.training(model_name), world))
+    init_from = p.get("pretrain.init_from", str)
+    skip_train = p.get("pretrain.skip_train", bool)
+    if args.eval_only:
+        init_from, skip_train = args.eval_only, True
+    if init_from and not Path(init_from).is_dir():
+        raise PipelineError(f"{args.params}: 'pretrain.init_from' is {init_from}, which is not a checkpoint folder")
+    inputs = PretrainInputs(args.tokens, args.neighbors, args.db_tokens, args.embeddings, args.tokenizer,
+                            p.get("corpus.pretrain", str))
+    vocab = TokenStore(args.tokens, "train").vocab_size
+    model_config = model_config_from_params(p, vocab)
+
+    metrics = run_pretrain(inputs, model_config, cfg, None if args.eval_only else args.out, args.work,
+                           None if args.eval_only else args.live, init_from, skip_train, args.stop_after)
+    if metrics is None:
+        print(f"pretrain: stopped after {args.stop_after} steps; run again to continue", file=sys.stderr)
+    elif is_main():
+        write_json(args.metrics, metrics)
+        shuffled = metrics["val_loss_shuffled"]
+        facts = metrics["val_loss_facts"]
+        print(f"pretrain: {metrics['model']} {'Retro' if metrics['retro'] else 'GPT'}, {metrics['steps']} steps, "
+              f"val_loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.2f})"
+              + (f", shuffled neighbors {shuffled:.4f}" if shuffled is not None else "")
+              + (f", fact tokens {facts:.4f}" if facts is not None else ""), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""DeepSpeed training on CPU, in this process: the engine from params, the schedule, the generic
+loop (loss goes down), resume (same step count, same weights), export/load, GPT -> Retro."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from instructretro import presets
+from instructretro import train as T
+from instructretro.errors import PipelineError
+from instructretro.model import Retro
+from instructretro.params import Params
+
+VOCAB, CL, SEQ = 64, 16, 64
+
+
+def tiny_config(retro: bool):
+    return presets.get("tiny", vocab_size=VOCAB, hidden=32, heads=2, n_layers=2, cca_layers=(2,),
+                       encoder_layers=1, seq_length=SEQ, chunk_length=CL, retro=retro, num_neighbors=1)
+
+
+def cfg(**kw) -> T.TrainConfig:
+    base = dict(steps=12, micro_batch=4, grad_accum=2, lr=3e-3, min_lr=3e-4, warmup=2, eval_interval=6,
+                eval_batches=1, save_interval=4, seed=0)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def batch_fn(step: int, micro: int) -> dict:
+    """A learnable pattern: the next token is the current one plus 1 (mod VOCAB); neighbors are
+    copies of the sequence's chunk, so Retro could copy."""
+    g = torch.Generator().manual_seed(1000 * step + micro)
+    start = torch.randint(3, VOCAB, (4, 1), generator=g)
+    seq = (start + torch.arange(SEQ + 1)) % VOCAB
+    tokens, labels = seq[:, :-1], seq[:, 1:]
+    nb = tokens.view(4, SEQ // CL, 1, CL).repeat(1, 1, 1, 2)
+    return {"tokens": tokens, "labels": labels, "loss_mask": torch.ones(4, SEQ),
+            "neighbors": nb, "neighbor_mask": torch.ones_like(nb, dtype=torch.bool)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def distributed():
+    """One gloo process; one intra-op thread (on a busy shared CPU, OpenMP threads that wait on
+    each other make tiny ops 10x slower)."""
+    T.init_distributed()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_config_from_params_names_the_bad_key_and_fills_nulls_from_the_preset():
+    good = {f.name: getattr(cfg(), f.name) for f in dataclasses.fields(T.TrainConfig)}
+    assert T.TrainConfig.from_params(Params({"pretrain": good}), "pretrain") == cfg()
+    for key, value in [("lr", 0.0), ("zero_stage", 4), ("precision", "fp16"), ("warmup", 99), ("beta2", 1.0)]:
+        with pytest.raises(PipelineError, match=f"pretrain.{key}"):
+            T.TrainConfig.from_params(Params({"pretrain": {**good, key: value}}), "pretrain")
+    with pytest.raises(PipelineError, match="pretrain.steps' must be int"):
+        T.TrainConfig.from_params(Params({"pretrain": {**good, "steps": "ten"}}), "pretrain")
+    filled = T.TrainConfig.from_params(Params({"pretrain": {**good, "lr": None}}), "pretrain", {"lr": 0.5})
+    assert filled.lr == 0.5
+    with pytest.raises(PipelineError, match="pretrain.lr' is null"):
+        T.TrainConfig.from_params(Params({"pretrain": {**good, "lr": None}}), "pretrain")
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    c = cfg(steps=103, warmup=2, lr=1.0, min_lr=0.1)
+    f = T.lr_multiplier(c)
+    assert f(0) == pytest.approx(0.5) and f(1) == pytest.approx(1.0)
+    assert f(2) == pytest.approx(1.0)
+    assert f(52) == pytest.approx(0.55)  # halfway through the decay
+    assert f(102) == pytest.approx(0.1)
+    vals = [f(s) for s in range(2, 103)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_deepspeed_config_carries_the_recipe():
+    d = T.deepspeed_config(cfg(zero_stage=2, precision="bf16", clip=0.5), world_size=4)
+    assert d["train_batch_size"] == 4 * 2 * 4
+    assert d["zero_optimization"]["stage"] == 2 and d["bf16"]["enabled"] and d["gradient_clipping"] == 0.5
+    assert d["optimizer"]["type"] == "AdamW" and d["optimizer"]["params"]["torch_adam"] is True
+    assert d["optimizer"]["params"]["betas"] == [0.9, 0.95]
+
+
+def test_norms_get_no_weight_decay():
+    model = Retro(tiny_config(True))
+    decay, no_decay = T.param_groups(model, 0.1)
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("retro,precision,zero", [(True, "fp32", 0), (False, "bf16", 2)])
+def test_training_lowers_the_loss(retro, precision, zero, tmp_path):
+    torch.manual_seed(0)
+    c = cfg(precision=precision, zero_stage=zero)
+    engine = T.build_engine(Retro(tiny_config(retro)), c)
+    held_out = [batch_fn(999, 0)]
+    before = T.evaluate(engine, held_out, T.lm_loss, engine.device)["loss"]
+    out = T.train(engine, c, batch_fn, T.lm_loss, lambda: T.evaluate(engine, held_out, T.lm_loss, engine.device),
+                  tmp_path / "work", progress=False)
+    assert out["step"] == c.steps and math.isfinite(out["train/loss"])
+    assert out["val/loss"] < before - 0.3, (before, out["val/loss"])
+    assert out["train/lr"] == pytest.approx(c.min_lr, rel=1e-6)  # the last step runs at min_lr
+
+
+def test_resume_continues_the_same_step_count_and_weights(tmp_path):
+    c = cfg()
+    torch.manual_seed(0)
+    full = T.build_engine(Retro(tiny_config(True)), c)
+    T.train(full, c, batch_fn, T.lm_loss, None, tmp_path / "full", progress=False)
+
+    torch.manual_seed(0)
+    part = T.build_engine(Retro(tiny_config(True)), c)
+    T.train(part, c, batch_fn, T.lm_loss, None, tmp_path / "part", progress=False, stop_after=5)
+    assert sorted(p.name for p in (tmp_path / "part").glob("step*")) == ["step00000005"]  # only the last kept
+
+    torch.manual_seed(123)  # a restarted process: other fresh weights, then the checkpoint
+    again = T.build_engine(Retro(tiny_config(True)), c)
+    start = T.resume(again, tmp_path / "part")
+    assert start == 5
+    assert again.get_lr()[0] == pytest.approx(c.lr * T.lr_multiplier(c)(5))
+    out = T.train(again, c, batch_fn, T.lm_loss, None, tmp_path / "part", start_step=start, progress=False)
+    assert out["step"] == c.steps
+    a, b = full.module.state_dict(), again.module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert T.resume(again, tmp_path / "empty") == 0
+
+
+def test_export_then_load_gives_the_same_model_and_deterministic_bytes(tmp_path):
+    torch.manual_seed(0)
+    model = Retro(tiny_config(True))
+    T.export_checkpoint(model, model.config, tmp_path / "a", extra={"steps": 0})
+    T.export_checkpoint(model, model.config, tmp_path / "b", extra={"steps": 0})
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["cca_layers"] == [2]
+    loaded = T.load_model(tmp_path / "a")
+    assert loaded.config == model.config
+    b = batch_fn(0, 0)
+    with torch.no_grad():
+        assert torch.equal(loaded(b["tokens"], b["neighbors"]), model(b["tokens"], b["neighbors"]))
+    with pytest.raises(PipelineError, match="no config.json"):
+        T.load_model(tmp_path)
+
+
+def test_gpt_checkpoint_starts_retro_with_the_same_decoder(tmp_path):
+    torch.manual_seed(0)
+    gpt = Retro(tiny_config(False))
+    T.export_checkpoint(gpt, gpt.config, tmp_path / "gpt")
+    torch.manual_seed(1)
+    retro = Retro(tiny_config(True))
+    encoder_before = retro.encoder.layers[0].mlp.down.weight.clone()
+    fresh = T.init_from_checkpoint(retro, tmp_path / "gpt")
+    assert fresh and all(Retro.is_retro_parameter(n) for n in fresh)
+    assert torch.equal(retro.embed.weight, gpt.embed.weight)
+    assert torch.equal(retro.encoder.layers[0].mlp.down.weight, encoder_before)
+    b = batch_fn(0, 0)
+    with torch.no_grad():  # with retrieval off, Retro is now exactly the GPT
+        assert torch.allclose(retro(b["tokens"]), gpt(b["tokens"]), atol=1e-5)
+    other = Retro(dataclasses.replace(tiny_config(False), hidden=64, ffn_hidden=0))
+    T.export_checkpoint(other, other.config, tmp_path / "wide")
+    with pytest.raises(PipelineError, match="shape"):
+        T.init_from_checkpoint(Retro(tiny_config(True)), tmp_path / "wide")
