@@ -239,9 +239,10 @@ def fit_sample(tokens: np.ndarray, answer: np.ndarray, final_start: int, seq_len
 
     The final answer (from ``final_start``, EOD included) is kept whole; the prompt before it is
     cut from the left until the whole sample fits. With ``align`` (the chunk length, encoder
-    mode) the prompt is also cut to a multiple of ``align`` tokens at most and left-padded with
-    PAD (as the generate stage pads its prompts) to exactly such a multiple, so the final answer starts on a chunk boundary; padding is
-    outside the loss. A sample needs at least one prompt token (one chunk when aligned).
+    mode) the prompt is also cut to at most a multiple of ``align`` tokens and left-padded with
+    PAD (as the generate stage pads its prompts) to exactly such a multiple, so that the final
+    answer starts on a chunk boundary; padding is outside the loss. A sample needs at least one
+    prompt token (one whole chunk when aligned).
     """
     n_answer = len(tokens) - final_start
     budget = seq_length + 1 - n_answer  # room for the prompt
