@@ -16,6 +16,7 @@ import torch
 
 from instructretro import data, params as P
 from instructretro.decoding import greedy_generate
+from instructretro.embed import encoder_from_params
 from instructretro.errors import PipelineError, cli
 from instructretro.generate import MODES, Settings, answer_questions, parse_tasks
 from instructretro.io import write_json, write_jsonl
@@ -61,6 +62,9 @@ def main(argv=None):
     checkpoint = p.get("generate.checkpoint", str)
     max_questions = p.get("generate.max_questions", int)  # 0: all; a quick look at a big set
     chunk_length = P.positive("retro.chunk_length", p.get("retro.chunk_length", int))
+    threads = p.get("generate.threads", int)  # 0: torch's default
+    if threads > 0:
+        torch.set_num_threads(threads)
 
     records = list(data.iter_qa(task.path))  # validates every line before any work
     if max_questions > 0:
@@ -72,9 +76,9 @@ def main(argv=None):
         raise PipelineError(f"{checkpoint}: model chunk_length {config.chunk_length} != param 'retro.chunk_length' {chunk_length}")
     tok = Tokenizer(args.tokenizer)
     retriever = None
-    if settings.retrieval != "none":
+    if settings.retrieval != "none":  # the database's own encoder (embed.*), as query-neighbors and sft use
         retriever = Retriever(args.embeddings, args.index, args.db_tokens, args.tokenizer,
-                              chunk_length=chunk_length,
+                              encoder=encoder_from_params(p), chunk_length=chunk_length,
                               nprobe=P.positive("generate.nprobe", p.get("generate.nprobe", int)),
                               efsearch=P.positive("generate.efsearch", p.get("generate.efsearch", int)))
 
