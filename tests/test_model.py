@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from instructretro.errors import PipelineError
@@ -228,3 +229,31 @@ def test_flops_per_token_matches_counted_flops(retro_flag):
         model(tokens, neighbors if retro_flag else None).sum().backward()
     counted = counter.get_total_flops() / tokens.numel()
     assert abs(flops_per_token(cfg) - counted) / counted < 0.10
+
+
+def test_retro_learns_to_copy_continuations_from_its_neighbors():
+    """End to end through encoder and CCA: random token streams whose chunk j's neighbor is
+    chunk j + its continuation. Only Retro can predict tokens after the first chunk; GPT stays
+    at chance (ln 13 = 2.56 nats) on them. 100 AdamW steps of a 2-layer width-32 model."""
+    V, T, B = 16, 16, 32
+
+    def train(retro):
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=V, n_layers=2, hidden=32, heads=2, seq_length=T, chunk_length=L,
+                          cca_layers=(1, 2), num_neighbors=1, retro=retro)
+        model = Retro(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(100):
+            x = torch.randint(3, V, (B, T + L), generator=g)
+            neighbors = torch.stack([x[:, j * L:(j + 2) * L] for j in range(T // L)], dim=1)[:, :, None]
+            logits = model(x[:, :T], neighbors)
+            loss = F.cross_entropy(logits.reshape(-1, V), x[:, 1:T + 1].reshape(-1), reduction="none")
+            loss.view(B, T).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return loss.view(B, T)[:, L - 1:].mean().item()  # tokens that can see a neighbor
+
+    retro_loss, gpt_loss = train(True), train(False)
+    assert gpt_loss > 2.3
+    assert retro_loss < 1.9, f"Retro did not learn to copy from neighbors: {retro_loss:.2f} nats"
