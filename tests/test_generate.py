@@ -316,6 +316,7 @@ generate:
   system: null
   nprobe: 1
   efsearch: 1
+  threads: 1
 """)
     return ["--params", tmp_path / "params.yaml", "--tokenizer", small_tokenizer, "--task", "nq",
             "--out", tmp_path / "answers" / "nq.jsonl", "--metrics", tmp_path / "metrics" / "nq.json"]
