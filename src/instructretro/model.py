@@ -440,7 +440,10 @@ class Retro(nn.Module):
         L = cfg.chunk_length
         first_chunk = start // L  # chunks first_chunk .. first_chunk + n_new - 1 end in this call
         n_new = (start + T) // L - first_chunk
-        retrieval = cfg.retro and (neighbors is not None or (cache is not None and cache.has_neighbors))
+        if cache is None:  # retrieval needs a completed chunk with neighbors
+            retrieval = cfg.retro and neighbors is not None and n_new > 0
+        else:  # ... in this call or earlier
+            retrieval = cfg.retro and (neighbors is not None or cache.has_neighbors)
         if cfg.retro and neighbors is not None:
             if neighbors.dim() != 4 or neighbors.shape[:2] != (B, n_new):
                 raise PipelineError(
@@ -453,16 +456,16 @@ class Retro(nn.Module):
                 raise PipelineError(
                     f"neighbor_mask shape {tuple(neighbor_mask.shape)} != neighbors shape {tuple(neighbors.shape)}"
                 )
+            neighbor_mask = neighbor_mask.bool()
 
         x = self.embed(tokens)
         rope = rope_tables(start, T, cfg, x.device, x.dtype)
         attn_mask = cache.self_attention_mask(T) if cache is not None else None
-        chunk_kv = {}  # CCA layer -> (keys, values, mask) of all completed chunks
         first_cca = True
         for i, layer in enumerate(self.layers):
             kv_slot = (cache.k[i], cache.v[i], start) if cache is not None else None
             x = x + layer.attn(layer.norm1(x), rope, attn_mask=attn_mask, cache=kv_slot)
-            if layer.cca is not None and (retrieval or cache is not None):
+            if layer.cca is not None and (retrieval or (cache is not None and first_cca)):
                 h = layer.cca_norm(x)
                 if first_cca:  # the encoder reads the decoder states entering the first CCA layer
                     first_cca = False
