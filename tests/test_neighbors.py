@@ -114,3 +114,109 @@ def test_query_neighbors_is_deterministic_and_checks_the_encoder(world):
     with pytest.raises(PipelineError, match="num_neighbors_save"):
         query_neighbors(root / "pretrain", tok, encoder, index, root / "emb.h5", 32, 128, 5, 6, 40, 0, 0,
                         root / "c.h5", root / "wq3")
+
+
+# --- invalidation: dvc status on a copy of the repo built up to query-neighbors on a tiny world ---
+
+RETRIEVAL = ["tokenizer", "tokenize@db", "tokenize@pretrain", "embed", "train-index", "add-index", "query-neighbors"]
+
+
+@pytest.fixture(scope="module")
+def built_repo(tmp_path_factory):
+    import shutil
+    import subprocess
+
+    import yaml
+    from e2e import copy_repo, dvc
+
+    repo = copy_repo(tmp_path_factory.mktemp("retrieval-repo"), {"world.num_entities": 20, "query.recall_sample": 50})
+    dvc(repo, "repro", "generate-world")
+    shutil.copytree(repo / "data" / "world", repo / "corpora")  # corpora a user edits (not stage outputs)
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["corpus"] = {"db": "corpora/reference.jsonl", "pretrain": "corpora/documents.jsonl"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    dvc(repo, "repro", "query-neighbors")
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)  # the corpora too, so checkout restores them
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "built"], cwd=repo, check=True)
+    return repo
+
+
+def _stale_retrieval_stages(repo) -> set[str]:
+    """Stages of tokenizer..query-neighbors that are changed, or downstream of a changed one."""
+    import json
+
+    import networkx
+    from dvc.repo import Repo
+    from e2e import dvc
+
+    direct = set(json.loads(dvc(repo, "status", "--json", "query-neighbors", "--with-deps").stdout or "{}"))
+    with Repo(str(repo)) as r:
+        g = r.index.graph  # edges point from a stage to the stages it depends on
+        ancestors = {s.name: {a.name for a in networkx.ancestors(g, s)} for s in g.nodes}
+    stale = set(direct)
+    for s in direct:
+        stale |= ancestors.get(s, set())
+    return stale & set(RETRIEVAL)
+
+
+def _set_param(repo, key, value):
+    import yaml
+
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    *parents, last = key.split(".")
+    node = p
+    for k in parents:
+        node = node[k]
+    assert last in node, key
+    node[last] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def _append_document(path):
+    with open(path, "a") as f:
+        f.write('{"text": "A new pretraining document about a lighthouse."}\n')
+
+
+INVALIDATION = {
+    "pretraining corpus": (lambda r: _append_document(r / "corpora" / "documents.jsonl"),
+                           {"tokenize@pretrain", "query-neighbors"}),
+    "nprobe": (lambda r: _set_param(r, "query.nprobe", 3), {"query-neighbors"}),
+    "neighbors saved": (lambda r: _set_param(r, "query.num_neighbors_save", 5), {"query-neighbors"}),
+    "neighbors searched": (lambda r: _set_param(r, "query.num_neighbors_query", 50), {"query-neighbors"}),
+    "index factory": (lambda r: _set_param(r, "index.factory", "HNSW16"), {"train-index", "add-index", "query-neighbors"}),
+    "encoder": (lambda r: _set_param(r, "embed.encoder", "models/other-bert"),
+                {"embed", "train-index", "add-index", "query-neighbors"}),
+    "chunk length": (lambda r: _set_param(r, "retro.chunk_length", 32),
+                     {"embed", "train-index", "add-index", "query-neighbors"}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", list(INVALIDATION))
+def test_a_change_stales_exactly_the_dependent_retrieval_stages(built_repo, change):
+    import subprocess
+
+    apply, expected = INVALIDATION[change]
+    assert _stale_retrieval_stages(built_repo) == set()
+    apply(built_repo)
+    try:
+        assert _stale_retrieval_stages(built_repo) == expected
+    finally:
+        subprocess.run(["git", "checkout", "-q", "--", "."], cwd=built_repo, check=True)
+
+
+@pytest.mark.slow
+def test_changing_nprobe_reruns_only_query_neighbors(built_repo):
+    import json
+    import subprocess
+
+    from e2e import dvc, ran_stages
+
+    _set_param(built_repo, "query.nprobe", 2)
+    try:
+        out = dvc(built_repo, "repro", "query-neighbors").stdout
+        assert ran_stages(out) == ["query-neighbors"]
+        m = json.loads((built_repo / "metrics" / "query_neighbors.json").read_text())
+        assert m["nprobe"] == 2 and m["recall_at_k"] is not None
+    finally:
+        subprocess.run(["git", "checkout", "-q", "--", "."], cwd=built_repo, check=True)

@@ -117,9 +117,14 @@ class Encoder:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     @property
+    def model_name(self) -> str:
+        """The model's name: its folder name ('all-MiniLM-L6-v2' for the default)."""
+        return "all-MiniLM-L6-v2" if self.path == default_encoder_path() else self.path.name
+
+    @property
     def name(self) -> str:
-        """A short description stored with the embeddings."""
-        return f"{self.path.name} ({self.precision})"
+        """A short description stored with the embeddings: model name and precision."""
+        return f"{self.model_name} ({self.precision})"
 
     def fingerprint(self) -> str:
         """Hash of the model folder's files and the settings that change the embeddings."""

@@ -36,7 +36,7 @@ class Retriever:
             self.doc_ids = f["doc_ids"][:]
             dim = int(f.attrs.get("dim", f["embeddings"].shape[1]))
             built_with = str(f.attrs.get("encoder", ""))
-        if dim != self.encoder.dim or built_with.split(" (")[0] != self.encoder.path.name:
+        if dim != self.encoder.dim or built_with.split(" (")[0] != self.encoder.model_name:
             raise PipelineError(f"{embeddings_h5}: database embedded with {built_with!r} ({dim}-d), "
                                 f"but the retriever's encoder is {self.encoder.name!r} ({self.encoder.dim}-d)")
         self.index = read_index(index_path)
