@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -28,7 +30,9 @@ def write_embeddings(path, x):
 
 def test_auto_is_flat_for_tiny_and_ivf_sized_by_training_points():
     assert auto_factory(150, 384, 150) == "Flat"  # about 50 documents
-    for n in (2_000, 5_000, 20_000, 100_000, 400_000):
+    assert auto_factory(5_000, 384, 5_000) == "Flat"  # exact search is cheapest at this size
+    assert auto_factory(20_000, 384, 1_000) == "Flat"  # too few training points for 32 lists
+    for n in (20_000, 100_000, 400_000):
         s = auto_factory(n, 384, min(n, 100_000))
         assert s.startswith("IVF") and s.endswith(",Flat")
         nlist = int(s[3:].split(",")[0])
@@ -46,17 +50,17 @@ def test_auto_is_flat_for_tiny_and_ivf_sized_by_training_points():
 def test_bad_factory_strings_say_what_would_work(factory, match):
     with pytest.raises(PipelineError, match=match) as err:
         make_index(factory, 384, 2000, 2000)
-    assert "use 'auto' (here: 'IVF32,Flat')" in str(err.value) and "index.factory" in str(err.value)
+    assert "use 'auto' (here: 'Flat')" in str(err.value) and "index.factory" in str(err.value)
 
 
-def test_train_and_populate_auto(tmp_path):
+def test_train_ivf_is_deterministic_and_populates_with_chunk_ids(tmp_path):
     x = clustered(3000)
     h5 = write_embeddings(tmp_path / "emb.h5", x)
-    index, m = train_index(h5, "auto", 100_000, seed=7)
-    assert m["factory"] == auto_factory(3000, 384, 3000) == "IVF64,Flat"
+    index, m = train_index(h5, "IVF64,Flat", 100_000, seed=7)
+    assert m["factory"] == "IVF64,Flat" and m["factory_param"] == "IVF64,Flat"
     assert m["training_points"] == 3000 and index.is_trained and index.ntotal == 0
     write_index(index, tmp_path / "trained.faiss")
-    again, _ = train_index(h5, "auto", 100_000, seed=7)
+    again, _ = train_index(h5, "IVF64,Flat", 100_000, seed=7)
     write_index(again, tmp_path / "again.faiss")
     assert (tmp_path / "trained.faiss").read_bytes() == (tmp_path / "again.faiss").read_bytes()
     full = populate(read_index(tmp_path / "trained.faiss"), h5, block_size=700)
@@ -94,3 +98,25 @@ def test_too_few_points_for_explicit_ivf(tmp_path):
         train_index(h5, "IVF256,Flat", 100_000, seed=0)
     with pytest.raises(PipelineError, match="embeddings file not found"):
         train_index(tmp_path / "missing.h5", "auto", 10, 0)
+
+
+def test_auto_on_the_default_corpus(tmp_path):
+    """The default world's database (params.yaml as shipped) gets an index auto can build and train."""
+    from instructretro import data, params, tokenizer
+    from instructretro.chunks import chunk_table
+    from instructretro.world import write_world
+
+    p = params.load(Path(__file__).resolve().parents[1] / "params.yaml")
+    write_world(tmp_path / "world", **{k: p.get(f"world.{k}") for k in
+                ("num_entities", "docs_per_entity", "qa_questions", "sft_conversations", "seed")})
+    texts = [d.text for d in data.iter_documents(tmp_path / "world" / "reference.jsonl")]
+    (tmp_path / "spm.model").write_bytes(tokenizer.train(iter(texts), p.get("tokenizer.vocab_size"), 5_000_000))
+    tok = tokenizer.Tokenizer(tmp_path / "spm.model")
+    lengths = np.array([len(t) for t in tok.encode_batch(texts)])
+    n = len(chunk_table(lengths, p.get("retro.chunk_length")))
+    factory = auto_factory(n, 384, min(n, p.get("index.train_points")))
+    assert factory == "Flat"  # a few hundred DB chunks: exact search is the right index
+    x = clustered(n, seed=4)
+    h5 = write_embeddings(tmp_path / "emb.h5", x)
+    index, m = train_index(h5, p.get("index.factory"), p.get("index.train_points"), p.get("index.seed"))
+    assert m["factory"] == factory and populate(index, h5, 256).ntotal == n

@@ -6,7 +6,8 @@ database, following the rules the reference's strings obey at their scale:
 
 - IVF with ``nlist`` lists: k-means wants at least 39 training points per list, and Faiss's
   guideline is ``nlist`` about ``4 * sqrt(n)``; ``nlist`` is the largest power of two under both.
-- fewer than 32 lists possible (tiny corpora): ``Flat`` (exact search, nothing to train);
+- under 16,384 chunks, or fewer than 32 lists possible: ``Flat`` (exact search, nothing to
+  train; at these sizes it is faster than training and probing an IVF, see bench/index.py);
 - up to 500k chunks: ``IVF{nlist},Flat`` (exact distances inside the probed lists);
 - up to 20M chunks: ``IVF{nlist}_HNSW32,SQ8`` (8-bit codes, 4x smaller);
 - beyond: ``OPQ32_64,IVF{nlist}_HNSW32,PQ32`` (the reference's Wikipedia layout, 32 codes that
@@ -35,13 +36,19 @@ from .io import atomic_path
 
 POINTS_PER_LIST = 39  # k-means wants >= 39 training points per centroid
 MIN_LISTS = 32
+FLAT_BELOW = 16384  # chunks; below this exact search is cheaper than training an IVF (bench/index.py)
+
+
+def ivf_lists(n_db: int, n_train: int) -> int:
+    """IVF list count for ``n_db`` chunks: a power of two <= 4*sqrt(n_db) and <= n_train/39."""
+    limit = min(4 * math.sqrt(max(n_db, 1)), n_train / POINTS_PER_LIST)
+    return 2 ** int(math.floor(math.log2(limit))) if limit >= 1 else 0
 
 
 def auto_factory(n_db: int, dim: int, n_train: int) -> str:
     """The factory string ``auto`` picks for ``n_db`` chunks of dimension ``dim``."""
-    limit = min(4 * math.sqrt(max(n_db, 1)), n_train / POINTS_PER_LIST)
-    nlist = 2 ** int(math.floor(math.log2(limit))) if limit >= 1 else 0
-    if nlist < MIN_LISTS:
+    nlist = ivf_lists(n_db, n_train)
+    if n_db < FLAT_BELOW or nlist < MIN_LISTS:
         return "Flat"
     if n_db <= 500_000:
         return f"IVF{nlist},Flat"
