@@ -47,3 +47,30 @@ else ifneq ($(MODEL),)
 else
 	$(SFT_ENV) $(DVC) repro sft
 endif
+
+# Pretraining (stage pretrain, DeepSpeed). `make pretrain` runs `dvc repro pretrain`: one process
+# on CPU, or one GPU. `make pretrain GPUS=8` runs the same stage script under the `deepspeed`
+# launcher on 8 local GPUs (add HOSTFILE=path for several nodes: `deepspeed --hostfile`), after
+# building its inputs with DVC, then records the outputs in dvc.lock with `dvc commit`. The preset
+# is params.yaml `model.name`; `make pretrain MODEL=843m` runs it as a DVC experiment on one process.
+# `make eval-ppl CKPT=folder` is the reference's --skip-train: validation loss/perplexity of an
+# exported checkpoint on the pipeline's valid split, into metrics/eval_ppl.json (GPUS= works too).
+HOSTFILE ?=
+CKPT     ?= data/checkpoints/pretrain
+PRETRAIN_ARGS := --out data/checkpoints/pretrain --work data/work/pretrain --live dvclive/pretrain --metrics metrics/pretrain.json
+LAUNCH = $(if $(GPUS),$(BIN)/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE)) --num_gpus $(GPUS),$(BIN)/python)
+.PHONY: pretrain eval-ppl
+pretrain: install
+ifneq ($(GPUS),)
+	$(if $(MODEL),$(error with GPUS=, set model.name in params.yaml instead of MODEL=))
+	$(SFT_ENV) $(DVC) repro query-neighbors
+	$(SFT_ENV) $(LAUNCH) stages/pretrain.py $(PRETRAIN_ARGS)
+	$(SFT_ENV) $(DVC) commit -f pretrain
+else ifneq ($(MODEL),)
+	$(SFT_ENV) $(DVC) exp run -S model.name=$(MODEL) pretrain
+else
+	$(SFT_ENV) $(DVC) repro pretrain
+endif
+
+eval-ppl: install
+	$(SFT_ENV) $(LAUNCH) stages/pretrain.py --eval-only $(CKPT) --metrics metrics/eval_ppl.json
