@@ -51,17 +51,36 @@ def make_store(folder: Path, texts: list[str], tok_path: Path, vocab_size: int =
     return folder
 
 
+_SHARED = {}
+
+
+def shared_encoder() -> Encoder:
+    """One float32 default encoder for all test modules (loading it takes seconds)."""
+    if "encoder" not in _SHARED:
+        _SHARED["encoder"] = Encoder("", precision="float32", batch_size=32)
+    return _SHARED["encoder"]
+
+
 @pytest.fixture(scope="module")
 def encoder():
-    return Encoder("", precision="float32", batch_size=32)
+    return shared_encoder()
 
 
 @pytest.fixture(scope="module")
 def db(tmp_path_factory):
     root = tmp_path_factory.mktemp("db")
     tok = root / "spm.model"
-    make_store(root / "tokens", make_texts(40), tok)
+    make_store(root / "tokens", make_texts(24, words_per_doc=(20, 100)), tok)
     return root / "tokens", tok
+
+
+@pytest.fixture(scope="module")
+def reference_h5(db, encoder, tmp_path_factory):
+    """The DB embedded in one uninterrupted run (block size 16); returns (path, metrics)."""
+    tokens, tok = db
+    out = tmp_path_factory.mktemp("ref") / "emb.h5"
+    m = embed_database(tokens, tok, encoder, 64, 16, out, out.parent / "work")
+    return out, m
 
 
 def test_chunks_tile_documents_and_never_cross():
@@ -106,12 +125,12 @@ def test_bfloat16_is_close_to_float32(encoder):
     assert np.min(np.sum(bf * encoder.encode(texts), axis=1)) > 0.99
 
 
-def test_embed_database_contract(db, encoder, tmp_path):
+def test_embed_database_contract(db, encoder, reference_h5):
     tokens, tok = db
-    m = embed_database(tokens, tok, encoder, 64, 50, tmp_path / "emb.h5", tmp_path / "work")
+    path, m = reference_h5
     store = TokenStore(tokens, "train")
     table = chunk_table(store.doc_lengths(), 64)
-    with h5py.File(tmp_path / "emb.h5") as f:
+    with h5py.File(path) as f:
         chunks, ids, emb = f["chunks"][:], f["doc_ids"][:], f["embeddings"][:]
         assert chunks.dtype == np.int64 and chunks.shape[1] == 3
         assert ids.dtype == np.uint64 and emb.dtype == np.float32
@@ -124,12 +143,11 @@ def test_embed_database_contract(db, encoder, tmp_path):
     full = {tuple(r) for r in np.stack([table["doc"], table["start"], table["length"]], 1).tolist()}
     assert {tuple(r) for r in chunks.tolist()} <= full
     assert np.all(np.diff(chunks[:, 0] * 10**6 + chunks[:, 1]) > 0)
-    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
+    assert not any((path.parent / "work").iterdir())  # finished blocks are removed on success
 
 
-def test_resume_after_interruption_gives_identical_bytes(db, encoder, tmp_path, monkeypatch):
+def test_resume_after_interruption_gives_identical_bytes(db, encoder, reference_h5, tmp_path, monkeypatch):
     tokens, tok = db
-    embed_database(tokens, tok, encoder, 64, 40, tmp_path / "a.h5", tmp_path / "wa")
     calls = {"n": 0}
     real = Encoder.encode
 
@@ -141,7 +159,7 @@ def test_resume_after_interruption_gives_identical_bytes(db, encoder, tmp_path, 
 
     monkeypatch.setattr(Encoder, "encode", dying)
     with pytest.raises(KeyboardInterrupt):
-        embed_database(tokens, tok, encoder, 64, 40, tmp_path / "b.h5", tmp_path / "wb")
+        embed_database(tokens, tok, encoder, 64, 16, tmp_path / "b.h5", tmp_path / "wb")
     assert not (tmp_path / "b.h5").exists()
     finished = sorted(p.name for p in (tmp_path / "wb").rglob("block_*.npy"))
     assert len(finished) == 2
@@ -153,22 +171,21 @@ def test_resume_after_interruption_gives_identical_bytes(db, encoder, tmp_path, 
         return real(self, texts, progress)
 
     monkeypatch.setattr(Encoder, "encode", counting)
-    embed_database(tokens, tok, encoder, 64, 40, tmp_path / "b.h5", tmp_path / "wb")
-    n_blocks = -(-len(chunk_table(TokenStore(tokens).doc_lengths(), 64)) // 40)
+    embed_database(tokens, tok, encoder, 64, 16, tmp_path / "b.h5", tmp_path / "wb")
+    n_blocks = -(-len(chunk_table(TokenStore(tokens).doc_lengths(), 64)) // 16)
+    assert n_blocks >= 4
     assert counted["n"] == n_blocks - 2  # finished blocks were not embedded again
-    assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
+    assert reference_h5[0].read_bytes() == (tmp_path / "b.h5").read_bytes()
 
 
-def test_stale_blocks_are_not_reused(db, encoder, tmp_path):
+def test_stale_blocks_are_not_reused(db, encoder, reference_h5, tmp_path):
     tokens, tok = db
-    embed_database(tokens, tok, encoder, 64, 40, tmp_path / "a.h5", tmp_path / "w")
-    # a leftover block from a run with other inputs (chunk length 32) must not be picked up
+    # a leftover block from a run with other inputs must be neither picked up nor kept
     (tmp_path / "w" / "deadbeef").mkdir(parents=True)
     np.save(tmp_path / "w" / "deadbeef" / "block_000000.npy", np.zeros((40, 384), np.float32))
-    embed_database(tokens, tok, encoder, 32, 40, tmp_path / "b.h5", tmp_path / "w")
-    with h5py.File(tmp_path / "b.h5") as f:
-        assert f.attrs["chunk_length"] == 32
-        assert np.allclose(np.linalg.norm(f["embeddings"][:], axis=1), 1.0, atol=1e-5)
+    embed_database(tokens, tok, encoder, 64, 16, tmp_path / "b.h5", tmp_path / "w")
+    assert not (tmp_path / "w" / "deadbeef").exists()
+    assert reference_h5[0].read_bytes() == (tmp_path / "b.h5").read_bytes()
 
 
 def test_encoder_path_that_does_not_exist_is_a_clear_error(tmp_path):

@@ -15,7 +15,7 @@ from instructretro.neighbors import NeighborTokens, exclude_and_keep, query_neig
 from instructretro.tokenizer import EOD_ID
 from instructretro.tokenstore import TokenStore, TokenStoreWriter
 
-from test_embed import make_store, make_texts
+from test_embed import make_store, make_texts, shared_encoder
 
 
 def test_neighbor_tokens_are_chunk_plus_continuation_within_the_document(tmp_path):
@@ -69,7 +69,7 @@ def world(tmp_path_factory):
     pre_texts = db_texts[:12] + make_texts(20, seed=2, words_per_doc=(20, 90))[8:]
     make_store(root / "db", db_texts, tok)
     make_store(root / "pretrain", pre_texts[:20], tok, valid=pre_texts[20:])
-    encoder = Encoder("", precision="float32", batch_size=32)
+    encoder = shared_encoder()
     embed_database(root / "db", tok, encoder, 32, 64, root / "emb.h5", root / "w")
     return root, tok, encoder
 
@@ -181,8 +181,8 @@ INVALIDATION = {
     "pretraining corpus": (lambda r: _append_document(r / "corpora" / "documents.jsonl"),
                            {"tokenize@pretrain", "query-neighbors"}),
     "nprobe": (lambda r: _set_param(r, "query.nprobe", 3), {"query-neighbors"}),
-    "neighbors saved": (lambda r: _set_param(r, "query.num_neighbors_save", 5), {"query-neighbors"}),
-    "neighbors searched": (lambda r: _set_param(r, "query.num_neighbors_query", 50), {"query-neighbors"}),
+    "neighbor counts": (lambda r: (_set_param(r, "query.num_neighbors_save", 5),
+                                   _set_param(r, "query.num_neighbors_query", 50)), {"query-neighbors"}),
     "index factory": (lambda r: _set_param(r, "index.factory", "HNSW16"), {"train-index", "add-index", "query-neighbors"}),
     "encoder": (lambda r: _set_param(r, "embed.encoder", "models/other-bert"),
                 {"embed", "train-index", "add-index", "query-neighbors"}),

@@ -11,7 +11,7 @@ from instructretro.index import populate, train_index, write_index
 from instructretro.retrieval import Retriever
 from instructretro.tokenstore import TokenStore
 
-from test_embed import make_store, make_texts
+from test_embed import make_store, make_texts, shared_encoder
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def retriever(tmp_path_factory):
     texts = make_texts(12, seed=4, words_per_doc=(20, 60))
     texts[5] = "The lighthouse keeper Entity5 painted the lighthouse red and white every spring."
     make_store(root / "db", texts, tok)
-    encoder = Encoder("", precision="float32")
+    encoder = shared_encoder()
     embed_database(root / "db", tok, encoder, 16, 64, root / "emb.h5", root / "w")
     trained, _ = train_index(root / "emb.h5", "Flat", 1000, 0)
     write_index(populate(trained, root / "emb.h5", 100), root / "pop.faiss")
