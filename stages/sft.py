@@ -195,7 +195,10 @@ def main(argv=None):
         "train_loss": round(last["train/loss"], 6),
         "steps": cfg.steps,
         "retrieval": retrieval,
-        "blend": sdata.report,
+        "truncated": sum(c["train_truncated"] + c["valid_truncated"] for c in sdata.report.values()),
+        "dropped": sum(c["train_dropped"] + c["valid_dropped"] for c in sdata.report.values()),
+        "blend": {n: {k: c[k] for k in ("prob", "train_samples", "drawn", "epochs", "held_out")}
+                  for n, c in sdata.report.items()},
     }
     write_json(args.metrics, metrics)
     print(f"sft: {cfg.steps} steps in {seconds:.0f} s, val_loss {metrics['val_loss']:.4f}")
