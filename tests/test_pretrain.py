@@ -242,8 +242,10 @@ def have_neighbors_module() -> bool:
 @pytest.fixture
 def one_thread(monkeypatch):
     """Stage subprocesses with one intra-op thread (a busy shared CPU makes OpenMP threads that
-    wait on each other 10x slower on tiny ops)."""
+    wait on each other 10x slower on tiny ops) and no inherited torch.distributed settings."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)  # a single process picks its own free port
 
 
 def set_model(params: Path, **model) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from instructretro.model import Retro
 from instructretro.params import Params
 
 VOCAB, CL, SEQ = 64, 16, 64
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def tiny_config(retro: bool):
@@ -47,11 +49,17 @@ def batch_fn(step: int, micro: int) -> dict:
 def distributed():
     """One gloo process; one intra-op thread (on a busy shared CPU, OpenMP threads that wait on
     each other make tiny ops 10x slower)."""
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
     T.init_distributed()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+    for k, v in saved.items():  # stage subprocesses started later must not reuse our port
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def test_config_from_params_names_the_bad_key_and_fills_nulls_from_the_preset():
