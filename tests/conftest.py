@@ -40,6 +40,8 @@ def read_jsonl(path) -> list[dict]:
 
 def run_stage(script: str, *args, cwd=REPO, check=False) -> subprocess.CompletedProcess:
     """Run a stage script as DVC would; return the completed process (text output)."""
-    env = dict(os.environ, PYTHONHASHSEED="0")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONHASHSEED"] = "0"
     return subprocess.run([PYTHON, str(REPO / "stages" / script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, env=env, check=check)

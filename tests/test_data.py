@@ -89,6 +89,12 @@ def test_conversation_and_alpaca_records(tmp_path):
     j = tmp_path / "list.json"
     j.write_text(json.dumps([{"instruction": "x", "output": "y"}]))
     assert list(data.iter_conversations(j))[0]["turns"] == [("user", "x"), ("assistant", "y")]
+    p.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"},
+                                          {"role": "assistant", "content": "a"}]}) + "\n")
+    assert list(data.iter_conversations(p)) == [{"system": "Be brief.", "turns": [("user", "q"), ("assistant", "a")]}]
+    p.write_text(json.dumps({"messages": [{"role": "system", "content": "only a system message"}]}) + "\n")
+    with pytest.raises(PipelineError, match="sft.jsonl:1: turns must alternate"):
+        list(data.iter_conversations(p))
     p.write_text(json.dumps({"messages": [{"role": "user", "content": "only a question"}]}) + "\n")
     with pytest.raises(PipelineError, match="sft.jsonl:1: turns must alternate"):
         list(data.iter_conversations(p))

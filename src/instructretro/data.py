@@ -163,7 +163,8 @@ def iter_qa(path: str | os.PathLike) -> Iterator[dict]:
         yield out
 
 
-ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant"}
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
+         "system": "system"}
 
 
 def iter_conversations(path: str | os.PathLike, fmt: str = "auto") -> Iterator[dict]:
@@ -193,6 +194,7 @@ def iter_conversations(path: str | os.PathLike, fmt: str = "auto") -> Iterator[d
         if not isinstance(msgs, list) or not msgs:
             raise PipelineError(f"{where}: conversation record needs a non-empty 'messages' list")
         turns = []
+        system = rec.get("system", "")
         for m in msgs:
             if not isinstance(m, dict):
                 raise PipelineError(f"{where}: each message must be an object")
@@ -201,12 +203,12 @@ def iter_conversations(path: str | os.PathLike, fmt: str = "auto") -> Iterator[d
             role = ROLES.get(str(role).lower()) if role is not None else None
             if role is None or not isinstance(text, str):
                 raise PipelineError(f"{where}: message needs role user/assistant and string content")
-            if role == "system":
+            if role == "system":  # a system message in the list stands for the record's system prompt
+                system = system or text
                 continue
             turns.append((role, text))
-        if turns[-1][0] != "assistant" or any(turns[i][0] == turns[i + 1][0] for i in range(len(turns) - 1)):
+        if not turns or turns[-1][0] != "assistant" or any(turns[i][0] == turns[i + 1][0] for i in range(len(turns) - 1)):
             raise PipelineError(f"{where}: turns must alternate user/assistant and end with an assistant turn")
-        system = rec.get("system", "")
         if not isinstance(system, str):
             raise PipelineError(f"{where}: 'system' must be a string")
         yield {"system": system, "turns": turns}
