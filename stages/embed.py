@@ -3,6 +3,9 @@
 Writes ``data/db/embeddings.h5`` (chunk table, stable document ids, L2-normalised embeddings;
 chunk id = row) and the metrics. Finished blocks live in ``--work`` until the file is complete,
 so a killed run restarted resumes where it stopped.
+
+Past one machine: ``deepspeed --num_gpus N stages/embed.py`` (or ``torchrun``) splits the blocks
+over N ranks; rank 0 writes the same bytes as one process and the metrics, the others exit 0.
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ def main(argv=None):
     ap.add_argument("--out", default="data/db/embeddings.h5")
     ap.add_argument("--work", default="data/work/embed")
     ap.add_argument("--metrics", default="metrics/embed.json")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = ap.parse_args(argv)
     p = P.load(args.params)
     chunk_length = P.positive("retro.chunk_length", p.get("retro.chunk_length", int))
     block_size = P.positive("embed.block_size", p.get("embed.block_size", int))
     encoder = encoder_from_params(p)
     metrics = embed_database(args.db, args.tokenizer, encoder, chunk_length, block_size, args.out, args.work)
+    if metrics is None:
+        return  # a rank other than 0: its blocks are written, rank 0 writes the outputs
     write_json(args.metrics, metrics)
     print(f"embed: {metrics['chunks_embedded']} chunks embedded, {metrics['chunks_dropped_no_encoder_tokens']} dropped "
           f"(no encoder tokens), {metrics['chunks_per_s']} chunks/s, encoder {metrics['encoder']}")

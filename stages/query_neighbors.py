@@ -1,5 +1,8 @@
 """Stage query-neighbors: neighbor ids of every pretraining query chunk (train and valid), with
 every DB chunk of the query sample's own documents excluded; recall vs exact search in metrics.
+
+Past one machine: ``deepspeed --num_gpus N stages/query_neighbors.py`` (or ``torchrun``) splits
+the query embedding over N ranks; rank 0 searches and writes the outputs, the others exit 0.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ def main(argv=None):
     ap.add_argument("--out", default="data/neighbors/neighbors.h5")
     ap.add_argument("--work", default="data/work/query")
     ap.add_argument("--metrics", default="metrics/query_neighbors.json")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = ap.parse_args(argv)
     p = P.load(args.params)
     chunk_length = P.positive("retro.chunk_length", p.get("retro.chunk_length", int))
@@ -42,6 +46,8 @@ def main(argv=None):
     metrics = query_neighbors(args.pretrain, args.tokenizer, encoder_from_params(p), index, args.embeddings,
                               chunk_length, seq_length, n_query, n_save, block_size, recall_sample,
                               p.get("query.seed", int), args.out, args.work)
+    if metrics is None:
+        return  # a rank other than 0: its blocks are written, rank 0 writes the outputs
     metrics.update(nprobe=nprobe, efsearch=efsearch)
     write_json(args.metrics, metrics)
     print(f"query-neighbors: {metrics['train']['query_chunks']} train / {metrics['valid']['query_chunks']} valid "

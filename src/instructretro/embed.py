@@ -12,6 +12,11 @@ by a hash of every input (tokens, tokenizer, encoder weights, precision, chunk l
 size). A killed run restarted re-uses finished blocks; a run with any other input never does.
 The final HDF5 file is assembled from the blocks, so it has the same bytes either way.
 
+Past one machine: under a launcher (``deepspeed``, ``torchrun``; ``WORLD_SIZE`` > 1) every rank
+embeds the blocks ``b`` with ``b % world == rank`` into the shared work folder, all ranks meet at
+a barrier, and rank 0 alone assembles the output from the same block files, so the bytes equal
+a one-process run. One process without a launcher never starts ``torch.distributed``.
+
 Speed on CPU: texts are tokenized once, sorted by length and batched so that padding is
 minimal; attention runs through PyTorch SDPA under ``torch.inference_mode``; with
 ``precision: bfloat16`` (``auto`` picks it when the CPU has AVX512-BF16/AMX or a GPU is used)
@@ -97,7 +102,7 @@ class Encoder:
         from transformers import AutoModel, AutoTokenizer
 
         self.path = resolve_encoder(path)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or (f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
         self.precision = resolve_precision(precision, self.device)
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
@@ -195,6 +200,69 @@ class Encoder:
         return out
 
 
+# --------------------------------------------------------------------------------------------
+# Ranks: block b belongs to rank b % world; rank 0 assembles
+
+
+def local_rank() -> int:
+    """This process's GPU index on its node (``LOCAL_RANK`` set by the launcher; 0 without one)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def start_ranks() -> tuple[int, int]:
+    """``(rank, world_size)``; starts ``torch.distributed`` only under a launcher (WORLD_SIZE > 1).
+
+    gloo on CPU, nccl on GPU (each rank on ``cuda:LOCAL_RANK``). The timeout is long because
+    ranks meet only once, after embedding all their blocks, which can take hours on a big corpus.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+            if key not in os.environ:
+                raise PipelineError(f"WORLD_SIZE is {world} but {key} is not set; start the stage with a launcher (deepspeed, torchrun)")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=24))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def gather_to_rank0(world: int, done: int, seconds: float) -> tuple[int, float] | None:
+    """Wait for every rank's blocks; rank 0 gets (texts encoded by all ranks, slowest rank's seconds).
+
+    Other ranks get ``None`` and leave the process group: their part is done. One process: as is.
+    """
+    if world <= 1:
+        return done, seconds
+    import torch
+    import torch.distributed as dist
+
+    device = f"cuda:{local_rank()}" if dist.get_backend() == "nccl" else "cpu"
+    counts = torch.tensor([float(done)], dtype=torch.float64, device=device)
+    slowest = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # also the barrier: every block file is written
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    if dist.get_rank() != 0:
+        dist.destroy_process_group()
+        return None
+    return int(counts.item()), float(slowest.item())
+
+
+def end_ranks(world: int) -> None:
+    """Rank 0 leaves the process group once its outputs are written (no-op for one process)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def encoder_from_params(p) -> Encoder:
     """The encoder that the ``embed.*`` params describe (embed and query-neighbors share it)."""
     batch_size = p.get("embed.batch_size", int)
@@ -268,18 +336,23 @@ class BlockCache:
 
 def embed_rows_blockwise(texts_of, n_rows: int, encoder: Encoder, block_size: int, cache: BlockCache,
                          desc: str, known: np.ndarray | None = None,
-                         known_embeddings: np.ndarray | None = None) -> tuple[int, float]:
+                         known_embeddings: np.ndarray | None = None, rank: int = 0,
+                         world: int = 1) -> tuple[int, float]:
     """Embed rows ``[0, n_rows)`` block by block into ``cache``; return (texts encoded now, seconds).
 
     ``texts_of(lo, hi)`` gives the texts of rows ``lo..hi-1``. ``known[row]`` >= 0 re-uses
     ``known_embeddings[known[row]]`` instead of encoding; -2 leaves the row zero (nothing to
-    embed); -1 encodes. Blocks already in the cache are skipped.
+    embed); -1 encodes. Blocks already in the cache are skipped. With ``world`` ranks this rank
+    does only the blocks ``b`` with ``b % world == rank``.
     """
     n_blocks = -(-n_rows // block_size)
+    mine = range(rank, n_blocks, world)
     done = 0
     seconds = 0.0
-    bar = tqdm(total=n_rows, desc=desc, unit="chunk", mininterval=2.0, disable=None)
-    for b in range(n_blocks):
+    bar = tqdm(total=sum(min(n_rows, (b + 1) * block_size) - b * block_size for b in mine),
+               desc=desc if world == 1 else f"{desc} [rank {rank}/{world}]", unit="chunk", mininterval=2.0,
+               disable=None)
+    for b in mine:
         lo, hi = b * block_size, min(n_rows, (b + 1) * block_size)
         if cache.has(b):
             bar.update(hi - lo)
@@ -306,12 +379,13 @@ def embed_rows_blockwise(texts_of, n_rows: int, encoder: Encoder, block_size: in
 
 def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, encoder: Encoder,
                    chunk_length: int, block_size: int, out: str | os.PathLike,
-                   work_dir: str | os.PathLike) -> dict:
+                   work_dir: str | os.PathLike) -> dict | None:
     """Embed every chunk of the DB corpus's train split into ``out`` (HDF5); return the metrics.
 
     ``out`` holds ``chunks`` (n, 3) int64 (doc index, start, length), ``doc_ids`` (n,) uint64 and
     ``embeddings`` (n, dim) float32; the chunk id is the row. Chunks without encoder tokens are
-    dropped and counted.
+    dropped and counted. Under a launcher every rank embeds its blocks; rank 0 writes ``out`` and
+    returns the metrics, the other ranks return ``None``.
     """
     if block_size <= 0:
         raise PipelineError(f"params.yaml: embed.block_size must be > 0, got {block_size}")
@@ -323,13 +397,18 @@ def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.Pa
     key = hashlib.blake2b(
         f"{store_fingerprint(db_tokens_dir)}|{_file_digest(Path(tokenizer_path)).hex()}|{encoder.fingerprint()}"
         f"|{chunk_length}|{block_size}".encode(), digest_size=12).hexdigest()
+    rank, world = start_ranks()
     cache = BlockCache(work_dir, key)
 
     def texts_of(lo, hi):
         return chunk_texts(store, table[lo:hi], chunk_length, tok)
 
     # a block file holds the embeddings; rows without encoder tokens are all-zero and dropped below
-    embedded, seconds = embed_rows_blockwise(texts_of, len(table), encoder, block_size, cache, "embed")
+    done = embed_rows_blockwise(texts_of, len(table), encoder, block_size, cache, "embed", rank=rank, world=world)
+    done = gather_to_rank0(world, *done)
+    if done is None:
+        return None  # not rank 0: this rank's blocks are in the work folder
+    embedded, seconds = done
     n_blocks = -(-len(table) // block_size)
     keep_mask = np.concatenate([np.linalg.norm(cache.load(b), axis=1) > 0 for b in range(n_blocks)])
     kept = int(keep_mask.sum())
@@ -352,6 +431,7 @@ def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.Pa
             f.attrs["chunk_length"] = chunk_length
             f.attrs["dim"] = encoder.dim
     cache.clear()
+    end_ranks(world)
     return {
         "chunks_total": int(len(table)),
         "chunks_embedded": kept,

@@ -15,6 +15,10 @@ exact k-th score (duplicate chunks score equally, and either copy is a correct a
 ``NeighborTokens`` reads neighbors as the model sees them: the chunk plus its continuation (the
 next ``chunk_length`` tokens of the same document, cut at the document end), ``2*chunk_length``
 tokens padded with EOD, and a mask of the real tokens.
+
+Past one machine: under a launcher each rank embeds its share of the query blocks (block ``b``
+goes to rank ``b % world``, both splits) into the shared work folder; after a barrier rank 0
+alone searches and writes the output, so the bytes equal a one-process run.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .chunks import SampleLayout
-from .embed import BlockCache, Encoder, _file_digest, chunk_texts, embed_rows_blockwise, store_fingerprint
+from .embed import (BlockCache, Encoder, _file_digest, chunk_texts, embed_rows_blockwise, end_ranks,
+                    gather_to_rank0, start_ranks, store_fingerprint)
 from .errors import PipelineError
 from .io import atomic_path
 from .tokenizer import EOD_ID, Tokenizer
@@ -172,8 +177,12 @@ def recall_at_k(queries: np.ndarray, approx: np.ndarray, db_embeddings: np.ndarr
 def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, encoder: Encoder,
                     index, embeddings_h5: str | os.PathLike, chunk_length: int, seq_length: int,
                     n_query: int, n_save: int, block_size: int, recall_sample: int, seed: int,
-                    out: str | os.PathLike, work_dir: str | os.PathLike) -> dict:
-    """Neighbors of every pretraining query chunk (train and valid) into ``out``; return metrics."""
+                    out: str | os.PathLike, work_dir: str | os.PathLike) -> dict | None:
+    """Neighbors of every pretraining query chunk (train and valid) into ``out``; return metrics.
+
+    Under a launcher every rank embeds its query blocks; rank 0 searches, writes ``out`` and
+    returns the metrics, the other ranks return ``None``.
+    """
     if n_save > n_query:
         raise PipelineError(f"params.yaml: query.num_neighbors_save ({n_save}) must be <= query.num_neighbors_query ({n_query})")
     emb_path = Path(embeddings_h5)
@@ -188,10 +197,10 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
         raise PipelineError(f"populated index holds {index.ntotal} vectors but {emb_path} has {len(db_chunks)} chunks; rerun add-index")
     tok = Tokenizer(tokenizer_path)
     t_start = time.perf_counter()
-    results, metrics, caches = {}, {}, []
+    rank, world = start_ranks()
+    prepared = {}
     embedded = seconds = 0.0
-    rng = np.random.default_rng(seed)
-    for split in ("train", "valid"):
+    for split in ("train", "valid"):  # 1. every rank embeds its blocks of the query chunks
         store = TokenStore(pretrain_tokens_dir, split)
         layout = SampleLayout(store, chunk_length, seq_length)
         rows = layout.chunks
@@ -208,9 +217,20 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
             return chunk_texts(store, rows[lo:hi], chunk_length, tok)
 
         done, secs = embed_rows_blockwise(texts_of, n, encoder, block_size, cache, f"embed queries ({split})",
-                                          known=known, known_embeddings=db_emb)
+                                          known=known, known_embeddings=db_emb, rank=rank, world=world)
         embedded += done
         seconds += secs
+        prepared[split] = (layout, known, cache)
+    gathered = gather_to_rank0(world, int(embedded), seconds)
+    if gathered is None:
+        return None  # not rank 0: this rank's blocks are in the work folder
+    embedded, seconds = gathered
+    results, metrics, caches = {}, {}, []
+    rng = np.random.default_rng(seed)
+    for split in ("train", "valid"):  # 2. rank 0 searches every block
+        layout, known, cache = prepared[split]
+        rows = layout.chunks
+        n = len(rows)
         n_blocks = -(-n // block_size)
         norms = np.concatenate([np.linalg.norm(cache.load(b), axis=1) for b in range(n_blocks)]) if n else np.zeros(0)
         searchable = norms > 0
@@ -244,6 +264,7 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
             f.attrs["seq_length"] = seq_length
     for cache in caches:  # the output is complete: the finished blocks are no longer needed
         cache.clear()
+    end_ranks(world)
     total_real = metrics["train"]["query_chunks"] + metrics["valid"]["query_chunks"]
     metrics["k"] = n_save
     metrics["fraction_fewer_than_k"] = round(
