@@ -113,6 +113,7 @@ CHANGES = {
     "sft dataset file": (lambda r: _edit_first_record(r / "corpora" / "sft" / "chat.jsonl"), MODEL[1:]),
     "generate setting": (lambda r: _set(r, "generate.max_new_tokens", 5), MODEL[2:]),
     "qa file": (lambda r: _edit_first_record(r / "corpora" / "qa.jsonl"), MODEL[2:]),
+    "scoring option": (lambda r: _set(r, "score.f1_gold", "first"), MODEL[3:]),
 }
 
 
