@@ -22,7 +22,7 @@ from instructretro.embed import BlockCache, embed_rows_blockwise
 from conftest import PYTHON, REPO, run_stage
 
 DEEPSPEED = Path(PYTHON).parent / "deepspeed"
-BLOCK_SIZE = 16  # a few hundred chunks -> many blocks, so both ranks get several
+BLOCK_SIZE = 8  # ~80 DB chunks and ~100 query chunks -> many blocks, so both ranks get several
 
 
 class CountingEncoder:
@@ -81,11 +81,18 @@ def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def inputs(small_world, small_tokenizer, tmp_path_factory):
-    """Token stores of the small world's DB and pretraining corpora and a params file."""
+def inputs(small_tokenizer, tmp_path_factory):
+    """Token stores of a 30-entity world's DB and pretraining corpora, and a params file."""
+    from instructretro.world import write_world
+
     root = tmp_path_factory.mktemp("dist")
+    world = root / "world"
+    write_world(world, num_entities=30, docs_per_entity=1, qa_questions=5, sft_conversations=5, seed=3)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["corpus"].update(db=str(small_world / "reference.jsonl"), pretrain=str(small_world / "documents.jsonl"))
+    pretrain = root / "pretrain.jsonl"  # 15 documents: ~100 query chunks keep the test near a minute
+    pretrain.write_text("".join((world / "documents.jsonl").read_text().splitlines(keepends=True)[:15]))
+    params["corpus"].update(db=str(world / "reference.jsonl"), pretrain=str(pretrain))
+    params["tokenize"].update(pretrain_valid_fraction=0.25)
     params["retro"].update(chunk_length=64, seq_length=128)
     params["embed"].update(precision="float32", block_size=BLOCK_SIZE)
     params["index"].update(factory="Flat")
