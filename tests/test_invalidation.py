@@ -53,7 +53,8 @@ def repo(tmp_path_factory):
     (repo / "params.yaml").write_text(text)
     dvc(repo, "repro")
     assert _stale(repo) == set()
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "built"], cwd=repo)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)  # corpora/ and dvc.lock: restored by checkout
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "built"], cwd=repo, check=True)
     return repo
 
 
@@ -137,7 +138,8 @@ def test_one_corpus_for_both_reruns_everything_downstream(repo):
     _set(repo, "tokenize.db_valid_fraction", 0.1)
     dvc(repo, "repro")  # the reference recipe's setting: the DB is the pretraining train split
     assert _stale(repo) == set()
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "one corpus"], cwd=repo)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one corpus"], cwd=repo, check=True)
     _edit_first_record(repo / "corpora" / "documents.jsonl")
     try:
         assert _stale(repo) == set(FROM_TOKENIZER)
