@@ -59,7 +59,9 @@ def copy_repo(dest: Path, overrides: dict | None = None) -> Path:
                            capture_output=True, text=True, check=True).stdout.split("\n")
     for f in files:
         src = REPO / f
-        if f and src.is_file() and not f.startswith("dvc.lock"):
+        # stage outputs tracked in git (metrics, DVCLive curves) and dvc.lock are left behind:
+        # the copy starts as a fresh clone that has never run the pipeline
+        if f and src.is_file() and not f.startswith(("dvc.lock", "metrics/", "dvclive/")):
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / f)
     params = yaml.safe_load((dest / "params.yaml").read_text())
