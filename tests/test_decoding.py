@@ -13,13 +13,7 @@ EOD = 2
 PROMPT_LENGTHS = (5, 13, 8, 1, 17)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~50x faster under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def model(retro=True, seed=0, vocab=50):
