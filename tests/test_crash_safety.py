@@ -87,3 +87,11 @@ def test_killed_stages_resume_to_the_same_outputs(reference, tmp_path):
     assert got["steps"] == want["steps"] == CRASH["pretrain.steps"]
     assert abs(got["val_loss"] - want["val_loss"]) < 0.05
     assert "up to date" in dvc(repo, "status", "pretrain").stdout
+    # the curves logged before the kill survive (DVC deleted the DVCLive output before the rerun)
+    curve = Path("dvclive/pretrain/plots/metrics/train/loss.tsv")
+    steps = lambda r: [line.split("\t")[0] for line in (r / curve).read_text().splitlines()]  # noqa: E731
+    assert steps(repo) == steps(reference) == ["step", *map(str, range(1, CRASH["pretrain.steps"] + 1))]
+    # a forced rerun resumes at the last step, trains nothing, and still writes every output
+    dvc(repo, "repro", "-f", "pretrain")
+    assert steps(repo) == steps(reference)
+    assert "up to date" in dvc(repo, "status", "pretrain").stdout

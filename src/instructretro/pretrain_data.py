@@ -381,6 +381,7 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
             from dvclive import Live
 
             if start:
+                T.restore_live(live_dir, work_dir)  # DVC removed the outputs before this run
                 _truncate_live_log(Path(live_dir), start)
             live = Live(str(live_dir), resume=start > 0, report=None, save_dvc_exp=False, dvcyaml=None)
         if start and is_main():

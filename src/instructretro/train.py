@@ -334,6 +334,8 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
                     live.log_metric(key, value)
         if work_dir is not None and (done % cfg.save_interval == 0 or done == end):
             save_checkpoint(engine, work_dir, done)
+            if live is not None:
+                snapshot_live(live.dir, work_dir)
         bar.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
         bar.update(1)
     bar.close()
@@ -358,6 +360,32 @@ def save_checkpoint(engine, work_dir: str | os.PathLike, step: int) -> None:
             if old.is_dir() and old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
+
+
+def snapshot_live(live_dir: str | os.PathLike, work_dir: str | os.PathLike) -> None:
+    """Copy the DVCLive folder next to the resume checkpoint (``work_dir/live``).
+
+    DVC deletes a stage's outputs before it reruns the stage, so a run that resumes (after a
+    kill, or at its last step) would otherwise lose the curves logged before the checkpoint;
+    :func:`restore_live` puts them back.
+    """
+    src, dst = Path(live_dir), Path(work_dir) / "live"
+    tmp = dst.with_name("live.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if src.is_dir():
+        shutil.copytree(src, tmp)
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp.rename(dst)
+
+
+def restore_live(live_dir: str | os.PathLike, work_dir: str | os.PathLike) -> bool:
+    """Replace ``live_dir`` by the copy saved with the resume checkpoint; False if none."""
+    src, dst = Path(work_dir) / "live", Path(live_dir)
+    if not src.is_dir():
+        return False
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    return True
 
 
 def resume(engine, work_dir: str | os.PathLike) -> int:
