@@ -47,7 +47,7 @@ from .tokenizer import EOD_ID, PAD_ID
 # SFT needs is here: the sequence length (4096 for the big presets as in the reference; 512 for
 # tiny, room for two 128-token contexts in prompt mode), warmup, precision and ZeRO stage.
 SFT_EXTRAS: dict[str, dict] = {
-    "tiny": dict(seq_length=512, warmup=0, precision="fp32", zero_stage=0),
+    "tiny": dict(seq_length=512, warmup=20, precision="fp32", zero_stage=0),
     "843m": dict(seq_length=4096, warmup=0, precision="bf16", zero_stage=1),
     "2b": dict(seq_length=4096, warmup=0, precision="bf16", zero_stage=1),
     "4b": dict(seq_length=4096, warmup=0, precision="bf16", zero_stage=2),
