@@ -260,6 +260,10 @@ def test_presets_and_overrides():
     assert (s["global_batch"], s["lr"], s["steps"], s["beta1"], s["beta2"], s["weight_decay"], s["clip"]) == \
         (128, 5e-6, 1000, 0.9, 0.98, 0.01, 1.0)
     assert sft.sft_settings("tiny", {"lr": 1e-3, "steps": None})["lr"] == 1e-3
+    # the preset's warmup shrinks to a shorter run; an explicit warmup is kept (and validated later)
+    assert sft.sft_settings("tiny")["warmup"] == 20
+    assert sft.sft_settings("tiny", {"steps": 4, "warmup": None})["warmup"] == 4
+    assert sft.sft_settings("tiny", {"steps": 4, "warmup": 30})["warmup"] == 30
     with pytest.raises(PipelineError, match="model.name"):
         sft.sft_settings("7b")
     with pytest.raises(PipelineError, match="sft.lrate"):
@@ -286,9 +290,12 @@ def test_a_few_sft_steps_lower_the_answer_loss(tmp_path, tok):
     blend, _ = _blend(tmp_path)
     d = sft.build_data(blend[:1], tok, seq_length=128, chunk_length=64, num_draws=12 * 8, valid_fraction=0.0, seed=3)
     model = _tiny_model(tok.vocab_size)
-    settings = sft.sft_settings("tiny", {"steps": 12, "global_batch": 8, "micro_batch": 4, "lr": 3e-3})
+    settings = sft.sft_settings("tiny", {"steps": 12, "global_batch": 8, "micro_batch": 4, "lr": 3e-3,
+                                         "lr_schedule": "constant"})
     cfg = sft.train_config(settings, 1, seed=3, eval_interval=100, save_interval=10**9)
     assert (cfg.grad_accum, cfg.min_lr, cfg.beta2) == (2, cfg.lr, 0.98)  # constant lr, the SFT betas
+    cosine = sft.train_config(sft.sft_settings("tiny"), 1, seed=3, eval_interval=100, save_interval=10**9)
+    assert cosine.min_lr == pytest.approx(cosine.lr / 10)  # the tiny default decays to lr / 10
     engine = train.build_engine(model, cfg)
     loss_fn = sft.make_loss_fn(d.names)
     samples = d.train[0]

@@ -77,6 +77,8 @@ def sft_settings(preset: str, overrides: dict | None = None) -> dict:
             raise PipelineError(f"params.yaml: unknown SFT training key 'sft.{key}'; expected one of {sorted(out)}")
         if value is not None:
             out[key] = value
+    if (overrides or {}).get("warmup") is None:  # the preset's warmup never outlasts a shorter run
+        out["warmup"] = min(out["warmup"], out["steps"])
     if out["lr_schedule"] not in ("constant", "cosine"):
         raise PipelineError(f"params.yaml: param 'sft.lr_schedule' is {out['lr_schedule']!r}; expected constant or cosine")
     return out
