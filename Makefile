@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.installed
 MODEL  ?=
 GPUS   ?=
 DVC    := $(BIN)/dvc
+# Stage commands in dvc.yaml call `python`, `deepspeed`: every target runs them from .venv.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: install repro test test-fast bench clean-venv
 
