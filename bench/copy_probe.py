@@ -37,12 +37,22 @@ from instructretro import presets  # noqa: E402
 from instructretro.tokenizer import EOD_ID  # noqa: E402
 
 
-def retro_batch(gen, batch: int, seq: int, chunk: int, vocab: int):
-    """Random tokens; neighbor of chunk c = chunks c and c + 1 (the continuation)."""
-    t = torch.randint(3, vocab, (batch, seq + chunk), generator=gen)
-    t[:, seq:] = EOD_ID
-    neighbors = torch.stack([t[:, c * chunk:(c + 2) * chunk] for c in range(seq // chunk)], 1)[:, :, None]
-    return t[:, :seq], t[:, 1:seq + 1], neighbors, neighbors != EOD_ID
+def retro_batch(gen, batch: int, seq: int, chunk: int, vocab: int, shift: int = 0):
+    """Random tokens; neighbor of chunk c = chunks c and c + 1 (the continuation), moved by a
+    random offset in -shift .. shift tokens per sample and chunk (0: aligned with the text)."""
+    if shift == 0:
+        t = torch.randint(3, vocab, (batch, seq + chunk), generator=gen)
+        t[:, seq:] = EOD_ID
+        neighbors = torch.stack([t[:, c * chunk:(c + 2) * chunk] for c in range(seq // chunk)], 1)[:, :, None]
+        return t[:, :seq], t[:, 1:seq + 1], neighbors, neighbors != EOD_ID
+    t = torch.randint(3, vocab, (batch, shift + seq + chunk + shift), generator=gen)
+    offsets = torch.randint(-shift, shift + 1, (batch, seq // chunk), generator=gen)
+    rows = torch.arange(batch)[:, None]
+    neighbors = torch.stack([
+        t[rows, shift + c * chunk + offsets[:, c:c + 1] + torch.arange(2 * chunk)]
+        for c in range(seq // chunk)], 1)[:, :, None]
+    text = t[:, shift:shift + seq + 1]
+    return text[:, :-1], text[:, 1:], neighbors, torch.ones_like(neighbors, dtype=torch.bool)
 
 
 def main(argv=None):
@@ -56,11 +66,17 @@ def main(argv=None):
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shift", type=int, default=0,
+                    help="retro: move each neighbor by a random -shift..shift tokens; gpt: start the repeat at a "
+                         "random 0..shift tokens into the first half (copy by content, not position)")
+    ap.add_argument("--cca-rotary", type=int, choices=(0, 1), default=1,
+                    help="relative positions in CCA (model.cca_rotary; 0 for the ablation)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    config = presets.get(args.preset, vocab_size=args.vocab, retro=args.mode == "retro")
+    config = presets.get(args.preset, vocab_size=args.vocab, retro=args.mode == "retro",
+                         cca_rotary=bool(args.cca_rotary))
     from instructretro.model import Retro
 
     model = Retro(config)
@@ -72,12 +88,16 @@ def main(argv=None):
     t0 = time.time()
     for step in range(1, args.steps + 1):
         if args.mode == "retro":
-            x, y, nb, mask = retro_batch(gen, args.batch, seq, L, args.vocab)
+            x, y, nb, mask = retro_batch(gen, args.batch, seq, L, args.vocab, args.shift)
             logits = model(x, nb, mask)
             scored = slice(L - 1, seq - 1)  # positions that see a neighbor holding their target
         else:
-            half = torch.randint(3, args.vocab, (args.batch, seq // 2), generator=gen)
-            full = torch.cat([half, half], 1)
+            half = torch.randint(3, args.vocab, (args.batch, seq // 2 + args.shift), generator=gen)
+            # the repeat starts at a random offset 0..shift into the first half: the copy source of
+            # a token is then found by content (induction), not at a fixed distance
+            offsets = torch.randint(0, args.shift + 1, (args.batch, 1), generator=gen)
+            repeat = half.gather(1, offsets + torch.arange(seq // 2))
+            full = torch.cat([half[:, :seq // 2], repeat], 1)
             x, y = full[:, :-1], full[:, 1:]
             logits = model(x)
             scored = slice(seq // 2 - 1, seq - 1)  # targets in the repeated half

@@ -252,3 +252,48 @@ def test_retro_learns_to_copy_continuations_from_its_neighbors():
     print(f"copy task after 100 steps: Retro {retro_loss:.2f} nats, GPT {gpt_loss:.2f} nats")
     assert gpt_loss > 2.3
     assert retro_loss < 1.9, f"Retro did not learn to copy from neighbors: {retro_loss:.2f} nats"
+
+
+def aligned_copy_loss(cca_rotary: bool, chunk: int = 8, steps: int = 100) -> float:
+    """Loss on the copyable tokens after ``steps`` AdamW steps of a width-32 Retro whose chunk j's
+    neighbor is chunk j + its continuation, aligned with the text (random tokens, vocab 64)."""
+    V, T, B = 64, 4 * chunk, 16
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, n_layers=2, hidden=32, heads=2, seq_length=T, chunk_length=chunk,
+                      cca_layers=(1, 2), num_neighbors=1, cca_rotary=cca_rotary)
+    model = Retro(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=8e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randint(3, V, (B, T + chunk), generator=g)
+        neighbors = torch.stack([x[:, j * chunk:(j + 2) * chunk] for j in range(T // chunk)], dim=1)[:, :, None]
+        logits = model(x[:, :T], neighbors)
+        loss = F.cross_entropy(logits.reshape(-1, V), x[:, 1:T + 1].reshape(-1), reduction="none")
+        loss = loss.view(B, T)[:, chunk - 1:].mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return loss.item()
+
+
+def test_cca_rotary_positions_make_aligned_copying_fast():
+    """Relative positions in CCA (the RETRO paper's choice, ``cca_rotary``): a query gets the
+    rotary position it would have in an aligned neighbor, so "the neighbor token after mine" is a
+    fixed offset that a head finds quickly; by content alone it takes far longer."""
+    with_rotary, without = aligned_copy_loss(True), aligned_copy_loss(False)
+    print(f"aligned copy, chunk 8, 100 steps: cca_rotary {with_rotary:.2f} nats, without {without:.2f} (ln 61 = 4.11)")
+    assert with_rotary < 1.0  # measured 0.23
+    assert without > with_rotary + 2.0  # measured 3.97
+
+
+def test_cca_query_positions():
+    """The query at position i sits at chunk_length - 1 + (i + 1) % chunk_length: the last token of
+    a chunk at L - 1 (aligned with that token in the chunk's neighbor), the next one at L."""
+    from instructretro.model import cca_query_rope, rope_at
+    cfg = tiny_config(chunk_length=4, seq_length=16)
+    cos, sin = cca_query_rope(2, 7, cfg, torch.device("cpu"), torch.float32)
+    expected = torch.tensor([6, 3, 4, 5, 6, 3, 4])  # positions 2 .. 8
+    ref_cos, ref_sin = rope_at(expected, cfg, torch.float32)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+    old = ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "cca_rotary"})
+    assert old.cca_rotary is False  # configs saved before the field existed keep their behaviour

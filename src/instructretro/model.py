@@ -68,6 +68,7 @@ class ModelConfig:
     num_neighbors: int = 2  # k neighbors per chunk fed to the encoder
     rotary_percent: float = 0.5
     rotary_base: float = 10000.0
+    cca_rotary: bool = True  # relative positions between decoder queries and neighbor tokens in CCA
     norm_eps: float = 1e-5
     init_std: float = 0.02
     name: str = field(default="custom", compare=False)
@@ -82,6 +83,9 @@ class ModelConfig:
             raise PipelineError(
                 f"param 'model.hidden' ({self.hidden}) must be divisible by 'model.heads' ({self.heads})"
             )
+        for key in ("retro", "cca_rotary"):
+            if not isinstance(getattr(self, key), bool):
+                raise PipelineError(f"param 'model.{key}' must be true or false, got {getattr(self, key)!r}")
         if not 0.0 < self.rotary_percent <= 1.0:
             raise PipelineError(f"param 'model.rotary_percent' must be in (0, 1], got {self.rotary_percent}")
         if self.rotary_dim % 2:
@@ -136,6 +140,7 @@ class ModelConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise PipelineError(f"{source}: unknown model config keys {unknown}")
+        d = {"cca_rotary": False, **d}  # configs written before the field existed had none
         return cls(**d)
 
 
@@ -156,15 +161,34 @@ class LayerNorm1p(nn.Module):
         return F.layer_norm(x, x.shape[-1:], self.weight + 1.0, self.bias, self.eps)
 
 
+def rope_at(positions, config: ModelConfig, dtype):
+    """cos, sin of shape (P, rotary_dim) for a 1-D tensor of P positions."""
+    rot = config.rotary_dim
+    inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, rot, 2, device=positions.device).float() / rot))
+    angles = torch.outer(positions.float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def rope_tables(start: int, length: int, config: ModelConfig, device, dtype):
     """cos, sin of shape (length, 1, 1, rotary_dim) for positions start .. start+length-1,
     to broadcast over (B, T, 2, heads, head_dim) queries and keys."""
-    rot = config.rotary_dim
-    inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, rot, 2, device=device).float() / rot))
-    positions = torch.arange(start, start + length, device=device).float()
-    angles = torch.outer(positions, inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype)[:, None, None], angles.sin().to(dtype)[:, None, None]
+    cos, sin = rope_at(torch.arange(start, start + length, device=device), config, dtype)
+    return cos[:, None, None], sin[:, None, None]
+
+
+def cca_query_rope(start: int, length: int, config: ModelConfig, device, dtype):
+    """Rotary tables (length, rotary_dim) for CCA queries at positions start .. start+length-1.
+
+    A query at position i attends to the neighbors of the chunk that ended at or before it, at
+    offset j = (i + 1) % chunk_length past that chunk's last token. It gets the rotary position
+    chunk_length - 1 + j: where it would sit in a neighbor (chunk + continuation) aligned with
+    the text, whose tokens get positions 0 .. 2 * chunk_length - 1. So "the neighbor token after
+    mine" is the fixed relative offset +1, as with the relative encoding of the RETRO paper.
+    """
+    L = config.chunk_length
+    positions = (torch.arange(start, start + length, device=device) + 1) % L + L - 1
+    return rope_at(positions, config, dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -472,7 +496,10 @@ class Retro(nn.Module):
                     encoded = self._encode(h, neighbors, neighbor_mask, first_chunk, n_new, cache)
                 if retrieval:
                     keys, values, mask = self._chunk_kv(i, layer, encoded, neighbor_mask, first_chunk, n_new, cache)
-                    y = chunked_cross_attention(layer.cca.project_q(h), keys, values, mask, start, L)
+                    q = layer.cca.project_q(h)
+                    if cfg.cca_rotary:
+                        q = apply_rope(q, *cca_query_rope(start, T, cfg, q.device, q.dtype))
+                    y = chunked_cross_attention(q, keys, values, mask, start, L)
                     x = x + layer.cca.output(y)
             x = x + layer.mlp(layer.norm2(x))
         if cache is not None:
@@ -511,6 +538,9 @@ class Retro(nn.Module):
         if encoded is not None:
             B, C, k, R, hidden = encoded.shape
             keys, values = layer.cca.project_kv(encoded.reshape(B, C, k * R, hidden))
+            if self.config.cca_rotary:  # each neighbor's tokens at positions 0 .. R-1
+                positions = torch.arange(R, device=keys.device).repeat(k)
+                keys = apply_rope(keys, *rope_at(positions, self.config, keys.dtype))
             mask = neighbor_mask.reshape(B, C, k * R)
         if cache is None:
             return keys, values, mask
