@@ -225,62 +225,47 @@ def test_flops_per_token_matches_counted_flops(retro_flag):
     assert abs(flops_per_token(cfg) - counted) / counted < 0.10
 
 
+def copy_task_loss(*, vocab: int, seq: int, batch: int, chunk: int, lr: float, steps: int = 100,
+                   train_from: int = 0, **config) -> float:
+    """Train a 2-layer width-32 model (``config``: ModelConfig overrides such as ``retro``,
+    ``cca_rotary``) with AdamW on random token streams whose chunk j's neighbor is chunk j + its
+    continuation, aligned with the text; the loss is taken on positions ``train_from`` onward.
+    Returns the last step's loss on the tokens that can see a neighbor (``chunk - 1`` onward)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab, n_layers=2, hidden=32, heads=2, seq_length=seq, chunk_length=chunk,
+                      cca_layers=(1, 2), num_neighbors=1, **config)
+    model = Retro(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randint(3, vocab, (batch, seq + chunk), generator=g)
+        neighbors = torch.stack([x[:, j * chunk:(j + 2) * chunk] for j in range(seq // chunk)], dim=1)[:, :, None]
+        logits = model(x[:, :seq], neighbors)
+        loss = F.cross_entropy(logits.reshape(-1, vocab), x[:, 1:seq + 1].reshape(-1), reduction="none")
+        loss = loss.view(batch, seq)
+        loss[:, train_from:].mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return loss[:, chunk - 1:].mean().item()
+
+
 def test_retro_learns_to_copy_continuations_from_its_neighbors():
     """End to end through encoder and CCA: random token streams whose chunk j's neighbor is
     chunk j + its continuation. Only Retro can predict tokens after the first chunk; GPT stays
     at chance (ln 13 = 2.56 nats) on them. 100 AdamW steps of a 2-layer width-32 model."""
-    V, T, B = 16, 16, 32
-
-    def train(retro):
-        torch.manual_seed(0)
-        cfg = ModelConfig(vocab_size=V, n_layers=2, hidden=32, heads=2, seq_length=T, chunk_length=L,
-                          cca_layers=(1, 2), num_neighbors=1, retro=retro)
-        model = Retro(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-        g = torch.Generator().manual_seed(1)
-        for _ in range(100):
-            x = torch.randint(3, V, (B, T + L), generator=g)
-            neighbors = torch.stack([x[:, j * L:(j + 2) * L] for j in range(T // L)], dim=1)[:, :, None]
-            logits = model(x[:, :T], neighbors)
-            loss = F.cross_entropy(logits.reshape(-1, V), x[:, 1:T + 1].reshape(-1), reduction="none")
-            loss.view(B, T).mean().backward()
-            opt.step()
-            opt.zero_grad()
-        return loss.view(B, T)[:, L - 1:].mean().item()  # tokens that can see a neighbor
-
-    retro_loss, gpt_loss = train(True), train(False)
+    task = dict(vocab=16, seq=16, batch=32, chunk=L, lr=3e-3)
+    retro_loss, gpt_loss = copy_task_loss(retro=True, **task), copy_task_loss(retro=False, **task)
     print(f"copy task after 100 steps: Retro {retro_loss:.2f} nats, GPT {gpt_loss:.2f} nats")
     assert gpt_loss > 2.3
     assert retro_loss < 1.9, f"Retro did not learn to copy from neighbors: {retro_loss:.2f} nats"
-
-
-def aligned_copy_loss(cca_rotary: bool, chunk: int = 8, steps: int = 100) -> float:
-    """Loss on the copyable tokens after ``steps`` AdamW steps of a width-32 Retro whose chunk j's
-    neighbor is chunk j + its continuation, aligned with the text (random tokens, vocab 64)."""
-    V, T, B = 64, 4 * chunk, 16
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=V, n_layers=2, hidden=32, heads=2, seq_length=T, chunk_length=chunk,
-                      cca_layers=(1, 2), num_neighbors=1, cca_rotary=cca_rotary)
-    model = Retro(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=8e-3, weight_decay=0.0)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x = torch.randint(3, V, (B, T + chunk), generator=g)
-        neighbors = torch.stack([x[:, j * chunk:(j + 2) * chunk] for j in range(T // chunk)], dim=1)[:, :, None]
-        logits = model(x[:, :T], neighbors)
-        loss = F.cross_entropy(logits.reshape(-1, V), x[:, 1:T + 1].reshape(-1), reduction="none")
-        loss = loss.view(B, T)[:, chunk - 1:].mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return loss.item()
 
 
 def test_cca_rotary_positions_make_aligned_copying_fast():
     """Relative positions in CCA (the RETRO paper's choice, ``cca_rotary``): a query gets the
     rotary position it would have in an aligned neighbor, so "the neighbor token after mine" is a
     fixed offset that a head finds quickly; by content alone it takes far longer."""
-    with_rotary, without = aligned_copy_loss(True), aligned_copy_loss(False)
+    task = dict(vocab=64, seq=32, batch=16, chunk=8, lr=8e-3, train_from=7)  # trained on copyable tokens
+    with_rotary, without = copy_task_loss(cca_rotary=True, **task), copy_task_loss(cca_rotary=False, **task)
     print(f"aligned copy, chunk 8, 100 steps: cca_rotary {with_rotary:.2f} nats, without {without:.2f} (ln 61 = 4.11)")
     assert with_rotary < 1.0  # measured 0.23
     assert without > with_rotary + 2.0  # measured 3.97
