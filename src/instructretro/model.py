@@ -485,6 +485,8 @@ class Retro(nn.Module):
         x = self.embed(tokens)
         rope = rope_tables(start, T, cfg, x.device, x.dtype)
         attn_mask = cache.self_attention_mask(T) if cache is not None else None
+        # CCA query positions are the same in every CCA layer: one table per call
+        cca_rope = cca_query_rope(start, T, cfg, x.device, x.dtype) if retrieval and cfg.cca_rotary else None
         first_cca = True
         for i, layer in enumerate(self.layers):
             kv_slot = (cache.k[i], cache.v[i], start) if cache is not None else None
@@ -497,8 +499,8 @@ class Retro(nn.Module):
                 if retrieval:
                     keys, values, mask = self._chunk_kv(i, layer, encoded, neighbor_mask, first_chunk, n_new, cache)
                     q = layer.cca.project_q(h)
-                    if cfg.cca_rotary:
-                        q = apply_rope(q, *cca_query_rope(start, T, cfg, q.device, q.dtype))
+                    if cca_rope is not None:
+                        q = apply_rope(q, *cca_rope)
                     y = chunked_cross_attention(q, keys, values, mask, start, L)
                     x = x + layer.cca.output(y)
             x = x + layer.mlp(layer.norm2(x))
