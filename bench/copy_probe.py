@@ -19,6 +19,22 @@ nothing::
 
     .venv/bin/python bench/copy_probe.py --mode retro --steps 400
     .venv/bin/python bench/copy_probe.py --mode gpt --steps 600 --lr 8e-3
+
+Three switches change the Retro model of the probe only (the pipeline's model has none of them;
+docs/pretrain.md, session 4, says what they do together and apart), to test which inductive
+biases let a copy by content form quickly:
+
+- ``--output-from-embedding``: the output layer starts as a copy of the input embedding (the two
+  stay separate parameters), so "read token t from a neighbor, predict t" needs no learned map
+  between two unrelated embedding spaces at the start;
+- ``--prev-keys``: in chunked cross-attention each neighbor token's key is computed from the
+  token *before* it (values stay the token's own): one attention step is then an induction
+  head, "find my token in the neighbor, read the one after it";
+- ``--match-init S``: CCA query weights scaled by S and key weights set equal to them, so at
+  initialisation a query scores highest the keys made from its own token.
+
+    .venv/bin/python bench/copy_probe.py --mode retro --shift 32 --vocab 4096 --steps 150 \
+        --output-from-embedding --prev-keys --match-init 4
 """
 
 from __future__ import annotations
@@ -30,6 +46,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -55,6 +72,38 @@ def retro_batch(gen, batch: int, seq: int, chunk: int, vocab: int, shift: int = 
     return text[:, :-1], text[:, 1:], neighbors, torch.ones_like(neighbors, dtype=torch.bool)
 
 
+def previous_token_keys(cca, neighbor_length: int) -> None:
+    """Make a CCA module's keys those of the previous token of each neighbor (zero for the
+    first): keys are linear in the encoder output, so shifting them is shifting the input."""
+    project_kv = cca.project_kv
+
+    def shifted(context):
+        k, v = project_kv(context)  # (..., H, S, d), S = neighbors x neighbor_length
+        *lead, S, d = k.shape
+        k = k.reshape(*lead, S // neighbor_length, neighbor_length, d)
+        k = F.pad(k, (0, 0, 1, 0))[..., :neighbor_length, :].reshape(*lead, S, d)
+        return k, v
+
+    cca.project_kv = shifted
+
+
+def apply_biases(model, output_from_embedding: bool, prev_keys: bool, match_init: float) -> None:
+    """The probe-only switches of the module docstring, applied to a freshly built model."""
+    if output_from_embedding:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(model.embed.weight)
+    hidden = model.config.hidden
+    for layer in model.layers:
+        if layer.cca is None:
+            continue
+        if prev_keys:
+            previous_token_keys(layer.cca, model.config.neighbor_length)
+        if match_init:
+            with torch.no_grad():
+                layer.cca.q.weight.mul_(match_init)
+                layer.cca.kv.weight[:hidden].copy_(layer.cca.q.weight)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=("retro", "gpt"), default="retro")
@@ -71,6 +120,11 @@ def main(argv=None):
                          "random 0..shift tokens into the first half (copy by content, not position)")
     ap.add_argument("--cca-rotary", type=int, choices=(0, 1), default=1,
                     help="relative positions in CCA (model.cca_rotary; 0 for the ablation)")
+    ap.add_argument("--output-from-embedding", action="store_true",
+                    help="initialise the output layer as a copy of the input embedding")
+    ap.add_argument("--prev-keys", action="store_true", help="CCA keys from the previous neighbor token")
+    ap.add_argument("--match-init", type=float, default=0.0, metavar="S",
+                    help="CCA query weights x S and key weights equal to them at initialisation (0: off)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -80,6 +134,7 @@ def main(argv=None):
     from instructretro.model import Retro
 
     model = Retro(config)
+    apply_biases(model, args.output_from_embedding, args.prev_keys, args.match_init)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     seq, L = config.seq_length, config.chunk_length
     print(f"copy probe: {args.mode}, preset {args.preset} ({sum(p.numel() for p in model.parameters()):,} "

@@ -1,0 +1,81 @@
+"""The counting and model switches of the diagnostic benchmarks (bench/neighbor_overlap.py,
+bench/copy_probe.py), whose numbers the docs quote."""
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import copy_probe  # noqa: E402
+import neighbor_overlap  # noqa: E402
+from instructretro import presets  # noqa: E402
+from instructretro.model import Retro  # noqa: E402
+
+
+def test_overlap_counts_reads_the_neighbors_of_the_last_finished_chunk():
+    L = 4
+    # two chunks; positions 3..7 read chunk 0's neighbor, which is [5, 6, 5, 7, 9, 9, 9, 9]
+    tokens = np.array([1, 1, 1, 5, 5, 2, 8, 8])
+    labels = np.array([1, 1, 5, 6, 7, 3, 8, 8])
+    facts = np.array([0, 0, 0, 1, 1, 0, 0, 0])
+    neighbors = np.array([[[5, 6, 5, 7, 9, 9, 9, 9]], [[0, 0, 0, 0, 0, 0, 0, 0]]])
+    mask = np.ones_like(neighbors, dtype=bool)
+    counts = defaultdict(float)
+    neighbor_overlap.overlap_counts(tokens, labels, facts, neighbors, mask, L, counts)
+    assert counts["all", "n"] == 5 and counts["fact", "n"] == 2 and counts["other", "n"] == 3
+    # position 3 (token 5 -> 6): 5 is followed by 6 and 7 -> bigram yes, copy mass 1/2, ambiguous
+    # position 4 (token 5 -> 7): same occurrences -> bigram yes, copy mass 1/2
+    assert counts["fact", "label in nb"] == 2
+    assert counts["fact", "bigram in nb"] == 2
+    assert counts["fact", "prev-token copy"] == pytest.approx(1.0)
+    assert counts["fact", "unambiguous"] == 0
+    # positions 5-7: labels 3, 8, 8 are not in the neighbor
+    assert counts["other", "label in nb"] == 0 and counts["other", "prev-token copy"] == 0
+
+
+def test_overlap_counts_ignore_masked_neighbor_tokens():
+    # position 2 reads chunk 0's neighbor, whose 4s are masked: its label 4 must not count
+    tokens, labels = np.array([0, 0, 0, 4]), np.array([0, 7, 4, 4])
+    neighbors = np.array([[[4, 4, 0, 0]], [[0, 0, 0, 0]]])
+    mask = np.array([[[False, False, True, True]], [[True] * 4]])
+    counts = defaultdict(float)
+    neighbor_overlap.overlap_counts(tokens, labels, None, neighbors, mask, 2, counts)
+    assert counts["all", "n"] == 3 and counts["all", "label in nb"] == 0
+    counts = defaultdict(float)
+    neighbor_overlap.overlap_counts(tokens, labels, None, neighbors, np.ones_like(mask), 2, counts)
+    assert counts["all", "label in nb"] == 1
+
+
+def test_previous_token_keys_shift_keys_within_each_neighbor_only():
+    config = presets.get("tiny", vocab_size=64, num_neighbors=2, chunk_length=4, seq_length=8)
+    torch.manual_seed(0)
+    model = Retro(config)
+    cca = next(layer.cca for layer in model.layers if layer.cca is not None)
+    R = config.neighbor_length
+    context = torch.randn(3, 2 * R, config.hidden)  # two neighbors of R tokens, side by side
+    k0, v0 = cca.project_kv(context)
+    copy_probe.previous_token_keys(cca, R)
+    k1, v1 = cca.project_kv(context)
+    assert torch.equal(v1, v0)
+    for n in range(2):
+        assert torch.all(k1[..., n * R, :] == 0)  # the first token of each neighbor has no previous
+        assert torch.allclose(k1[..., n * R + 1:(n + 1) * R, :], k0[..., n * R:(n + 1) * R - 1, :])
+
+
+def test_apply_biases_copies_the_output_layer_and_matches_cca_queries_and_keys():
+    config = presets.get("tiny", vocab_size=64)
+    torch.manual_seed(0)
+    model = Retro(config)
+    q_before = [layer.cca.q.weight.clone() for layer in model.layers if layer.cca is not None]
+    copy_probe.apply_biases(model, output_from_embedding=True, prev_keys=False, match_init=4.0)
+    assert torch.equal(model.lm_head.weight, model.embed.weight)
+    assert model.lm_head.weight is not model.embed.weight  # a copy: still two parameters
+    h = config.hidden
+    for before, layer in zip(q_before, (la for la in model.layers if la.cca is not None)):
+        assert torch.allclose(layer.cca.q.weight, 4.0 * before)
+        assert torch.equal(layer.cca.kv.weight[:h], layer.cca.q.weight)
