@@ -23,6 +23,7 @@ default world records them), the other labels, all. Run it after ``dvc repro que
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -74,9 +75,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     p = P.load(args.params)
     vocab = TokenStore(args.tokens, "train").vocab_size
-    config = model_config_from_params(p, vocab)
-    if not config.retro:
-        config = type(config)(**{**config.to_dict(), "retro": True, "name": config.name})
+    config = dataclasses.replace(model_config_from_params(p, vocab), retro=True)  # neighbors even for GPT params
     inputs = PretrainInputs(args.tokens, args.neighbors, args.db_tokens, args.embeddings, args.tokenizer,
                             corpus=p.get("corpus.pretrain", str))
     samples = load_split(inputs, config, args.split, fact_flags=True)
@@ -93,8 +92,8 @@ def main(argv=None) -> int:
     print(f"neighbor overlap: {args.split} split, {n} samples of {config.seq_length} tokens, "
           f"chunk {config.chunk_length}, k={config.num_neighbors} neighbor(s) of {config.neighbor_length} tokens")
     print(f"{'labels':8s} {'count':>7s}  " + "  ".join(f"{c:>15s}" for c in COLUMNS) + "   (shuffled neighbors in brackets)")
+    own, sh = tables["own"], tables["shuffled"]
     for row in ("fact", "other", "all"):
-        own, sh = tables["own"], tables["shuffled"]
         if not own[row, "n"]:
             continue
         cells = [f"{own[row, c] / own[row, 'n']:.3f} ({sh[row, c] / max(sh[row, 'n'], 1):.3f})" for c in COLUMNS]
