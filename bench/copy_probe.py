@@ -118,6 +118,8 @@ def main(argv=None):
     ap.add_argument("--shift", type=int, default=0,
                     help="retro: move each neighbor by a random -shift..shift tokens; gpt: start the repeat at a "
                          "random 0..shift tokens into the first half (copy by content, not position)")
+    ap.add_argument("--chunk-length", type=int, default=None,
+                    help="override the preset's chunk_length (retro.chunk_length; must divide its seq_length)")
     ap.add_argument("--cca-rotary", type=int, choices=(0, 1), default=1,
                     help="relative positions in CCA (model.cca_rotary; 0 for the ablation)")
     ap.add_argument("--output-from-embedding", action="store_true",
@@ -130,7 +132,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
     config = presets.get(args.preset, vocab_size=args.vocab, retro=args.mode == "retro",
-                         cca_rotary=bool(args.cca_rotary))
+                         cca_rotary=bool(args.cca_rotary), chunk_length=args.chunk_length)
     from instructretro.model import Retro
 
     model = Retro(config)

@@ -79,3 +79,29 @@ def test_apply_biases_copies_the_output_layer_and_matches_cca_queries_and_keys()
     for before, layer in zip(q_before, (la for la in model.layers if la.cca is not None)):
         assert torch.allclose(layer.cca.q.weight, 4.0 * before)
         assert torch.equal(layer.cca.kv.weight[:h], layer.cca.q.weight)
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_probe_neighbors_are_the_chunk_and_its_continuation_moved_by_at_most_shift(chunk):
+    seq, shift = 4 * chunk, chunk // 2
+    gen = torch.Generator().manual_seed(0)
+    x, y, nb, mask = copy_probe.retro_batch(gen, 2, seq, chunk, 512, shift)
+    assert nb.shape == (2, seq // chunk, 1, 2 * chunk) and bool(mask.all())
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    text = torch.cat([x, y[:, -1:]], 1)
+    checked = 0
+    for b in range(2):
+        for c in range(seq // chunk):
+            # the neighbor is a window of the stream the text was cut from, starting within
+            # -shift..shift of chunk c; where it overlaps the text, it equals the text
+            lo = c * chunk
+            found = [o for o in range(-shift, shift + 1)
+                     if 0 <= lo + o and lo + o + 2 * chunk <= seq + 1
+                     and torch.equal(nb[b, c, 0], text[b, lo + o:lo + o + 2 * chunk])]
+            inside = 0 <= lo - shift and lo + shift + 2 * chunk <= seq + 1
+            assert found or not inside
+            checked += inside
+    assert checked >= 2
+    gen = torch.Generator().manual_seed(0)
+    x, y, nb, mask = copy_probe.retro_batch(gen, 2, seq, chunk, 512, 0)
+    assert torch.equal(nb[:, 0, 0, :chunk], x[:, :chunk]) and torch.equal(nb[:, 0, 0, chunk:2 * chunk], x[:, chunk:2 * chunk])
