@@ -78,11 +78,12 @@ def main(argv=None):
         print(f"pretrain: stopped after {args.stop_after} steps; run again to continue", file=sys.stderr)
     elif is_main():
         write_json(args.metrics, metrics)
-        shuffled = metrics["val_loss_shuffled"]
+        shuffled, alone = metrics["val_loss_shuffled"], metrics["val_loss_no_retrieval"]
         facts = metrics["val_loss_facts"]
         print(f"pretrain: {metrics['model']} {'Retro' if metrics['retro'] else 'GPT'}, {metrics['steps']} steps, "
               f"val_loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.2f})"
               + (f", shuffled neighbors {shuffled:.4f}" if shuffled is not None else "")
+              + (f", no retrieval {alone:.4f}" if alone is not None else "")
               + (f", fact tokens {facts:.4f}" if facts is not None else ""), file=sys.stderr)
 
 

@@ -8,6 +8,7 @@ layout of the contracts when the neighbors module is available.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -172,6 +173,38 @@ def test_batches_carry_each_chunks_own_neighbors_and_shuffled_ones_come_from_els
     assert torch.equal(shuffled["tokens"], b["tokens"])  # only the neighbors move
 
 
+def test_no_retrieval_validation_is_the_decoder_alone(inputs):
+    """``loss_no_retrieval`` equals a GPT holding the Retro's decoder weights, and differs from
+    the loss with neighbors once chunked cross-attention does something."""
+    from types import SimpleNamespace
+
+    from instructretro import presets
+    from instructretro.model import Retro
+    from instructretro.pretrain_data import validation_fn
+
+    store = TokenStore(inputs / "tokens" / "pretrain", "valid")
+    with h5py.File(inputs / "neighbors" / "neighbors.h5") as f:
+        ids = f["valid"][...]
+    samples = PretrainSamples(store, CL, SEQ, ids, simple_neighbor_tokens(inputs / "tokens" / "db"), num_neighbors=1)
+    config = presets.get("tiny", vocab_size=store.vocab_size, seq_length=SEQ, chunk_length=CL,
+                         n_layers=2, cca_layers=(2,), encoder_layers=1)
+    torch.manual_seed(0)
+    retro = Retro(config)
+    with torch.no_grad():  # make CCA matter: its output projection starts at zero otherwise
+        for name, p in retro.named_parameters():
+            if "cca" in name:
+                p.normal_(0, 0.2)
+    gpt = Retro(dataclasses.replace(config, retro=False))
+    missing = gpt.load_state_dict(retro.state_dict(), strict=False)
+    assert not missing.missing_keys
+    cfg = SimpleNamespace(eval_batches=2, micro_batch=2)
+    out = validation_fn(retro, samples, cfg, 0, 1, None)()
+    plain = validation_fn(gpt, PretrainSamples(store, CL, SEQ), cfg, 0, 1, None)()
+    assert out["loss_no_retrieval"] == pytest.approx(plain["loss"], abs=1e-5)
+    assert abs(out["loss"] - out["loss_no_retrieval"]) > 1e-3
+    assert "loss_no_retrieval" not in plain
+
+
 def test_samples_reject_neighbors_of_another_layout(inputs):
     store = TokenStore(inputs / "tokens" / "pretrain", "valid")
     nt = simple_neighbor_tokens(inputs / "tokens" / "db")
@@ -266,7 +299,7 @@ def test_stage_trains_gpt_then_retro_continues_from_it(inputs, small_world, smal
     m = json.loads((tmp_path / "metrics_gpt.json").read_text())
     assert m["steps"] == 6 and m["retro"] is False and m["resumed_at"] == 0
     assert m["val_ppl"] == pytest.approx(np.exp(m["val_loss"]))
-    assert m["val_loss_facts"] is not None and m["val_loss_shuffled"] is None
+    assert m["val_loss_facts"] is not None and m["val_loss_shuffled"] is None and m["val_loss_no_retrieval"] is None
     assert m["tokens_per_s"] > 0 and m["train_loss"] is not None
     ckpt = tmp_path / "ckpt_gpt"
     assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors", "train.json"]
@@ -306,6 +339,14 @@ def test_stage_resumes_a_killed_run_and_ends_where_an_uninterrupted_run_ends(
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "full" / "metrics_full.json").read_text())
     assert m["retro"] is True and m["val_loss_shuffled"] is not None and m["val_loss_facts"] is not None
+    assert m["val_loss_no_retrieval"] is not None
+    # Run again when finished (DVC does, when only evaluation code changed): it evaluates the
+    # saved weights and keeps the training numbers of the run that produced them.
+    r = run_stage("pretrain.py", *full)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((tmp_path / "full" / "metrics_full.json").read_text())
+    assert again["resumed_at"] == 6 and again["val_loss"] == pytest.approx(m["val_loss"], abs=1e-6)
+    assert again["train_loss"] == m["train_loss"] and again["tokens_per_s"] == m["tokens_per_s"] > 0
 
     part = stage_args(inputs, tmp_path / "part", params, "part", small_tokenizer)
     r = run_stage("pretrain.py", *part, "--stop-after", 3)

@@ -14,7 +14,9 @@ from ``NeighborTokens``). A batch is a dict of tensors::
 records each fact's character span (``fact_spans``) and we map spans to tokens with the
 SentencePiece offsets. Validation with *shuffled* neighbors gives every sample the neighbors of
 the sample half the split away, so it never gets its own: if the model uses retrieval, that
-loss is higher.
+loss is higher. Validation with *no* neighbors (every neighbor token masked) is the same
+weights with retrieval switched off: set against GPT, it says how much of a Retro run's lead
+is its decoder and how much is what it reads.
 """
 
 from __future__ import annotations
@@ -293,9 +295,17 @@ def load_split(inputs: PretrainInputs, model_config, split: str, fact_flags: boo
                            neighbor_tokens if k else None, k, flags)
 
 
+def without_neighbors(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch with every neighbor token masked: Retro then computes exactly its decoder alone
+    (chunked cross-attention adds nothing), i.e. the same weights with retrieval switched off."""
+    return {**batch, "neighbor_mask": torch.zeros_like(batch["neighbor_mask"])}
+
+
 def validation_fn(model, valid: PretrainSamples, cfg, rank: int, world: int, device, shuffled: bool = True):
-    """``eval_fn`` for the training loop: val loss (and fact-token loss), and for Retro the
-    same with shuffled neighbors (as ``loss_shuffled``)."""
+    """``eval_fn`` for the training loop: val loss (and fact-token loss), and for Retro two
+    controls on the same samples: shuffled neighbors (``loss_shuffled``: does the model read
+    *its* neighbors?) and no neighbors at all (``loss_no_retrieval``: how good is the decoder
+    that trained beside retrieval, on its own?)."""
     from .train import evaluate, lm_loss
 
     batches = eval_indices(len(valid), cfg.eval_batches, cfg.micro_batch, world, rank)
@@ -306,6 +316,8 @@ def validation_fn(model, valid: PretrainSamples, cfg, rank: int, world: int, dev
         if shuffled and valid.k > 0:
             mixed = evaluate(model, (valid.batch(b, shuffled_neighbors=True) for b in batches), lm_loss, device, ("loss",))
             out["loss_shuffled"] = mixed["loss"]
+            alone = evaluate(model, (without_neighbors(valid.batch(b)) for b in batches), lm_loss, device, ("loss",))
+            out["loss_no_retrieval"] = alone["loss"]
         return out
 
     return run
@@ -394,10 +406,15 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
             if live is not None:
                 live.end()
             return None
+        kept = work_dir / "summary.json"  # the training numbers of a finished run, for a rerun
         if "val/loss" in summary:
             final = {k[4:]: v for k, v in summary.items() if k.startswith("val/")}
-        else:  # resumed at the end: nothing trained, evaluate the loaded weights
+            if is_main():
+                kept.write_text(json.dumps({k: summary.get(k) for k in ("train/loss", "mean_tokens_per_s")}))
+        else:  # resumed at the end (e.g. only evaluation code changed): evaluate the loaded weights
             final = evaluate_now()
+            if kept.is_file():
+                summary = json.loads(kept.read_text())
         if live is not None:
             live.end()
 
@@ -406,6 +423,7 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
         "steps": cfg.steps if not skip_train else 0, "resumed_at": start,
         "val_loss": final["loss"], "val_ppl": math.exp(final["loss"]),
         "val_loss_shuffled": final.get("loss_shuffled"),
+        "val_loss_no_retrieval": final.get("loss_no_retrieval"),
         "val_loss_facts": final.get("loss_facts"),
         "train_loss": summary.get("train/loss"),
         "tokens_per_s": summary.get("mean_tokens_per_s"),
