@@ -14,9 +14,9 @@ from ``NeighborTokens``). A batch is a dict of tensors::
 records each fact's character span (``fact_spans``) and we map spans to tokens with the
 SentencePiece offsets. Validation with *shuffled* neighbors gives every sample the neighbors of
 the sample half the split away, so it never gets its own: if the model uses retrieval, that
-loss is higher. Validation with *no* neighbors (every neighbor token masked) is the same
-weights with retrieval switched off: set against GPT, it says how much of a Retro run's lead
-is its decoder and how much is what it reads.
+loss is higher. Validation with *no* neighbors is the same weights with retrieval switched
+off: set against GPT, it says how much of a Retro run's lead is its decoder and how much is
+what it reads.
 """
 
 from __future__ import annotations
@@ -295,10 +295,10 @@ def load_split(inputs: PretrainInputs, model_config, split: str, fact_flags: boo
                            neighbor_tokens if k else None, k, flags)
 
 
-def without_neighbors(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The batch with every neighbor token masked: Retro then computes exactly its decoder alone
-    (chunked cross-attention adds nothing), i.e. the same weights with retrieval switched off."""
-    return {**batch, "neighbor_mask": torch.zeros_like(batch["neighbor_mask"])}
+def without_retrieval(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without its neighbors: the model then runs with retrieval switched off
+    (``neighbors=None``, the same logits as every neighbor masked), i.e. Retro's decoder alone."""
+    return {k: v for k, v in batch.items() if k not in ("neighbors", "neighbor_mask")}
 
 
 def validation_fn(model, valid: PretrainSamples, cfg, rank: int, world: int, device, shuffled: bool = True):
@@ -309,15 +309,21 @@ def validation_fn(model, valid: PretrainSamples, cfg, rank: int, world: int, dev
     from .train import evaluate, lm_loss
 
     batches = eval_indices(len(valid), cfg.eval_batches, cfg.micro_batch, world, rank)
+    controls = shuffled and valid.k > 0
     names = ("loss", "loss_facts") if valid.fact_flags is not None else ("loss",)
+    names += ("loss_no_retrieval",) if controls else ()
+
+    def loss_fn(m, batch):  # each batch is built once for both the loss and its no-retrieval control
+        out = lm_loss(m, batch)
+        if controls:
+            out["loss_no_retrieval"] = lm_loss(m, without_retrieval(batch))["loss"]
+        return out
 
     def run() -> dict:
-        out = evaluate(model, (valid.batch(b) for b in batches), lm_loss, device, names)
-        if shuffled and valid.k > 0:
+        out = evaluate(model, (valid.batch(b) for b in batches), loss_fn, device, names)
+        if controls:
             mixed = evaluate(model, (valid.batch(b, shuffled_neighbors=True) for b in batches), lm_loss, device, ("loss",))
             out["loss_shuffled"] = mixed["loss"]
-            alone = evaluate(model, (without_neighbors(valid.batch(b)) for b in batches), lm_loss, device, ("loss",))
-            out["loss_no_retrieval"] = alone["loss"]
         return out
 
     return run
