@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -340,12 +341,17 @@ def test_stage_resumes_a_killed_run_and_ends_where_an_uninterrupted_run_ends(
     assert m["retro"] is True and m["val_loss_shuffled"] is not None and m["val_loss_facts"] is not None
     assert m["val_loss_no_retrieval"] is not None
     # Run again when finished (DVC does, when only evaluation code changed): it evaluates the
-    # saved weights and keeps the training numbers of the run that produced them.
+    # saved weights and keeps the training numbers of the run that produced them, in the
+    # metrics and in the DVCLive log (DVC removes outputs before a run; the log comes back).
+    live_summary = json.loads((tmp_path / "full" / "live_full" / "metrics.json").read_text())
+    assert live_summary["step"] == 6 and "loss" in live_summary["val"]
+    shutil.rmtree(tmp_path / "full" / "live_full")
     r = run_stage("pretrain.py", *full)
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads((tmp_path / "full" / "metrics_full.json").read_text())
     assert again["resumed_at"] == 6 and again["val_loss"] == pytest.approx(m["val_loss"], abs=1e-6)
     assert again["train_loss"] == m["train_loss"] and again["tokens_per_s"] == m["tokens_per_s"] > 0
+    assert json.loads((tmp_path / "full" / "live_full" / "metrics.json").read_text()) == live_summary
 
     part = stage_args(inputs, tmp_path / "part", params, "part", small_tokenizer)
     r = run_stage("pretrain.py", *part, "--stop-after", 3)

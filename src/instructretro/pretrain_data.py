@@ -401,7 +401,8 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
             if start:
                 T.restore_live(live_dir, work_dir)  # DVC removed the outputs before this run
                 _truncate_live_log(Path(live_dir), start)
-            live = Live(str(live_dir), resume=start > 0, report=None, save_dvc_exp=False, dvcyaml=None)
+            if start < cfg.steps:  # a finished run's restored log stays as it is (summary included)
+                live = Live(str(live_dir), resume=start > 0, report=None, save_dvc_exp=False, dvcyaml=None)
         if start and is_main():
             print(f"pretrain: resumed from {work_dir} at step {start}")
         order = TrainOrder(len(train_set), cfg.micro_batch, cfg.grad_accum, world, rank, cfg.seed)

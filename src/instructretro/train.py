@@ -342,6 +342,8 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
     last["mean_tokens_per_s"] = tokens_done / seconds if seconds > 0 else 0.0
     if live is not None:
         live.make_summary()
+        if work_dir is not None:  # the snapshot then holds the summary too, for a rerun
+            snapshot_live(live.dir, work_dir)
     return last
 
 
