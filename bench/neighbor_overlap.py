@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "stages"))
 
 from instructretro import params as P  # noqa: E402
-from instructretro.pretrain_data import PretrainInputs, load_split  # noqa: E402
+from instructretro.pretrain_data import load_split  # noqa: E402
 from instructretro.tokenstore import TokenStore  # noqa: E402
-from pretrain import model_config_from_params  # noqa: E402
+from pretrain import add_input_args, inputs_from_args, model_config_from_params  # noqa: E402
 
 COLUMNS = ("label in nb", "bigram in nb", "prev-token copy", "unambiguous")
 
@@ -64,20 +64,14 @@ def overlap_counts(tokens, labels, fact_mask, neighbors, neighbor_mask, chunk_le
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
+    add_input_args(ap)
     ap.add_argument("--split", choices=("train", "valid"), default="valid")
     ap.add_argument("--max-samples", type=int, default=0, help="0: every sample of the split")
-    ap.add_argument("--tokens", default="data/tokens/pretrain")
-    ap.add_argument("--neighbors", default="data/neighbors/neighbors.h5")
-    ap.add_argument("--db-tokens", default="data/tokens/db")
-    ap.add_argument("--embeddings", default="data/db/embeddings.h5")
-    ap.add_argument("--tokenizer", default="data/tokenizer/spm.model")
     args = ap.parse_args(argv)
     p = P.load(args.params)
     vocab = TokenStore(args.tokens, "train").vocab_size
     config = dataclasses.replace(model_config_from_params(p, vocab), retro=True)  # neighbors even for GPT params
-    inputs = PretrainInputs(args.tokens, args.neighbors, args.db_tokens, args.embeddings, args.tokenizer,
-                            corpus=p.get("corpus.pretrain", str))
+    inputs = inputs_from_args(args, p)
     samples = load_split(inputs, config, args.split, fact_flags=True)
     n = len(samples) if args.max_samples <= 0 else min(args.max_samples, len(samples))
     tables = {}

@@ -37,15 +37,25 @@ def model_config_from_params(p, vocab_size: int):
     return presets.get(name, **overrides)
 
 
-@cli
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
+def add_input_args(ap: argparse.ArgumentParser) -> None:
+    """``--params`` and the stage's inputs (what tokenize, embed and query-neighbors wrote)."""
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--tokens", default="data/tokens/pretrain")
     ap.add_argument("--neighbors", default="data/neighbors/neighbors.h5")
     ap.add_argument("--db-tokens", default="data/tokens/db")
     ap.add_argument("--embeddings", default="data/db/embeddings.h5")
     ap.add_argument("--tokenizer", default="data/tokenizer/spm.model")
+
+
+def inputs_from_args(args, p) -> PretrainInputs:
+    return PretrainInputs(args.tokens, args.neighbors, args.db_tokens, args.embeddings, args.tokenizer,
+                          p.get("corpus.pretrain", str))
+
+
+@cli
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    add_input_args(ap)
     ap.add_argument("--out", default="data/checkpoints/pretrain")
     ap.add_argument("--work", default="data/work/pretrain", help="resume checkpoints (persist)")
     ap.add_argument("--live", default="dvclive/pretrain", help="DVCLive folder (plots)")
@@ -67,8 +77,7 @@ def main(argv=None):
         init_from, skip_train = args.eval_only, True
     if init_from and not Path(init_from).is_dir():
         raise PipelineError(f"{args.params}: 'pretrain.init_from' is {init_from}, which is not a checkpoint folder")
-    inputs = PretrainInputs(args.tokens, args.neighbors, args.db_tokens, args.embeddings, args.tokenizer,
-                            p.get("corpus.pretrain", str))
+    inputs = inputs_from_args(args, p)
     vocab = TokenStore(args.tokens, "train").vocab_size
     model_config = model_config_from_params(p, vocab)
 
