@@ -16,7 +16,8 @@ from pathlib import Path
 from instructretro import params as P, presets
 from instructretro.errors import PipelineError, cli
 from instructretro.io import write_json
-from instructretro.pretrain_data import PretrainInputs, is_main, preset_training, run_pretrain
+from instructretro.pretrain import is_main, preset_training, run_pretrain
+from instructretro.pretrain_data import PretrainInputs
 from instructretro.tokenstore import TokenStore
 from instructretro.train import TrainConfig
 

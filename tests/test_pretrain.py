@@ -181,7 +181,7 @@ def test_no_retrieval_validation_is_the_decoder_alone(inputs):
 
     from instructretro import presets
     from instructretro.model import Retro, load_decoder_weights
-    from instructretro.pretrain_data import validation_fn
+    from instructretro.pretrain import validation_fn
 
     store = TokenStore(inputs / "tokens" / "pretrain", "valid")
     with h5py.File(inputs / "neighbors" / "neighbors.h5") as f:
