@@ -10,7 +10,7 @@ DVC    := $(BIN)/dvc
 # Stage commands in dvc.yaml call `python`, `deepspeed`: every target runs them from .venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-fast bench clean-venv
+.PHONY: install repro test test-fast bench clean-venv browser vega plots results
 
 install: $(STAMP)
 
@@ -24,11 +24,43 @@ $(STAMP): requirements.txt pyproject.toml
 repro: install
 	$(DVC) repro
 
-test: install
+test: install browser vega
 	$(BIN)/python -m pytest -q tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# The plots page (`dvc plots show`) drawn offline: `make vega` keeps the Vega scripts in
+# .venv/vega (fetched once with npm, the versions dvc-render's page names), `make browser`
+# installs Debian's Chromium when none is on PATH (apt-get, as root). `make plots` writes
+# plots/index.html and the screenshot docs/plots.png; `make results` rewrites README.md's table
+# of headline numbers from metrics/ (python -m instructretro.report).
+VEGA_DIR  := $(VENV)/vega
+VEGA_PKGS := vega@5.20.2 vega-lite@5.2.0 vega-embed@6.18.2
+BROWSER   := $(firstword $(shell command -v chromium chromium-browser google-chrome 2>/dev/null))
+
+browser:
+ifeq ($(BROWSER),)
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "make browser: no Chromium on PATH; install Debian's chromium package (the plots test skips without it)"; fi
+endif
+
+vega: $(VEGA_DIR)/vega-embed.min.js
+
+$(VEGA_DIR)/vega-embed.min.js:
+	@command -v npm >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; }
+	mkdir -p $(VEGA_DIR)/pkg
+	cd $(VEGA_DIR)/pkg && npm pack --silent $(VEGA_PKGS) >/dev/null
+	for pkg in $(VEGA_PKGS); do name=$${pkg%@*}; \
+	  tar xzf $(VEGA_DIR)/pkg/$$name-$${pkg#*@}.tgz -O package/build/$$name.min.js > $(VEGA_DIR)/$$name.min.js.tmp && \
+	  mv $(VEGA_DIR)/$$name.min.js.tmp $(VEGA_DIR)/$$name.min.js; done
+	rm -rf $(VEGA_DIR)/pkg
+
+plots: install browser vega
+	$(BIN)/python -m instructretro.plots --out plots --png docs/plots.png
+
+results: install
+	$(BIN)/python -m instructretro.report --write README.md
 
 # Instruction tuning. `make sft` runs the sft stage (and whatever it depends on) for the default
 # preset (params.yaml model.name); `make sft MODEL=843m` runs it as a DVC experiment for that

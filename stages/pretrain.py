@@ -22,12 +22,13 @@ from instructretro.tokenstore import TokenStore
 from instructretro.train import TrainConfig
 
 
-def model_config_from_params(p, vocab_size: int):
+def model_config_from_params(p, vocab_size: int, gpt: bool = False):
     """The ModelConfig of ``model.name`` with the ``model.*`` overrides (null = the preset's),
-    the tokenizer's vocab and the data's chunk and sequence lengths."""
+    the tokenizer's vocab and the data's chunk and sequence lengths; ``gpt`` forces
+    ``model.retro`` false (the stage pretrain-gpt)."""
     section = p.section("model")
     name = p.get("model.name", str)
-    retro = p.get("model.retro", bool)
+    retro = p.get("model.retro", bool) and not gpt
     overrides = {k: v for k, v in section.items() if k not in ("name", "retro")}
     for key in ("vocab_size", "seq_length", "chunk_length"):
         if overrides.get(key) is not None:
@@ -63,6 +64,8 @@ def main(argv=None):
     ap.add_argument("--metrics", default="metrics/pretrain.json")
     ap.add_argument("--eval-only", metavar="CKPT", default="",
                     help="only evaluate this exported checkpoint; write --metrics, train nothing")
+    ap.add_argument("--gpt", action="store_true",
+                    help="train the GPT baseline whatever model.retro says (stage pretrain-gpt; reads no neighbors)")
     ap.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                     help="stop after this many steps with a resume checkpoint (a later run continues)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -80,7 +83,7 @@ def main(argv=None):
         raise PipelineError(f"{args.params}: 'pretrain.init_from' is {init_from}, which is not a checkpoint folder")
     inputs = inputs_from_args(args, p)
     vocab = TokenStore(args.tokens, "train").vocab_size
-    model_config = model_config_from_params(p, vocab)
+    model_config = model_config_from_params(p, vocab, gpt=args.gpt)
 
     metrics = run_pretrain(inputs, model_config, cfg, None if args.eval_only else args.out, args.work,
                            None if args.eval_only else args.live, init_from, skip_train, args.stop_after)

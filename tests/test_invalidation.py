@@ -14,8 +14,9 @@ from e2e import copy_repo, dvc
 
 ALL = ["generate-world", "tokenizer", "tokenize@db", "tokenize@pretrain", "embed", "train-index",
        "add-index", "query-neighbors", "pretrain", "sft", "generate", "score"]
+GPT = ["pretrain-gpt"]  # the GPT baseline reads the pretraining tokens only, never the retrieval stages
 MODEL = ["pretrain", "sft", "generate", "score"]
-FROM_TOKENIZER = ALL[1:]
+FROM_TOKENIZER = ALL[1:] + GPT
 FROM_EMBED = ALL[4:]
 FROM_INDEX = ALL[5:]
 FROM_QUERY = ALL[7:]
@@ -36,7 +37,7 @@ def _declared_stages() -> set[str]:
         return {_group(s.name) for s in r.index.stages}
 
 
-pytestmark = pytest.mark.skipif(not set(ALL) <= _declared_stages(),
+pytestmark = pytest.mark.skipif(not set(ALL + GPT) <= _declared_stages(),
                                 reason="the pipeline does not declare all nine stages yet")
 
 
@@ -101,15 +102,15 @@ def _edit_first_record(path):
 
 CHANGES = {
     "pretraining corpus": (lambda r: _edit_first_record(r / "corpora" / "documents.jsonl"),
-                           ["tokenize@pretrain"] + FROM_QUERY),
+                           ["tokenize@pretrain"] + FROM_QUERY + GPT),
     "database corpus": (lambda r: _edit_first_record(r / "corpora" / "reference.jsonl"), FROM_TOKENIZER),
     "vocab size": (lambda r: _set(r, "tokenizer.vocab_size", 500), FROM_TOKENIZER),
     "encoder path": (lambda r: _set(r, "embed.encoder", "some/other/encoder"), FROM_EMBED),
-    "chunk length": (lambda r: _set(r, "retro.chunk_length", 32), FROM_EMBED),
+    "chunk length": (lambda r: _set(r, "retro.chunk_length", 32), FROM_EMBED + GPT),
     "index factory": (lambda r: _set(r, "index.factory", "Flat"), FROM_INDEX),
     "nprobe": (lambda r: _set(r, "query.nprobe", 7), FROM_QUERY),
     "neighbors": (lambda r: _set(r, "query.num_neighbors_save", 3), FROM_QUERY),
-    "pretrain lr": (lambda r: _set(r, "pretrain.lr", 0.0123), MODEL),
+    "pretrain lr": (lambda r: _set(r, "pretrain.lr", 0.0123), MODEL + GPT),
     "sft lr": (lambda r: _set(r, "sft.lr", 0.0123), MODEL[1:]),
     "sft dataset file": (lambda r: _edit_first_record(r / "corpora" / "sft" / "chat.jsonl"), MODEL[1:]),
     "generate setting": (lambda r: _set(r, "generate.max_new_tokens", 5), MODEL[2:]),

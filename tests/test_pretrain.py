@@ -388,3 +388,18 @@ def test_stage_errors_name_the_param(inputs, small_world, small_tokenizer, tmp_p
         assert exc.value.code == 1
         err = capsys.readouterr().err
         assert key in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_gpt_flag_trains_the_baseline_without_reading_neighbors(inputs, small_world, small_tokenizer, tmp_path,
+                                                                 one_thread):
+    """Stage pretrain-gpt: ``--gpt`` trains GPT whatever model.retro says, and needs no
+    neighbors, DB tokens or embeddings (its dvc.yaml deps list none of them)."""
+    params = set_model(write_params(tmp_path / "params.yaml", small_world, steps=2, eval_interval=2), retro=True)
+    args = stage_args(inputs, tmp_path, params, "gpt", small_tokenizer)
+    for flag in ("--neighbors", "--db-tokens", "--embeddings"):
+        args[args.index(flag) + 1] = tmp_path / "absent"
+    r = run_stage("pretrain.py", *args, "--gpt")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "metrics_gpt.json").read_text())
+    assert m["retro"] is False and m["steps"] == 2 and m["val_loss_shuffled"] is None
+    assert json.loads((tmp_path / "ckpt_gpt" / "config.json").read_text())["retro"] is False
