@@ -17,11 +17,11 @@ by copying.
 It prints the loss every ``--every`` steps next to ln(vocab), the loss of a model that copies
 nothing::
 
-    .venv/bin/python bench/copy_probe.py --mode retro --steps 400
-    .venv/bin/python bench/copy_probe.py --mode gpt --steps 600 --lr 8e-3
+    .venv/bin/python experiments/copy_probe.py --mode retro --steps 400
+    .venv/bin/python experiments/copy_probe.py --mode gpt --steps 600 --lr 8e-3
 
 Three switches change the Retro model of the probe only (the pipeline's model has none of them;
-docs/pretrain.md, session 4, says what they do together and apart), to test which inductive
+docs/findings.md says what they do together and apart), to test which inductive
 biases let a copy by content form quickly:
 
 - ``--output-from-embedding``: the output layer starts as a copy of the input embedding (the two
@@ -33,7 +33,7 @@ biases let a copy by content form quickly:
 - ``--match-init S``: CCA query weights scaled by S and key weights set equal to them, so at
   initialisation a query scores highest the keys made from its own token.
 
-    .venv/bin/python bench/copy_probe.py --mode retro --shift 32 --vocab 4096 --steps 150 \
+    .venv/bin/python experiments/copy_probe.py --mode retro --shift 32 --vocab 4096 --steps 150 \
         --output-from-embedding --prev-keys --match-init 4
 """
 

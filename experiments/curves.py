@@ -11,10 +11,10 @@ their DVCLive logs into ``<out>/val_loss.tsv``::
 tokens that state facts). It prints the table and the first step from which Retro stays below
 GPT. Show it with DVC:
 
-    .venv/bin/dvc plots show bench/out/curves/val_loss.tsv -x step -y retro -y gpt -y retro_shuffled
+    .venv/bin/dvc plots show experiments/out/curves/val_loss.tsv -x step -y retro -y gpt -y retro_shuffled
 
-    .venv/bin/python bench/curves.py --steps 1000 --eval-interval 50      # both runs (long)
-    .venv/bin/python bench/curves.py --retro-live A --gpt-live B          # merge finished runs
+    .venv/bin/python experiments/curves.py --steps 1000 --eval-interval 50      # both runs (long)
+    .venv/bin/python experiments/curves.py --retro-live A --gpt-live B          # merge finished runs
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--eval-interval", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per run (0: torch's default)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "out" / "curves"))
+    ap.add_argument("--out", default=str(REPO / "experiments" / "out" / "curves"))
     ap.add_argument("--retro-live", default=None, help="merge this finished Retro run's DVCLive dir")
     ap.add_argument("--gpt-live", default=None, help="merge this finished GPT run's DVCLive dir")
     args = ap.parse_args(argv)

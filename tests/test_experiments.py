@@ -1,5 +1,5 @@
-"""The counting and model switches of the diagnostic benchmarks (bench/neighbor_overlap.py,
-bench/copy_probe.py), whose numbers the docs quote."""
+"""The counting and model switches of the research probes (experiments/neighbor_overlap.py,
+experiments/copy_probe.py), whose numbers the docs quote."""
 
 import sys
 from collections import defaultdict
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 import copy_probe  # noqa: E402
 import neighbor_overlap  # noqa: E402

@@ -16,8 +16,8 @@ The same counts with *shuffled* neighbors (each sample reads those of the sample
 away, as ``val_loss_shuffled`` does) are the chance level. Rows: labels that state a fact (the
 default world records them), the other labels, all. Run it after ``dvc repro query-neighbors``::
 
-    .venv/bin/python bench/neighbor_overlap.py               # valid split, params.yaml
-    .venv/bin/python bench/neighbor_overlap.py --split train --max-samples 500
+    .venv/bin/python experiments/neighbor_overlap.py               # valid split, params.yaml
+    .venv/bin/python experiments/neighbor_overlap.py --split train --max-samples 500
 """
 
 from __future__ import annotations

@@ -1,0 +1,96 @@
+"""The headline numbers of a pipeline run as a markdown table, read from the metrics files.
+
+``python -m instructretro.report`` prints the table; ``--write README.md`` replaces the table
+between the README's ``<!-- results:start -->`` and ``<!-- results:end -->`` markers
+(``make results``). A metrics file that does not exist (a stage not run yet) gives no row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from .errors import PipelineError, cli
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _read(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+
+
+def _num(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def rows(metrics_dir: str | os.PathLike = "metrics") -> list[tuple[str, str, str]]:
+    """(stage, measure, value) for every headline number whose metrics file exists."""
+    m = Path(metrics_dir)
+    out = []
+    if q := _read(m / "query_neighbors.json"):
+        index = (_read(m / "train_index.json") or {}).get("factory")
+        out.append(("query-neighbors", f"recall@{q.get('k')} against exact search" + (f" (index {index})" if index else ""),
+                    _num(q.get("recall_at_k"), 3)))
+    for stage, name in (("pretrain", "pretrain.json"), ("pretrain-gpt", "pretrain_gpt.json")):
+        if p := _read(m / name):
+            model = f"{p.get('model')} {'Retro' if p.get('retro') else 'GPT'}, {p.get('steps')} steps"
+            out.append((stage, f"{model}: validation loss (perplexity)",
+                        f"{_num(p.get('val_loss'), 4)} ({_num(p.get('val_ppl'), 3)})"))
+            if p.get("val_loss_shuffled") is not None:
+                out.append((stage, "validation loss, shuffled neighbors", _num(p["val_loss_shuffled"], 4)))
+            if p.get("val_loss_no_retrieval") is not None:
+                out.append((stage, "validation loss, no retrieval", _num(p["val_loss_no_retrieval"], 4)))
+    if s := _read(m / "sft.json"):
+        out.append(("sft", f"validation loss ({s.get('steps')} steps, retrieval {s.get('retrieval')})",
+                    _num(s.get("val_loss"), 4)))
+    for path in sorted((m / "score").glob("*.json")):
+        sc = _read(path)
+        out.append((f"score@{path.stem}", f"EM / F1 ({sc.get('count')} questions)",
+                    f"{_num(sc.get('em'), 1)} / {_num(sc.get('f1'), 1)}"))
+    return out
+
+
+def table(metrics_dir: str | os.PathLike = "metrics") -> str:
+    lines = ["| stage | measure | value |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows(metrics_dir)]
+    return "\n".join(lines) + "\n"
+
+
+def replace_table(text: str, new_table: str, source: str = "README.md") -> str:
+    """``text`` with the part between the markers replaced by ``new_table``."""
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise PipelineError(f"{source}: needs one '{START}' line followed by one '{END}' line")
+    head, rest = text.split(START)
+    _, tail = rest.split(END)
+    return f"{head}{START}\n{new_table}{END}{tail}"
+
+
+def table_in(text: str) -> str:
+    """The table between the markers of ``text``."""
+    return text.split(START, 1)[1].split(END, 1)[0].lstrip("\n")
+
+
+@cli
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--metrics", default="metrics", help="folder of the stages' metrics files")
+    ap.add_argument("--write", metavar="FILE", default="", help="replace the table between the markers in FILE")
+    args = ap.parse_args(argv)
+    t = table(args.metrics)
+    if args.write:
+        path = Path(args.write)
+        path.write_text(replace_table(path.read_text(), t, args.write))
+        print(f"report: wrote the table into {path}")
+    else:
+        print(t, end="")
+
+
+if __name__ == "__main__":
+    main()
