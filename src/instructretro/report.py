@@ -1,7 +1,8 @@
 """The headline numbers of a pipeline run as a markdown table, read from the metrics files.
 
 ``python -m instructretro.report`` prints the table; ``--write README.md`` replaces the table
-between the README's ``<!-- results:start -->`` and ``<!-- results:end -->`` markers
+between the README's ``<!-- results:start -->`` and ``<!-- results:end -->`` markers, and the
+pipeline picture (``dvc dag --md``) between ``<!-- dag:start -->`` and ``<!-- dag:end -->``
 (``make results``). A metrics file that does not exist (a stage not run yet) gives no row.
 """
 
@@ -10,11 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from .errors import PipelineError, cli
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+DAG_START, DAG_END = "<!-- dag:start -->", "<!-- dag:end -->"
 
 
 def _read(path: Path) -> dict | None:
@@ -63,18 +67,27 @@ def table(metrics_dir: str | os.PathLike = "metrics") -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_table(text: str, new_table: str, source: str = "README.md") -> str:
+def replace_table(text: str, new_table: str, source: str = "README.md", start: str = START, end: str = END) -> str:
     """``text`` with the part between the markers replaced by ``new_table``."""
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        raise PipelineError(f"{source}: needs one '{START}' line followed by one '{END}' line")
-    head, rest = text.split(START)
-    _, tail = rest.split(END)
-    return f"{head}{START}\n{new_table}{END}{tail}"
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise PipelineError(f"{source}: needs one '{start}' line followed by one '{end}' line")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    return f"{head}{start}\n{new_table}{end}{tail}"
 
 
-def table_in(text: str) -> str:
-    """The table between the markers of ``text``."""
-    return text.split(START, 1)[1].split(END, 1)[0].lstrip("\n")
+def table_in(text: str, start: str = START, end: str = END) -> str:
+    """The part of ``text`` between the markers."""
+    return text.split(start, 1)[1].split(end, 1)[0].lstrip("\n")
+
+
+def dag(repo: str | os.PathLike = ".") -> str:
+    """``dvc dag --md`` of ``repo`` (a mermaid flowchart in a fenced block)."""
+    exe = Path(sys.executable).parent / "dvc"
+    r = subprocess.run([str(exe) if exe.exists() else "dvc", "dag", "--md"], cwd=repo, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise PipelineError(f"dvc dag --md failed in {repo}: {r.stderr.strip()[-300:]}")
+    return r.stdout.strip() + "\n"
 
 
 @cli
@@ -86,8 +99,10 @@ def main(argv=None):
     t = table(args.metrics)
     if args.write:
         path = Path(args.write)
-        path.write_text(replace_table(path.read_text(), t, args.write))
-        print(f"report: wrote the table into {path}")
+        text = replace_table(path.read_text(), t, args.write)
+        text = replace_table(text, dag(path.parent), args.write, DAG_START, DAG_END)
+        path.write_text(text)
+        print(f"report: wrote the results table and the pipeline picture into {path}")
     else:
         print(t, end="")
 
