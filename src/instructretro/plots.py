@@ -38,7 +38,8 @@ PAGE = """<!DOCTYPE html>
 <meta charset="utf-8">
 <title>InstructRetro plots</title>
 {inline_scripts}
-<style>body {{ font-family: sans-serif; background: white; }} table {{ border-spacing: 15px; }}</style>
+<style>body {{ font-family: sans-serif; background: white; display: flex; flex-wrap: wrap; gap: 12px; }}
+table {{ border-spacing: 15px; }}</style>
 </head>
 <body>
 {{plot_divs}}
@@ -177,7 +178,7 @@ def main(argv=None):
     if args.png:
         with tempfile.TemporaryDirectory() as tmp:
             top = render_html(args.repo, tmp, targets=TOP_LEVEL, vega_dir=args.vega, dvc=dvc)
-            png = screenshot(top, args.png)
+            png = screenshot(top, args.png, width=1300, height=780)
         print(f"plots: wrote {png} ({ink(read_png(png))['coloured']:.1%} of it plot colour)")
 
 
