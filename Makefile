@@ -41,20 +41,22 @@ BROWSER   := $(firstword $(shell command -v chromium chromium-browser google-chr
 
 browser:
 ifeq ($(BROWSER),)
-	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	  || echo "make browser: apt-get could not install chromium (the plots test will skip)"; \
 	else echo "make browser: no Chromium on PATH; install Debian's chromium package (the plots test skips without it)"; fi
 endif
 
 vega: $(VEGA_DIR)/vega-embed.min.js
 
+# Fetched into a scratch folder and moved into place only when all three are there.
 $(VEGA_DIR)/vega-embed.min.js:
-	@command -v npm >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; }
-	mkdir -p $(VEGA_DIR)/pkg
-	cd $(VEGA_DIR)/pkg && npm pack --silent $(VEGA_PKGS) >/dev/null
-	for pkg in $(VEGA_PKGS); do name=$${pkg%@*}; \
-	  tar xzf $(VEGA_DIR)/pkg/$$name-$${pkg#*@}.tgz -O package/build/$$name.min.js > $(VEGA_DIR)/$$name.min.js.tmp && \
-	  mv $(VEGA_DIR)/$$name.min.js.tmp $(VEGA_DIR)/$$name.min.js; done
-	rm -rf $(VEGA_DIR)/pkg
+	@command -v npm >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; } || true
+	@rm -rf $(VEGA_DIR).tmp && mkdir -p $(VEGA_DIR).tmp && cd $(VEGA_DIR).tmp && \
+	if npm pack --silent $(VEGA_PKGS) >/dev/null; then \
+	  for pkg in $(VEGA_PKGS); do name=$${pkg%@*}; tar xzf $$name-$${pkg#*@}.tgz -O package/build/$$name.min.js > $$name.min.js; done && \
+	  mkdir -p $(abspath $(VEGA_DIR)) && mv vega.min.js vega-lite.min.js $(abspath $(VEGA_DIR))/ && mv vega-embed.min.js $(abspath $(VEGA_DIR))/ && echo "make vega: Vega scripts in $(VEGA_DIR)"; \
+	else echo "make vega: npm could not fetch $(VEGA_PKGS) (the plots test will skip)"; fi; \
+	rm -rf $(abspath $(VEGA_DIR)).tmp
 
 plots: install browser vega
 	$(BIN)/python -m instructretro.plots --out plots --png docs/plots.png
