@@ -10,7 +10,7 @@ DVC    := $(BIN)/dvc
 # Stage commands in dvc.yaml call `python`, `deepspeed`: every target runs them from .venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-fast bench clean-venv browser vega plots results
+.PHONY: install repro test test-fast bench clean-venv browser vega plots results overlap
 
 install: $(STAMP)
 
@@ -63,6 +63,12 @@ plots: install browser vega
 
 results: install
 	$(BIN)/python -m instructretro.report --write README.md
+
+# How much of the pretraining text the neighbors could give (experiments/neighbor_overlap.py on
+# the valid split), before any training: the first check when Retro ignores its neighbors.
+overlap: install
+	$(DVC) repro query-neighbors
+	$(BIN)/python experiments/neighbor_overlap.py
 
 # Instruction tuning. `make sft` runs the sft stage (and whatever it depends on) for the default
 # preset (params.yaml model.name); `make sft MODEL=843m` runs it as a DVC experiment for that

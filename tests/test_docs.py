@@ -274,7 +274,7 @@ def test_report_rows_follow_the_metrics_files(tmp_path):
     (tmp_path / "score" / "nq.json").write_text('{"em": 12.5, "f1": 20.25, "count": 8}')
     t = report.table(tmp_path)
     assert "| pretrain-gpt | tiny GPT, 4 steps: validation loss (perplexity) | 1.5000 (4.482) |" in t
-    assert "| score@nq | EM / F1 (8 questions) | 12.5 / 20.2 |" in t and "shuffled" not in t
+    assert "| score | nq: EM / F1 (8 questions) | 12.5 / 20.2 |" in t and "shuffled" not in t
     readme = f"intro\n{report.START}\nold\n{report.END}\nrest\n"
     assert report.replace_table(readme, t) == f"intro\n{report.START}\n{t}{report.END}\nrest\n"
 

@@ -56,7 +56,7 @@ def rows(metrics_dir: str | os.PathLike = "metrics") -> list[tuple[str, str, str
                     _num(s.get("val_loss"), 4)))
     for path in sorted((m / "score").glob("*.json")):
         sc = _read(path)
-        out.append((f"score@{path.stem}", f"EM / F1 ({sc.get('count')} questions)",
+        out.append(("score", f"{path.stem}: EM / F1 ({sc.get('count')} questions)",
                     f"{_num(sc.get('em'), 1)} / {_num(sc.get('f1'), 1)}"))
     return out
 
