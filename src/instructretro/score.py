@@ -19,8 +19,9 @@ InstructRetro scored it. Task scores are averages over questions in percent (0-1
 
 ``gold_in_context`` is the fraction (0-1) of questions whose normalised gold answer (any of
 them) occurs, as whole tokens, in the normalised text of the contexts the model was shown: the
-prompt contexts and, in encoder mode, the retrieved neighbors (the answer record's
-``contexts``). It measures retrieval, independent of the model.
+prompt contexts (the answer record's ``contexts``) and, in encoder mode, the retrieved
+neighbors (its ``encoder_neighbors``, ``{id, text}``). It measures retrieval, independent of
+the model; a task answered without retrieval (records without either field) has None.
 """
 
 from __future__ import annotations
@@ -102,9 +103,9 @@ def score_answers(records: Iterable[dict], source: str = "answers", f1_gold: str
     ``source`` names the file in error messages (records are numbered from 1, one per line);
     ``f1_gold`` is ``max`` (SQuAD v1.1) or ``first`` (the reference's first-gold-only F1);
     ``normalize`` is ``squad`` (the official rules) or ``unicode``. ``gold_in_context`` is the
-    fraction of questions whose gold occurs in the record's ``contexts``, or None when the
-    records carry no contexts (retrieval ``none``, or answers written without them). An empty
-    set of records is an error.
+    fraction of questions whose gold occurs in the record's ``contexts`` and
+    ``encoder_neighbors`` texts, or None when the records carry neither (retrieval ``none``). An
+    empty set of records is an error.
     """
     em = f1 = 0.0
     count = found = with_contexts = 0
@@ -119,12 +120,15 @@ def score_answers(records: Iterable[dict], source: str = "answers", f1_gold: str
             raise PipelineError(f"{where}: 'answer' must be a non-empty list of strings")
         if any(not g.strip() for g in golds):
             raise PipelineError(f"{where}: 'answer' holds an empty gold answer")
-        contexts = rec.get("contexts")
-        if contexts is not None:
+        if "contexts" in rec or "encoder_neighbors" in rec:
+            contexts, neighbors = rec.get("contexts", []), rec.get("encoder_neighbors", [])
             if not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts):
                 raise PipelineError(f"{where}: 'contexts' must be a list of strings")
+            if not isinstance(neighbors, list) or not all(isinstance(n, dict) and isinstance(n.get("text"), str)
+                                                           for n in neighbors):
+                raise PipelineError(f"{where}: 'encoder_neighbors' must be a list of {{id, text}}")
             with_contexts += 1
-            found += gold_in_context(golds, contexts, normalize)
+            found += gold_in_context(golds, contexts + [n["text"] for n in neighbors], normalize)
         em += exact_match(pred, golds, normalize)
         f1 += f1_score(pred, golds, f1_gold, normalize)
         count += 1
