@@ -369,3 +369,7 @@ def test_generate_stage_malformed_qa_line_names_file_and_line(tmp_path, small_to
     assert not (tmp_path / "answers" / "nq.jsonl").exists()
     proc = run_stage("generate.py", *args[:4], "--task", "tqa", *args[6:])
     assert proc.returncode == 1 and "no task named 'tqa'" in proc.stderr
+    (tmp_path / "qa.jsonl").write_text("\n")  # no questions: an error, not a score over 0 questions
+    proc = run_stage("generate.py", *args)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: {tmp_path / 'qa.jsonl'}: no questions in the QA file"
