@@ -146,6 +146,8 @@ def main(argv=None):
         print(f"sft: {name} Retro, {n_params:,} parameters at vocab {tok.vocab_size}")
         print_cost(config, sft.sft_settings(name, s["overrides"]))
         return
+    blend = sft.parse_blend(s["blend"], p.source, out=args.out)  # before any slow loading
+    check_declared(blend, args.dvc_yaml, p.source)
     if args.smoke:
         name = args.model or p.get("model.name", str)
         config = presets.get(name, vocab_size=tok.vocab_size, chunk_length=s["chunk_length"])
@@ -171,8 +173,6 @@ def main(argv=None):
     if retrieval != s["retrieval"]:
         print(f"sft smoke: {args.index} not built yet, so retrieval=none for the smoke step")
     num_neighbors = s["num_neighbors"] or config.num_neighbors
-    blend = sft.parse_blend(s["blend"], p.source, out=args.out)
-    check_declared(blend, args.dvc_yaml, p.source)
     sdata = sft.build_data(blend, tok, seq_length=settings["seq_length"], chunk_length=s["chunk_length"],
                            num_draws=cfg.steps * settings["global_batch"], retrieval=retrieval, retriever=retriever,
                            num_contexts=s["num_contexts"], num_neighbors=num_neighbors, system=s["system"],

@@ -134,6 +134,21 @@ def test_exactly_the_dependent_stages_are_stale(repo, change):
 
 
 @pytest.mark.slow
+def test_adding_a_qa_task_stales_only_its_own_stages(repo):
+    subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
+    assert _stale(repo) == set()
+    (repo / "corpora" / "nq.jsonl").write_text(json.dumps({"question": "who?", "answer": ["x"]}) + "\n")
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["generate"]["tasks"]["nq"] = {"path": "corpora/nq.jsonl", "style": "short"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    try:
+        assert set(json.loads(dvc(repo, "status", "--json").stdout or "{}")) == {"generate@nq", "score@nq"}
+    finally:
+        (repo / "corpora" / "nq.jsonl").unlink()
+        subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
+
+
+@pytest.mark.slow
 def test_one_corpus_for_both_reruns_everything_downstream(repo):
     subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
     _set(repo, "corpus.db", "corpora/documents.jsonl")
@@ -148,16 +163,3 @@ def test_one_corpus_for_both_reruns_everything_downstream(repo):
     finally:
         subprocess.run(["git", "reset", "-q", "--hard", "HEAD~1"], cwd=repo, check=True)
 
-
-@pytest.mark.slow
-def test_adding_a_qa_task_stales_only_its_own_stages(repo):
-    subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
-    (repo / "corpora" / "nq.jsonl").write_text(json.dumps({"question": "who?", "answer": ["x"]}) + "\n")
-    p = yaml.safe_load((repo / "params.yaml").read_text())
-    p["generate"]["tasks"]["nq"] = {"path": "corpora/nq.jsonl", "style": "short"}
-    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    try:
-        assert set(json.loads(dvc(repo, "status", "--json").stdout or "{}")) == {"generate@nq", "score@nq"}
-    finally:
-        (repo / "corpora" / "nq.jsonl").unlink()
-        subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
