@@ -1,9 +1,12 @@
 """Stage generate@<task>: answer one QA task of ``generate.tasks`` with the instruction-tuned model.
 
-dvc.yaml runs one stage per task (``foreach`` over ``generate.tasks``), so each task's QA file
-is a dependency of its own stage. Writes ``--out`` (``data/answers/<task>.jsonl``: question,
-prediction, gold answers, retrieved chunk ids) and ``--metrics`` (questions, prompts cut,
-contexts dropped, tokens, speed). The retrieval mode, prompt contexts and decoding limits are
+``generate.tasks`` maps a task name to ``{path, style}``; dvc.yaml runs one stage per task
+(``foreach`` over the mapping, named ``generate@<name>``) whose params are its own entry
+``generate.tasks.<name>`` and the shared ``generate.*`` settings, so each task's QA file is a
+dependency of its own stage and adding a task leaves the others up to date. Writes ``--out``
+(``data/answers/<task>.jsonl``: question, prediction, gold answers, retrieved chunk ids, and with
+retrieval the ``contexts`` texts in the prompt and the ``encoder_neighbors`` ``{id, text}`` the
+encoder saw) and ``--metrics`` (questions, prompts cut, contexts dropped, tokens, speed). The retrieval mode, prompt contexts and decoding limits are
 params; see ``instructretro.generate``.
 """
 
@@ -18,7 +21,7 @@ from instructretro import data, params as P
 from instructretro.decoding import greedy_generate
 from instructretro.embed import encoder_from_params
 from instructretro.errors import PipelineError, cli
-from instructretro.generate import MODES, Settings, answer_questions, parse_tasks
+from instructretro.generate import MODES, Settings, answer_questions, parse_task
 from instructretro.io import write_json, write_jsonl
 from instructretro.retrieval import Retriever
 from instructretro.tokenizer import Tokenizer
@@ -55,10 +58,11 @@ def main(argv=None):
     settings = read_settings(p)
     if settings.num_contexts < 0:
         raise PipelineError(f"{args.params}: param 'generate.num_contexts' must be >= 0")
-    tasks = {t.name: t for t in parse_tasks(p.get("generate.tasks"), source=args.params)}
-    if args.task not in tasks:
-        raise PipelineError(f"{args.params}: no task named {args.task!r} in 'generate.tasks' ({sorted(tasks)})")
-    task = tasks[args.task]
+    entry = p.get(f"generate.tasks.{args.task}", default=None)  # only its own entry: its stage's param
+    if entry is None:
+        raise PipelineError(f"{args.params}: no task named {args.task!r} in 'generate.tasks' "
+                            "(a mapping name -> {path, style})")
+    task = parse_task(args.task, entry, source=args.params)
     checkpoint = p.get("generate.checkpoint", str)
     max_questions = p.get("generate.max_questions", int)  # 0: all; a quick look at a big set
     chunk_length = P.positive("retro.chunk_length", p.get("retro.chunk_length", int))

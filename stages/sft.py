@@ -34,8 +34,7 @@ def read_params(p: P.Params) -> dict:
     """Every ``sft.*`` key this stage reads (plus ``retro.chunk_length``), checked."""
     out = {
         "init_from": p.get("sft.init_from", str),
-        "data": p.get("sft.data", str),
-        "blend": p.get("sft.blend", list),
+        "blend": p.get("sft.blend"),
         "valid_fraction": p.get("sft.valid_fraction", float),
         "valid_samples": P.positive("sft.valid_samples", p.get("sft.valid_samples", int)),
         "system": p.get("sft.system", str),
@@ -54,6 +53,22 @@ def read_params(p: P.Params) -> dict:
     if out["num_contexts"] < 0:
         raise PipelineError(f"{p.source}: param 'sft.num_contexts' must be >= 0")
     return out
+
+
+def check_declared(blend: list, dvc_yaml: str, source: str) -> None:
+    """Every blend file must be a dependency of the sft stage in ``dvc_yaml`` (skipped without
+    one), so that DVC reruns the stage when the file changes."""
+    import yaml
+
+    path = Path(dvc_yaml)
+    if not path.is_file():
+        return
+    stage = (yaml.safe_load(path.read_text()) or {}).get("stages", {}).get("sft", {})
+    missing = sft.undeclared_entries(blend, stage.get("deps", []) if isinstance(stage, dict) else [])
+    if missing:
+        name = missing[0]
+        raise PipelineError(f"{source}: param 'sft.blend.{name}': its file is not a dependency of stage sft; add "
+                            f"'- ${{sft.blend.{name}.path}}' to the sft deps in {path} (one line per blend entry)")
 
 
 def make_retriever(args, p: P.Params, s: dict):
@@ -114,6 +129,8 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="one step of the --model preset's real graph")
     ap.add_argument("--estimate", action="store_true", help="print the cost of the --model preset's SFT run and exit")
     ap.add_argument("--model", default=None, help="preset for --smoke / --estimate (default: model.name)")
+    ap.add_argument("--dvc-yaml", default="dvc.yaml", help="where the sft stage's deps are declared (checked "
+                    "to list every blend file; skipped when the file does not exist)")
     ap.add_argument("--local_rank", type=int, default=None)  # set by the deepspeed launcher
     args = ap.parse_args(argv)
     p = P.load(args.params)
@@ -129,6 +146,8 @@ def main(argv=None):
         print(f"sft: {name} Retro, {n_params:,} parameters at vocab {tok.vocab_size}")
         print_cost(config, sft.sft_settings(name, s["overrides"]))
         return
+    blend = sft.parse_blend(s["blend"], p.source, out=args.out)  # before any slow loading
+    check_declared(blend, args.dvc_yaml, p.source)
     if args.smoke:
         name = args.model or p.get("model.name", str)
         config = presets.get(name, vocab_size=tok.vocab_size, chunk_length=s["chunk_length"])
@@ -154,7 +173,6 @@ def main(argv=None):
     if retrieval != s["retrieval"]:
         print(f"sft smoke: {args.index} not built yet, so retrieval=none for the smoke step")
     num_neighbors = s["num_neighbors"] or config.num_neighbors
-    blend = sft.parse_blend(s["blend"], s["data"], p.source)
     sdata = sft.build_data(blend, tok, seq_length=settings["seq_length"], chunk_length=s["chunk_length"],
                            num_draws=cfg.steps * settings["global_batch"], retrieval=retrieval, retriever=retriever,
                            num_contexts=s["num_contexts"], num_neighbors=num_neighbors, system=s["system"],

@@ -109,3 +109,47 @@ def test_wrong_param_type_names_the_key(tmp_path):
     with pytest.raises(PipelineError, match="missing param 'retro.seq_length'"):
         prm.get("retro.seq_length", int)
     assert prm.get("retro.chunk_length", float) == 64.0
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "qa.jsonl: no questions"),
+    ("\n  \n", "qa.jsonl: no questions"),
+    ('{"question": "who?", "answer": ["A"]}\n{"question": "why?", "answer": ["B", ""]}\n',
+     "qa.jsonl:2: 'answer' holds an empty gold answer"),
+    ('{"question": "who?", "answer": " "}\n', "qa.jsonl:1: 'answer' holds an empty gold answer"),
+    ('{"answer": ["A"]}\n', "qa.jsonl:1: 'question' must be a non-empty string"),
+])
+def test_bad_qa_files_name_file_and_line(tmp_path, content, message):
+    p = tmp_path / "qa.jsonl"
+    p.write_text(content)
+    with pytest.raises(PipelineError, match=message):
+        list(data.iter_qa(p))
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"instruction": "x", "output": "y", "system": 5}, "sft.jsonl:2: 'system' must be a string, got int"),
+    ({"instruction": "x", "output": ""}, r"sft.jsonl:2: alpaca 'output' \(the assistant answer\) is empty"),
+    ({"instruction": "x", "output": "  \n"}, "sft.jsonl:2: alpaca 'output'"),
+    ({"instruction": "", "output": "y"}, "sft.jsonl:2: alpaca 'instruction' is empty"),
+    ({"system": 5, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+     "sft.jsonl:2: 'system' must be a string"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]},
+     "sft.jsonl:2: empty assistant message"),
+    ({"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "a"}]},
+     "sft.jsonl:2: empty user message"),
+])
+def test_bad_instruction_records_name_file_and_line(tmp_path, record, message):
+    p = tmp_path / "sft.jsonl"
+    good = {"instruction": "Add", "input": "1 2", "output": "3"}
+    p.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(PipelineError, match=message):
+        list(data.iter_conversations(p))
+
+
+def test_instruction_file_without_records_and_null_system(tmp_path):
+    p = tmp_path / "sft.jsonl"
+    p.write_text("\n")
+    with pytest.raises(PipelineError, match="sft.jsonl: no records"):
+        list(data.iter_conversations(p))
+    p.write_text(json.dumps({"instruction": "x", "input": None, "output": "y", "system": None}) + "\n")
+    assert list(data.iter_conversations(p)) == [{"system": "", "turns": [("user", "x"), ("assistant", "y")]}]

@@ -9,7 +9,7 @@ from instructretro import data, tokenizer as tk
 from instructretro.errors import PipelineError
 from instructretro.generate import (
     EncoderNeighbors, Settings, answer_questions, build_prompt, clean_prediction, encode_prompt, fit_prompt,
-    parse_tasks, prompt_budget,
+    Task, parse_task, parse_tasks, prompt_budget,
 )
 
 CL = 8  # chunk length in these tests
@@ -59,16 +59,21 @@ class FakeRetriever:
 
 
 def test_parse_tasks_defaults_and_errors():
-    tasks = parse_tasks([{"name": "nq", "path": "a.jsonl"}, {"name": "tqa", "path": "b.jsonl", "style": "long"}])
+    tasks = parse_tasks({"nq": {"path": "a.jsonl"}, "tqa": {"path": "b.jsonl", "style": "long"}})
     assert [(t.name, t.path, t.style) for t in tasks] == [("nq", "a.jsonl", "short"), ("tqa", "b.jsonl", "long")]
-    with pytest.raises(PipelineError, match=r"generate\.tasks\[1\].*used twice"):
-        parse_tasks([{"name": "nq", "path": "a"}, {"name": "nq", "path": "b"}])
-    with pytest.raises(PipelineError, match=r"generate\.tasks\[0\].*name"):
-        parse_tasks([{"name": "../x", "path": "a"}])
-    with pytest.raises(PipelineError, match=r"generate\.tasks\[0\].*style"):
-        parse_tasks([{"name": "x", "path": "a", "style": "poem"}])
+    assert parse_task("nq", {"path": "a.jsonl", "style": "long"}) == Task("nq", "a.jsonl", "long")
+    with pytest.raises(PipelineError, match=r"generate\.tasks' is a list; write it as a mapping"):
+        parse_tasks([{"name": "nq", "path": "a"}])
+    with pytest.raises(PipelineError, match=r"task name '\.\./x'"):
+        parse_tasks({"../x": {"path": "a"}})
+    with pytest.raises(PipelineError, match=r"generate\.tasks\.x\.style"):
+        parse_tasks({"x": {"path": "a", "style": "poem"}})
+    with pytest.raises(PipelineError, match=r"generate\.tasks\.x' has unknown keys \['name'\]"):
+        parse_tasks({"x": {"name": "x", "path": "a"}})
+    with pytest.raises(PipelineError, match=r"generate\.tasks\.x' must be a mapping with a string 'path'"):
+        parse_tasks({"x": "a.jsonl"})
     with pytest.raises(PipelineError, match=r"generate\.tasks"):
-        parse_tasks([])
+        parse_tasks({})
 
 
 def test_prompt_is_the_reference_format():
@@ -161,6 +166,10 @@ def test_answer_questions_prompt_mode_end_to_end(tok, tmp_path):
     assert answers[0]["prompt_chunk_ids"][0] == 3 and len(answers[0]["prompt_chunk_ids"]) == 2
     assert answers[1]["prompt_chunk_ids"][0] == 17
     assert answers[3]["prompt_chunk_ids"] == [] and answers[3]["context_source"] == "given"
+    # the texts the prompt held, so a reader (and score's gold_in_context) can check them
+    assert answers[0]["contexts"] == [FACTS[i] for i in answers[0]["prompt_chunk_ids"]]
+    assert answers[3]["contexts"] == ["T\ngiven passage"]
+    assert all("encoder_neighbors" not in a for a in answers)
     assert "T\ngiven passage" in seen["9"] and FACTS[3] in seen["3"]
     assert retriever.searches == [[r["question"] for r in records[:3]]]  # one batched search, ctxs skip it
     assert calls == [3, 1]
@@ -173,6 +182,7 @@ def test_answer_questions_none_mode_needs_no_retriever(tok):
     answers, _ = answer_questions(None, tok, records, settings, generate_fn=_fake_generate(lambda p: tok.encode(" x")),
                                   retriever=None, seq_length=256, chunk_length=CL)
     assert answers[0]["prediction"] == "x" and answers[0]["context_source"] == "none"
+    assert "contexts" not in answers[0] and "encoder_neighbors" not in answers[0]  # closed-book
     with pytest.raises(PipelineError, match="Retro"):
         answer_questions(None, tok, records, Settings(retrieval="encoder"), generate_fn=None,
                          retriever=FakeRetriever(tok), seq_length=256, chunk_length=CL, num_neighbors=0)
@@ -196,6 +206,10 @@ def test_encoder_mode_retrieves_each_chunk_by_its_text(tok):
         chunks = [full[j * CL : (j + 1) * CL] for j in range(len(full) // CL)]
         texts = [tok.decode(c) for c in chunks if tok.decode(c).strip()]
         assert a["encoder_chunk_ids"] == [list(retriever.search([t], 2)[0]) for t in texts]
+        # every neighbor the encoder saw, once, with its text
+        seen = list(dict.fromkeys(x for ids in a["encoder_chunk_ids"] for x in ids))
+        assert a["encoder_neighbors"] == [{"id": x, "text": FACTS[x]} for x in seen]
+        assert a["contexts"] == []
     # the first search is the batched prefetch of the prompts' chunks; the answer chunks follow
     assert len(retriever.searches[0]) > 2
     assert any("Town7" in t for s in retriever.searches[1:] for t in s)
@@ -307,7 +321,7 @@ sft: {{system: "Be short."}}
 generate:
   checkpoint: {tmp_path / 'ckpt'}
   tasks:
-    - {{name: nq, path: {qa}}}
+    nq: {{path: {qa}}}
   retrieval: none
   num_contexts: 2
   max_new_tokens: 5
@@ -355,3 +369,7 @@ def test_generate_stage_malformed_qa_line_names_file_and_line(tmp_path, small_to
     assert not (tmp_path / "answers" / "nq.jsonl").exists()
     proc = run_stage("generate.py", *args[:4], "--task", "tqa", *args[6:])
     assert proc.returncode == 1 and "no task named 'tqa'" in proc.stderr
+    (tmp_path / "qa.jsonl").write_text("\n")  # no questions: an error, not a score over 0 questions
+    proc = run_stage("generate.py", *args)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: {tmp_path / 'qa.jsonl'}: no questions in the QA file"

@@ -113,6 +113,7 @@ CHANGES = {
     "pretrain lr": (lambda r: _set(r, "pretrain.lr", 0.0123), MODEL + GPT),
     "sft lr": (lambda r: _set(r, "sft.lr", 0.0123), MODEL[1:]),
     "sft dataset file": (lambda r: _edit_first_record(r / "corpora" / "sft" / "chat.jsonl"), MODEL[1:]),
+    "file next to the sft data": (lambda r: (r / "corpora" / "sft" / "notes.jsonl").write_text("{}\n"), []),
     "generate setting": (lambda r: _set(r, "generate.max_new_tokens", 5), MODEL[2:]),
     "qa file": (lambda r: _edit_first_record(r / "corpora" / "qa.jsonl"), MODEL[2:]),
     "scoring option": (lambda r: _set(r, "score.f1_gold", "first"), MODEL[3:]),
@@ -130,6 +131,22 @@ def test_exactly_the_dependent_stages_are_stale(repo, change):
         assert _stale(repo) == set(expected)
     finally:
         subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
+        subprocess.run(["git", "clean", "-fdq", "--", "corpora"], cwd=repo, check=True)  # files a change added
+
+
+@pytest.mark.slow
+def test_adding_a_qa_task_stales_only_its_own_stages(repo):
+    subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
+    assert _stale(repo) == set()
+    (repo / "corpora" / "nq.jsonl").write_text(json.dumps({"question": "who?", "answer": ["x"]}) + "\n")
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["generate"]["tasks"]["nq"] = {"path": "corpora/nq.jsonl", "style": "short"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    try:
+        assert set(json.loads(dvc(repo, "status", "--json").stdout or "{}")) == {"generate@nq", "score@nq"}
+    finally:
+        (repo / "corpora" / "nq.jsonl").unlink()
+        subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
 
 
 @pytest.mark.slow
@@ -146,3 +163,4 @@ def test_one_corpus_for_both_reruns_everything_downstream(repo):
         assert _stale(repo) == set(FROM_TOKENIZER)
     finally:
         subprocess.run(["git", "reset", "-q", "--hard", "HEAD~1"], cwd=repo, check=True)
+

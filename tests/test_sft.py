@@ -148,11 +148,11 @@ def test_both_formats_parse_and_a_malformed_record_names_file_and_line(tmp_path)
     _write_jsonl(root / "chat.jsonl", [_conv(f"q{i}?", f"a{i}.") for i in range(30)])
     _write_jsonl(root / "alp.jsonl", [{"instruction": "Add.", "input": f"{i} 1", "output": str(i + 1)} for i in range(10)])
     (root / "list.json").write_text(json.dumps([_conv("x?", "y.")] * 3))
-    blend = sft.parse_blend([
-        {"name": "chat", "path": "chat.jsonl", "format": "conversation", "prob": 8},
-        {"name": "alp", "path": "alp.jsonl", "format": "alpaca", "prob": 1},
-        {"name": "list", "path": "list.json", "format": "auto", "prob": 1},
-    ], root)
+    blend = sft.parse_blend({
+        "chat": {"path": "chat.jsonl", "format": "conversation", "prob": 8},
+        "alp": {"path": "alp.jsonl", "format": "alpaca", "prob": 1},
+        "list": {"path": "list.json", "format": "auto", "prob": 1},
+    }, root=root)
     assert [round(e.prob, 3) for e in blend] == [0.8, 0.1, 0.1]
     train, valid = sft.load_split(blend[1], 0.0)
     assert len(train) == 10 and not valid
@@ -169,15 +169,39 @@ def test_both_formats_parse_and_a_malformed_record_names_file_and_line(tmp_path)
         sft.load_split(sft.BlendEntry("broken", root / "broken.jsonl", "auto", 1.0), 0.0)
 
 
-@pytest.mark.parametrize("entry, message", [
-    ({"name": "a", "path": "../outside.jsonl", "format": "auto", "prob": 1}, r"sft.blend\[0\].path.*outside sft.data"),
-    ({"name": "a", "path": "a.jsonl", "format": "sharegpt", "prob": 1}, r"sft.blend\[0\].format"),
-    ({"name": "a", "path": "a.jsonl", "format": "auto", "prob": 0}, r"sft.blend\[0\].prob"),
-    ({"name": "a", "path": "a.jsonl", "prob": 1, "weight": 2}, r"sft.blend\[0\]' has unknown keys"),
+@pytest.mark.parametrize("blend, message", [
+    ({"a": {"path": "missing.jsonl", "format": "auto", "prob": 1}}, r"'sft.blend.a.path': missing.jsonl not found"),
+    ({"a": {"path": "sft", "format": "auto", "prob": 1}}, r"'sft.blend.a.path' 'sft' is a folder"),
+    ({"a": {"path": "out/x.jsonl", "prob": 1}}, r"'sft.blend.a.path' 'out/x.jsonl' is inside the sft stage's own output"),
+    ({"a": {"path": "sft/a.jsonl", "prob": 1}, "b": {"path": "./sft/a.jsonl", "prob": 1}},
+     r"'sft.blend.b.path' './sft/a.jsonl' is also the file of 'sft.blend.a'"),
+    ({"a": {"path": "sft/a.jsonl", "format": "sharegpt", "prob": 1}}, r"'sft.blend.a.format' is 'sharegpt'"),
+    ({"a": {"path": "sft/a.jsonl", "format": "auto", "prob": 0}}, r"'sft.blend.a.prob' must be a number > 0"),
+    ({"a": {"path": "sft/a.jsonl", "prob": 1, "weight": 2}}, r"'sft.blend.a' has unknown keys \['weight'\]"),
+    ({"a.b": {"path": "sft/a.jsonl", "prob": 1}}, r"dataset name 'a.b'"),
+    ({}, r"'sft.blend' must be a non-empty mapping"),
+    ([{"name": "a", "path": "sft/a.jsonl", "prob": 1}], r"'sft.blend' is a list; write it as a mapping"),
 ])
-def test_bad_blend_entries_name_the_key(tmp_path, entry, message):
+def test_bad_blend_entries_name_the_key(tmp_path, blend, message):
+    _write_jsonl(tmp_path / "sft" / "a.jsonl", [_conv("q?", "a.")])
+    _write_jsonl(tmp_path / "out" / "x.jsonl", [_conv("q?", "a.")])
     with pytest.raises(PipelineError, match=message):
-        sft.parse_blend([entry], tmp_path)
+        sft.parse_blend(blend, root=tmp_path, out="out")
+
+
+def test_blend_mixes_generated_sets_and_files_anywhere(tmp_path):
+    """Each entry names its own file: a generated set beside a user's file in another folder."""
+    _write_jsonl(tmp_path / "data" / "world" / "sft" / "chat.jsonl", [_conv("q?", "a.")] * 4)
+    _write_jsonl(tmp_path / "mine" / "alpaca_data.jsonl", [{"instruction": "Say hi.", "output": "hi"}] * 2)
+    blend = sft.parse_blend({"chat": {"path": "data/world/sft/chat.jsonl", "format": "conversation", "prob": 3},
+                             "mine": {"path": "mine/alpaca_data.jsonl", "format": "alpaca", "prob": 1}}, root=tmp_path)
+    assert [(e.name, e.path, e.prob) for e in blend] == [
+        ("chat", tmp_path / "data/world/sft/chat.jsonl", 0.75), ("mine", tmp_path / "mine/alpaca_data.jsonl", 0.25)]
+    assert sft.load_split(blend[1], 0.0)[0][0]["turns"] == [("user", "Say hi."), ("assistant", "hi")]
+    deps = ["stages/sft.py", "${sft.init_from}", "${sft.blend.chat.path}"]
+    assert sft.undeclared_entries(blend, deps, root=tmp_path) == ["mine"]
+    assert sft.undeclared_entries(blend, deps + ["${sft.blend.mine.path}"], root=tmp_path) == []
+    assert sft.undeclared_entries(blend, deps + ["mine"], root=tmp_path) == []  # a folder above the file
 
 
 def test_blend_sampling_matches_the_probabilities():
@@ -211,8 +235,8 @@ def _blend(tmp_path) -> list:
     facts = [f"Entity{i} was founded in {1800 + i} by Person{i}." for i in range(20)]
     _write_jsonl(root / "chat.jsonl", [_conv(f"When was Entity{i} founded?", facts[i]) for i in range(20)])
     _write_jsonl(root / "long.jsonl", [_conv("Tell me a story. " * 200, "Once.")] * 2 + [_conv("Hi?", "word " * 600)])
-    blend = sft.parse_blend([{"name": "chat", "path": "chat.jsonl", "format": "conversation", "prob": 0.75},
-                             {"name": "long", "path": "long.jsonl", "format": "auto", "prob": 0.25}], root)
+    blend = sft.parse_blend({"chat": {"path": "chat.jsonl", "format": "conversation", "prob": 0.75},
+                             "long": {"path": "long.jsonl", "format": "auto", "prob": 0.25}}, root=root)
     return blend, facts
 
 
@@ -343,10 +367,11 @@ def _stage_setup(tmp_path, small_world, small_tokenizer, tok, **sft_params):
         "retro": {"chunk_length": 64},
         "model": {"name": "tiny"},
         "sft": {
-            "init_from": str(tmp_path / "ckpt"), "data": str(small_world / "sft"),
-            "blend": [{"name": "chat", "path": "chat.jsonl", "format": "conversation", "prob": 0.7},
-                      {"name": "short_qa", "path": "short_qa.jsonl", "format": "conversation", "prob": 0.2},
-                      {"name": "alpaca", "path": "alpaca.jsonl", "format": "alpaca", "prob": 0.1}],
+            "init_from": str(tmp_path / "ckpt"),
+            "blend": {"chat": {"path": str(small_world / "sft" / "chat.jsonl"), "format": "conversation", "prob": 0.7},
+                      "short_qa": {"path": str(small_world / "sft" / "short_qa.jsonl"), "format": "conversation",
+                                   "prob": 0.2},
+                      "alpaca": {"path": str(small_world / "sft" / "alpaca.jsonl"), "format": "alpaca", "prob": 0.1}},
             "valid_fraction": 0.1, "valid_samples": 8, "system": "Be brief.", "retrieval": "none",
             "num_contexts": 2, "num_neighbors": None, "nprobe": 4, "efsearch": 16, "seed": 5, "eval_interval": 2,
             **{k: None for k in sft.TRAIN_KEYS},
@@ -385,11 +410,32 @@ def test_stage_names_a_malformed_record(tmp_path, small_world, small_tokenizer, 
     _write_jsonl(data / "chat.jsonl", [_conv("q?", "a.")] * 3)
     with open(data / "chat.jsonl", "a") as f:
         f.write('{"messages": [{"role": "user", "content": 3}]}\n')
-    args = _stage_setup(tmp_path, small_world, small_tokenizer, tok, data=str(data),
-                        blend=[{"name": "chat", "path": "chat.jsonl", "format": "conversation", "prob": 1}])
+    args = _stage_setup(tmp_path, small_world, small_tokenizer, tok,
+                        blend={"chat": {"path": "sftdata/chat.jsonl", "format": "conversation", "prob": 1}})
     proc = _run_stage(*args, cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "chat.jsonl:4:" in proc.stderr
+
+
+def test_stage_refuses_a_blend_file_dvc_yaml_does_not_list(tmp_path, small_world, small_tokenizer, tok):
+    _write_jsonl(tmp_path / "mine" / "own.jsonl", [{"instruction": "Say hi.", "output": "hi"}] * 3)
+    blend = {"chat": {"path": str(small_world / "sft" / "chat.jsonl"), "format": "conversation", "prob": 1},
+             "own": {"path": "mine/own.jsonl", "format": "alpaca", "prob": 1}}
+    args = _stage_setup(tmp_path, small_world, small_tokenizer, tok, blend=blend)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  sft:\n    cmd: python stages/sft.py\n    deps:\n"
+                                       "      - ${sft.blend.chat.path}\n")
+    proc = _run_stage(*args, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: " + str(tmp_path / "params.yaml") + ": param 'sft.blend.own': its file is "
+                                   "not a dependency of stage sft; add '- ${sft.blend.own.path}' to the sft deps in "
+                                   "dvc.yaml (one line per blend entry)")
+    # listed: the generated set and the user's own file train together
+    (tmp_path / "dvc.yaml").write_text("stages:\n  sft:\n    cmd: python stages/sft.py\n    deps:\n"
+                                       "      - ${sft.blend.chat.path}\n      - ${sft.blend.own.path}\n")
+    proc = _run_stage(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert {n: c["drawn"] for n, c in m["blend"].items()} == {"chat": 8, "own": 8}
 
 
 def test_make_sft_resolves_the_preset():
@@ -405,3 +451,13 @@ def test_make_sft_resolves_the_preset():
     smoke = dry("MODEL=843m", "SMOKE=1")
     assert any("stages/sft.py --smoke --model 843m" in line for line in smoke)
     assert not any("exp run" in line for line in smoke)
+
+
+def test_a_blend_name_given_twice_is_an_error(tmp_path):
+    from instructretro import params
+
+    p = tmp_path / "params.yaml"
+    p.write_text("sft:\n  blend:\n    chat: {path: a.jsonl, prob: 1}\n    mine: {path: b.jsonl, prob: 1}\n"
+                 "    chat: {path: c.jsonl, prob: 1}\n")
+    with pytest.raises(PipelineError, match=r"params\.yaml:5: not valid YAML \(duplicate key 'chat'\)"):
+        params.load(p)

@@ -131,8 +131,13 @@ def _records(path: Path) -> Iterator[tuple[int, object]]:
 
 
 def iter_qa(path: str | os.PathLike) -> Iterator[dict]:
-    """Yield NQ-open records ``{"question", "answer": [..], "ctxs"?: [..]}``, validated."""
+    """Yield NQ-open records ``{"question", "answer": [..], "ctxs"?: [..]}``, validated.
+
+    An empty gold answer (``""`` or blanks) is an error naming the file and line (it would
+    count as matched by an empty prediction), and so is a file with no questions.
+    """
     path = Path(path)
+    count = 0
     for lineno, rec in _records(path):
         where = f"{path}:{lineno}"
         if not isinstance(rec, dict):
@@ -145,6 +150,8 @@ def iter_qa(path: str | os.PathLike) -> Iterator[dict]:
             ans = [ans]
         if not isinstance(ans, list) or not ans or not all(isinstance(a, str) for a in ans):
             raise PipelineError(f"{where}: 'answer' must be a non-empty list of strings")
+        if any(not a.strip() for a in ans):
+            raise PipelineError(f"{where}: 'answer' holds an empty gold answer; remove it from the list")
         out = {"question": q, "answer": ans}
         ctxs = rec.get("ctxs")
         if ctxs is not None:
@@ -160,20 +167,35 @@ def iter_qa(path: str | os.PathLike) -> Iterator[dict]:
                 else:
                     raise PipelineError(f"{where}: each of 'ctxs' must be a string or {{'title', 'text'}}")
             out["ctxs"] = texts
+        count += 1
         yield out
+    if count == 0:
+        raise PipelineError(f"{path}: no questions in the QA file")
 
 
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
          "system": "system"}
 
 
+def _system(rec: dict, where: str) -> str:
+    system = rec.get("system")
+    if system is None:
+        return ""
+    if not isinstance(system, str):
+        raise PipelineError(f"{where}: 'system' must be a string, got {type(system).__name__}")
+    return system
+
+
 def iter_conversations(path: str | os.PathLike, fmt: str = "auto") -> Iterator[dict]:
     """Yield ``{"system": str, "turns": [(role, text), ...]}`` from conversation or alpaca records.
 
     ``fmt`` is ``conversation``, ``alpaca`` or ``auto`` (decided per record by its keys). A
-    conversation must alternate user/assistant and end with an assistant turn.
+    conversation must alternate user/assistant and end with an assistant turn. ``system`` is a
+    string or absent/null; an empty (or blank) user or assistant text is an error naming the file
+    and line, as is a file with no records.
     """
     path = Path(path)
+    count = 0
     for lineno, rec in _records(path):
         where = f"{path}:{lineno}"
         if not isinstance(rec, dict):
@@ -183,10 +205,17 @@ def iter_conversations(path: str | os.PathLike, fmt: str = "auto") -> Iterator[d
             kind = "alpaca" if "instruction" in rec else "conversation"
         if kind == "alpaca":
             ins, inp, out = rec.get("instruction"), rec.get("input", ""), rec.get("output")
+            if inp is None:
+                inp = ""
             if not isinstance(ins, str) or not isinstance(out, str) or not isinstance(inp, str):
                 raise PipelineError(f"{where}: alpaca record needs string 'instruction' and 'output' (and optional 'input')")
+            if not ins.strip():
+                raise PipelineError(f"{where}: alpaca 'instruction' is empty")
+            if not out.strip():
+                raise PipelineError(f"{where}: alpaca 'output' (the assistant answer) is empty")
             user = ins if not inp.strip() else f"{ins}\n\n{inp}"
-            yield {"system": rec.get("system", "") or "", "turns": [("user", user), ("assistant", out)]}
+            count += 1
+            yield {"system": _system(rec, where), "turns": [("user", user), ("assistant", out)]}
             continue
         if kind != "conversation":
             raise PipelineError(f"{where}: unknown instruction format {fmt!r} (use conversation, alpaca or auto)")
@@ -194,7 +223,7 @@ def iter_conversations(path: str | os.PathLike, fmt: str = "auto") -> Iterator[d
         if not isinstance(msgs, list) or not msgs:
             raise PipelineError(f"{where}: conversation record needs a non-empty 'messages' list")
         turns = []
-        system = rec.get("system", "")
+        system = _system(rec, where)
         for m in msgs:
             if not isinstance(m, dict):
                 raise PipelineError(f"{where}: each message must be an object")
@@ -206,9 +235,12 @@ def iter_conversations(path: str | os.PathLike, fmt: str = "auto") -> Iterator[d
             if role == "system":  # a system message in the list stands for the record's system prompt
                 system = system or text
                 continue
+            if not text.strip():
+                raise PipelineError(f"{where}: empty {role} message")
             turns.append((role, text))
         if not turns or turns[-1][0] != "assistant" or any(turns[i][0] == turns[i + 1][0] for i in range(len(turns) - 1)):
             raise PipelineError(f"{where}: turns must alternate user/assistant and end with an assistant turn")
-        if not isinstance(system, str):
-            raise PipelineError(f"{where}: 'system' must be a string")
+        count += 1
         yield {"system": system, "turns": turns}
+    if count == 0:
+        raise PipelineError(f"{path}: no records in the instruction file")

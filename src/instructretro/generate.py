@@ -57,7 +57,8 @@ STYLES = {
     "long": ("Please give a full and complete answer for the question. {question}", ""),
 }
 
-_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# A task name is a DVC stage name suffix and a param key (generate.tasks.<name>): no dots.
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 @dataclass(frozen=True)
@@ -69,28 +70,34 @@ class Task:
     style: str = "short"
 
 
+def parse_task(name, entry, key: str = "generate.tasks", source: str = "params.yaml") -> Task:
+    """Validate one entry ``name: {path, style?}`` of the ``generate.tasks`` mapping."""
+    where = f"{source}: param '{key}.{name}'"
+    if not isinstance(name, str) or not _TASK_NAME.match(name):
+        raise PipelineError(f"{source}: task name {name!r} in '{key}' must be letters, digits, '_' or '-'")
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+        raise PipelineError(f"{where} must be a mapping with a string 'path' (and optional 'style')")
+    unknown = set(entry) - {"path", "style"}
+    if unknown:
+        raise PipelineError(f"{where} has unknown keys {sorted(unknown)}; expected path, style")
+    style = entry.get("style", "short")
+    if style not in STYLES:
+        raise PipelineError(f"{source}: param '{key}.{name}.style' is {style!r}; expected one of {sorted(STYLES)}")
+    return Task(name, entry["path"], style)
+
+
 def parse_tasks(value, key: str = "generate.tasks", source: str = "params.yaml") -> list[Task]:
-    """Validate the ``generate.tasks`` param: a non-empty list of ``{name, path, style?}``."""
-    if not isinstance(value, list) or not value:
-        raise PipelineError(f"{source}: param '{key}' must be a non-empty list of {{name, path}}")
-    tasks, seen = [], set()
-    for i, item in enumerate(value):
-        where = f"{source}: param '{key}[{i}]'"
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(item.get("path"), str):
-            raise PipelineError(f"{where} must be a mapping with string 'name' and 'path'")
-        unknown = set(item) - {"name", "path", "style"}
-        if unknown:
-            raise PipelineError(f"{where} has unknown keys {sorted(unknown)}")
-        name, style = item["name"], item.get("style", "short")
-        if not _TASK_NAME.match(name):
-            raise PipelineError(f"{where}: name {name!r} must be letters, digits, '_', '-' or '.'")
-        if name in seen:
-            raise PipelineError(f"{where}: task name {name!r} is used twice")
-        if style not in STYLES:
-            raise PipelineError(f"{where}: style {style!r}; expected one of {sorted(STYLES)}")
-        seen.add(name)
-        tasks.append(Task(name, item["path"], style))
-    return tasks
+    """Validate the ``generate.tasks`` param: a non-empty mapping ``name -> {path, style?}``.
+
+    dvc.yaml makes one ``generate@<name>`` / ``score@<name>`` stage pair per entry, whose params
+    are that entry alone, so adding a task leaves the other tasks' stages up to date.
+    """
+    if isinstance(value, list):
+        raise PipelineError(f"{source}: param '{key}' is a list; write it as a mapping name -> {{path, style}}, "
+                            "e.g. 'world_qa: {path: data/world/qa.jsonl, style: short}'")
+    if not isinstance(value, dict) or not value:
+        raise PipelineError(f"{source}: param '{key}' must be a non-empty mapping name -> {{path, style}}")
+    return [parse_task(name, entry, key, source) for name, entry in value.items()]
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -309,7 +316,7 @@ def answer_questions(model, tokenizer: Tokenizer, records: list[dict], settings:
     answers = []
     for i, rec in enumerate(records):
         ctx_texts, ctx_ids, source = contexts[i]
-        answers.append({
+        ans = {
             "question": rec["question"],
             "answer": rec["answer"],
             "prediction": clean_prediction(tokenizer.decode(new_tokens[i]), style),
@@ -318,7 +325,13 @@ def answer_questions(model, tokenizer: Tokenizer, records: list[dict], settings:
             "encoder_chunk_ids": encoder_ids[i],
             "prompt_tokens": len(prompts[i]),
             "new_tokens": len(new_tokens[i]),
-        })
+        }
+        if settings.retrieval != "none":  # what the model was shown, so the gold can be looked up in it
+            ans["contexts"] = list(ctx_texts[: used[i]])
+        if use_encoder:
+            seen = dict.fromkeys(x for ids in encoder_ids[i] for x in ids if x >= 0)
+            ans["encoder_neighbors"] = [{"id": x, "text": retriever.chunk_text(x, continuation=True)} for x in seen]
+        answers.append(ans)
     counts = {
         "questions": len(records),
         "prompts_cut": cut,

@@ -4,8 +4,8 @@ Read top to bottom:
 
 1. Presets: the SFT training defaults per model preset (843m: batch 128, lr 5e-6 constant,
    1000 iterations, betas 0.9/0.98, weight decay 0.01, clip 1.0).
-2. Blend: a list of instruction datasets ``{name, path, format, prob}``; each is split into a
-   train part and a held-out part by a hash of each record.
+2. Blend: instruction datasets ``name -> {path, format, prob}``, each file named by its own
+   path; each is split into a train part and a held-out part by a hash of each record.
 3. Prompt format of the reference: ``System: <system>\\n\\n`` then ``User: ...\\n\\nAssistant: ...``
    turns. The loss covers the assistant answer tokens and the final end-of-document token only.
 4. Fitting a conversation into ``seq_length``: the final answer is kept whole and the prompt
@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -96,42 +97,79 @@ class BlendEntry:
     prob: float  # normalised so that the blend sums to 1
 
 
-def parse_blend(entries, data_dir: str | os.PathLike, source: str = "params.yaml") -> list[BlendEntry]:
-    """Validate ``sft.blend`` (a list of ``{name, path, format, prob}``) and normalise the probs.
+_BLEND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a param key and a metrics key: no dots
 
-    ``path`` is relative to ``data_dir`` (``sft.data``, the folder DVC tracks); a path outside
-    it is refused, so that every blend file is a declared dependency of the stage.
+
+def parse_blend(entries, source: str = "params.yaml", root: str | os.PathLike = ".",
+                out: str | os.PathLike | None = None) -> list[BlendEntry]:
+    """Validate ``sft.blend`` (a mapping ``name -> {path, format, prob}``) and normalise the probs.
+
+    Each ``path`` names one file, relative to ``root`` (the repository root, where DVC runs the
+    stage) or absolute; the generated sets (``data/world/sft/*.jsonl``) and a user's own files
+    mix freely. Each file is a dependency of the sft stage in dvc.yaml (``${sft.blend.<name>.path}``,
+    see :func:`undeclared_entries`), so an unrelated file next to it does not rerun the stage. A
+    missing file, a folder, a file inside the stage's own output ``out``, the same file under two
+    names, an unknown format or a prob <= 0 is an error naming the key.
     """
-    data_dir = Path(data_dir)
-    if not isinstance(entries, list) or not entries:
-        raise PipelineError(f"{source}: param 'sft.blend' must be a non-empty list of {{name, path, format, prob}}")
-    out, names = [], set()
-    for i, e in enumerate(entries):
-        key = f"sft.blend[{i}]"
+    if isinstance(entries, list):
+        raise PipelineError(f"{source}: param 'sft.blend' is a list; write it as a mapping name -> "
+                            "{path, format, prob}, e.g. 'chat: {path: data/world/sft/chat.jsonl, format: conversation, prob: 1}'")
+    if not isinstance(entries, dict) or not entries:
+        raise PipelineError(f"{source}: param 'sft.blend' must be a non-empty mapping name -> {{path, format, prob}}")
+    root = Path(root)
+    out_dir = (root / out).resolve() if out is not None else None
+    result, files = [], {}
+    for name, e in entries.items():
+        key = f"sft.blend.{name}"
+        if not isinstance(name, str) or not _BLEND_NAME.match(name):
+            raise PipelineError(f"{source}: dataset name {name!r} in 'sft.blend' must be letters, digits, '_' or '-'")
         if not isinstance(e, dict):
-            raise PipelineError(f"{source}: param '{key}' must be a mapping {{name, path, format, prob}}")
-        unknown = set(e) - {"name", "path", "format", "prob"}
+            raise PipelineError(f"{source}: param '{key}' must be a mapping {{path, format, prob}}")
+        unknown = set(e) - {"path", "format", "prob"}
         if unknown:
-            raise PipelineError(f"{source}: param '{key}' has unknown keys {sorted(unknown)}")
-        name, path, fmt, prob = e.get("name"), e.get("path"), e.get("format", "auto"), e.get("prob")
-        if not isinstance(name, str) or not name:
-            raise PipelineError(f"{source}: param '{key}.name' must be a non-empty string")
-        if name in names:
-            raise PipelineError(f"{source}: param '{key}.name' {name!r} is used twice")
-        names.add(name)
+            raise PipelineError(f"{source}: param '{key}' has unknown keys {sorted(unknown)}; expected path, format, prob")
+        path, fmt, prob = e.get("path"), e.get("format", "auto"), e.get("prob")
         if not isinstance(path, str) or not path:
-            raise PipelineError(f"{source}: param '{key}.path' must be a file name inside sft.data ({data_dir})")
+            raise PipelineError(f"{source}: param '{key}.path' must be a file path (relative to the repository root)")
         if fmt not in FORMATS:
             raise PipelineError(f"{source}: param '{key}.format' is {fmt!r}; expected one of {list(FORMATS)}")
         if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not prob > 0 or not math.isfinite(prob):
             raise PipelineError(f"{source}: param '{key}.prob' must be a number > 0, got {prob!r}")
-        full = (data_dir / path).resolve()
-        if not full.is_relative_to(data_dir.resolve()):
-            raise PipelineError(f"{source}: param '{key}.path' {path!r} is outside sft.data ({data_dir}); "
-                                "put the file inside that folder so DVC tracks it")
-        out.append(BlendEntry(name, data_dir / path, fmt, float(prob)))
-    total = sum(e.prob for e in out)
-    return [BlendEntry(e.name, e.path, e.format, e.prob / total) for e in out]
+        full = root / path
+        if full.is_dir():
+            raise PipelineError(f"{source}: param '{key}.path' {path!r} is a folder; name one file of it "
+                                "(each file is its own blend entry and DVC dependency)")
+        if not full.is_file():
+            raise PipelineError(f"{source}: param '{key}.path': {path} not found")
+        resolved = full.resolve()
+        if out_dir is not None and resolved.is_relative_to(out_dir):
+            raise PipelineError(f"{source}: param '{key}.path' {path!r} is inside the sft stage's own output {out}")
+        if resolved in files:
+            raise PipelineError(f"{source}: param '{key}.path' {path!r} is also the file of 'sft.blend.{files[resolved]}'")
+        files[resolved] = name
+        result.append(BlendEntry(name, full, fmt, float(prob)))
+    total = sum(e.prob for e in result)
+    return [BlendEntry(e.name, e.path, e.format, e.prob / total) for e in result]
+
+
+def undeclared_entries(blend: list[BlendEntry], deps: Iterable[str], root: str | os.PathLike = ".") -> list[str]:
+    """Names of blend entries whose file is not a dependency in ``deps`` (the sft stage's raw
+    dvc.yaml deps): neither ``${sft.blend.<name>.path}`` nor a literal path of the file or of a
+    folder above it."""
+    root = Path(root)
+    named, literal = set(), []
+    for d in deps:
+        m = re.fullmatch(r"\$\{\s*sft\.blend\.([A-Za-z0-9_-]+)\.path\s*\}", str(d))
+        if m:
+            named.add(m.group(1))
+        elif "${" not in str(d):
+            literal.append((root / str(d)).resolve())
+    out = []
+    for e in blend:
+        f = e.path.resolve()
+        if e.name not in named and not any(f == d or f.is_relative_to(d) for d in literal):
+            out.append(e.name)
+    return out
 
 
 def record_key(conv: dict) -> int:
@@ -142,7 +180,7 @@ def record_key(conv: dict) -> int:
 def load_split(entry: BlendEntry, valid_fraction: float) -> tuple[list[dict], list[dict]]:
     """Parse one dataset of the blend; return its (train, held-out) conversations in file order."""
     if not entry.path.is_file():
-        raise PipelineError(f"{entry.path}: SFT dataset {entry.name!r} not found (param 'sft.blend')")
+        raise PipelineError(f"{entry.path}: SFT dataset {entry.name!r} not found (param 'sft.blend.{entry.name}.path')")
     train, valid = [], []
     for conv in data.iter_conversations(entry.path, entry.format):
         (valid if data.is_valid_split(record_key(conv), valid_fraction) else train).append(conv)

@@ -1,0 +1,92 @@
+"""Which stages DVC reruns when a QA task is added or a file next to the SFT data appears.
+
+Fast: instead of building the pipeline, each stage under test is recorded in dvc.lock with
+``dvc commit`` over placeholder files for its deps and outs, then ``dvc status`` is asked about
+it after the change. (tests/test_invalidation.py checks the same on a real build.)
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from e2e import copy_repo, dvc
+
+
+def _stages(repo) -> dict:
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as r:
+        return {s.name: s for s in r.index.stages}
+
+
+def _commit(repo, *names):
+    """Placeholder files for every missing dep and out of ``names``, then record them in dvc.lock."""
+    stages = _stages(repo)
+    for name in names:
+        for item in list(stages[name].deps) + list(stages[name].outs):
+            f = repo / item.def_path
+            if f.exists():
+                continue
+            if f.suffix:
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.write_text(f"placeholder {item.def_path}\n")
+            else:
+                f.mkdir(parents=True)
+                (f / "part").write_text("placeholder\n")
+    dvc(repo, "commit", "-f", *names)
+
+
+def _changed(repo, *names) -> set[str]:
+    return set(json.loads(dvc(repo, "status", "--json", *names).stdout or "{}"))
+
+
+def _edit_params(repo, fn):
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    fn(p)
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return copy_repo(tmp_path / "repo")
+
+
+def test_one_generate_and_score_stage_per_task_named_by_it(repo):
+    assert {"generate@world_qa", "score@world_qa"} <= set(_stages(repo))
+    _commit(repo, "generate@world_qa", "score@world_qa")
+    assert _changed(repo, "generate@world_qa", "score@world_qa") == set()
+
+    (repo / "qa").mkdir()
+    (repo / "qa" / "nq.jsonl").write_text(json.dumps({"question": "who?", "answer": ["x"]}) + "\n")
+    _edit_params(repo, lambda p: p["generate"]["tasks"].update(nq={"path": "qa/nq.jsonl", "style": "short"}))
+    stages = _stages(repo)
+    assert {"generate@nq", "score@nq"} <= set(stages)
+    assert "qa/nq.jsonl" in {d.def_path for d in stages["generate@nq"].deps}
+    # adding a task leaves the first task's stages up to date
+    assert _changed(repo, "generate@world_qa", "score@world_qa") == set()
+
+    # its own entry and the shared settings do stale it
+    _edit_params(repo, lambda p: p["generate"]["tasks"]["world_qa"].update(style="long"))
+    assert _changed(repo, "generate@world_qa") == {"generate@world_qa"}
+    _edit_params(repo, lambda p: p["generate"]["tasks"]["world_qa"].update(style="short"))
+    assert _changed(repo, "generate@world_qa") == set()
+    _edit_params(repo, lambda p: p["generate"].update(max_new_tokens=7))
+    assert _changed(repo, "generate@world_qa") == {"generate@world_qa"}
+
+
+def test_sft_depends_on_each_blend_file_not_on_its_folder(repo):
+    _commit(repo, "sft")
+    assert _changed(repo, "sft") == set()
+
+    chat = repo / "data" / "world" / "sft" / "chat.jsonl"  # the default blend's generated chat set
+    (chat.parent / "notes.txt").write_text("an unrelated file next to the SFT data\n")
+    (chat.parent / "other.jsonl").write_text("{}\n")
+    assert _changed(repo, "sft") == set()
+
+    chat.write_text(chat.read_text() + "changed\n")
+    assert _changed(repo, "sft") == {"sft"}
+    blend = yaml.safe_load((repo / "params.yaml").read_text())["sft"]["blend"]
+    assert {e["path"] for e in blend.values()} <= {d.def_path for d in _stages(repo)["sft"].deps}
