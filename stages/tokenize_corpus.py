@@ -10,11 +10,10 @@ import argparse
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from instructretro import data, params as P
 from instructretro.errors import PipelineError, cli
 from instructretro.io import atomic_path, write_json
+from instructretro.progress import progress
 from instructretro.tokenizer import Tokenizer
 from instructretro.tokenstore import TokenStoreWriter
 
@@ -27,7 +26,7 @@ def tokenize_corpus(corpus: str, tok: Tokenizer, valid_fraction: float, out: Pat
         writer = TokenStoreWriter(tmp, tok.vocab_size)
         docs = data.iter_documents(corpus, skipped)
         pending: list[data.Document] = []
-        bar = tqdm(desc=f"tokenize {corpus}", unit="doc", mininterval=2.0, disable=None)
+        bar = progress(desc=f"tokenize {corpus}", unit="doc")
 
         def flush():
             for doc, ids in zip(pending, tok.encode_batch([d.text for d in pending])):

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from tqdm import tqdm
+from .progress import progress as progress_bar
 
 from .chunks import chunk_table, chunk_tokens
 from .errors import PipelineError
@@ -172,7 +172,7 @@ class Encoder:
         lengths = np.array([len(p) for p in pieces])
         order = np.argsort(-lengths, kind="stable")  # longest first: similar lengths share a batch
         n_special = self._num_special
-        bar = tqdm(total=len(texts), desc="encode", unit="text", disable=not progress, mininterval=2.0)
+        bar = progress_bar(total=len(texts), desc="encode", unit="text", disable=not progress)
         with torch.inference_mode():
             for b in range(0, len(texts), self.batch_size):
                 idx = order[b : b + self.batch_size]
@@ -349,9 +349,8 @@ def embed_rows_blockwise(texts_of, n_rows: int, encoder: Encoder, block_size: in
     mine = range(rank, n_blocks, world)
     done = 0
     seconds = 0.0
-    bar = tqdm(total=sum(min(n_rows, (b + 1) * block_size) - b * block_size for b in mine),
-               desc=desc if world == 1 else f"{desc} [rank {rank}/{world}]", unit="chunk", mininterval=2.0,
-               disable=None)
+    bar = progress_bar(total=sum(min(n_rows, (b + 1) * block_size) - b * block_size for b in mine),
+                       desc=desc if world == 1 else f"{desc} [rank {rank}/{world}]", unit="chunk")
     for b in mine:
         lo, hi = b * block_size, min(n_rows, (b + 1) * block_size)
         if cache.has(b):

@@ -31,7 +31,7 @@ from pathlib import Path
 import faiss
 import h5py
 import numpy as np
-from tqdm import tqdm
+from .progress import progress
 
 from .chunks import SampleLayout
 from .embed import (BlockCache, Encoder, _file_digest, chunk_texts, embed_rows_blockwise, end_ranks,
@@ -140,7 +140,7 @@ def search_blocks(index, cache: BlockCache, n_rows: int, block_size: int, search
     """Search every searchable query row (embeddings from ``cache``), exclude, keep ``n_save``."""
     out = np.full((n_rows, n_save), -1, dtype=np.int64)
     banned, banned_valid = bans
-    for b in tqdm(range(-(-n_rows // block_size)), desc=desc, unit="block", disable=None):
+    for b in progress(range(-(-n_rows // block_size)), desc=desc, unit="block"):
         lo, hi = b * block_size, min(n_rows, (b + 1) * block_size)
         rows = lo + np.flatnonzero(searchable[lo:hi])
         if not len(rows):

@@ -293,13 +293,13 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
     checkpoint is saved to ``work_dir`` every ``save_interval`` steps and at the end.
     ``live`` is a DVCLive ``Live`` on rank 0 (None elsewhere).
     """
-    from tqdm import tqdm
+    from .progress import progress as progress_bar
 
     engine.train()
     last: dict = {}
     tokens_done, seconds = 0, 0.0
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", mininterval=2.0,
-               disable=None if (progress and is_rank0()) else True)
+    bar = progress_bar(total=cfg.steps, initial=start_step, desc="train", unit="step",
+                       disable=not (progress and is_rank0()))
     end = cfg.steps if stop_after is None else max(start_step, min(cfg.steps, stop_after))
     for step in range(start_step, end):
         t0 = time.perf_counter()
