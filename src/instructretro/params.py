@@ -1,7 +1,16 @@
-"""Read typed values from ``params.yaml``; a wrong type or a missing key names the key."""
+"""Read typed values from ``params.yaml``; a wrong type, a missing key or an unknown key names the key.
+
+:data:`KNOWN` is the table of every key a stage reads, per section, with the type its value
+must have. :func:`load` checks the whole file against it, so a misspelt key (``pretrain.stpes``)
+or a value of the wrong type (``sft.steps: ten``) is refused before any work starts, naming the
+key and, for an unknown key, the closest known one. Keys whose values are lists or mappings of
+the user's own entries (``sft.blend``, ``generate.tasks``) are typed ``ANY`` here and checked
+entry by entry by the parser that reads them, so entry names are never taken for keys.
+"""
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -10,6 +19,104 @@ import yaml
 from .errors import PipelineError
 
 _MISSING = object()
+NONE = type(None)
+ANY = object()  # any value: its reader checks it (lists/mappings of user entries)
+
+
+def int_list(key: str, value, source: str):
+    """A list of integers (e.g. ``model.cca_layers: [2, 4]``)."""
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise PipelineError(f"{source}: param '{key}' must be a list of integers, got {value!r}")
+    return value
+
+
+def optional(spec):
+    """``spec`` or null (null: the preset's value)."""
+    if callable(spec) and not isinstance(spec, type):
+        def check(key, value, source):
+            return value if value is None else spec(key, value, source)
+        check.__name__ = f"optional_{spec.__name__}"
+        return check
+    return (*(spec if isinstance(spec, tuple) else (spec,)), NONE)
+
+
+# Every key of params.yaml: section -> key -> type (a type, a tuple of types, a checker
+# ``f(key, value, source) -> value``, or ANY). A stage that reads a new key adds it here.
+_TRAIN = {"steps": int, "micro_batch": int, "lr": float, "warmup": int, "weight_decay": float,
+          "beta1": float, "beta2": float, "clip": float, "zero_stage": int, "precision": str, "seed": int,
+          "eval_interval": int}
+KNOWN: dict[str, dict[str, object]] = {
+    "world": {"num_entities": int, "docs_per_entity": int, "qa_questions": int, "sft_conversations": int,
+              "seed": int},
+    "corpus": {"db": str, "pretrain": str},
+    "tokenizer": {"vocab_size": int, "sample_bytes": int, "model": str},
+    "tokenize": {"db_valid_fraction": float, "pretrain_valid_fraction": float},
+    "retro": {"chunk_length": int, "seq_length": int},
+    "embed": {"encoder": str, "precision": str, "batch_size": int, "max_length": int, "block_size": int},
+    "index": {"factory": str, "train_points": int, "seed": int, "add_block_size": int},
+    "query": {"num_neighbors_query": int, "num_neighbors_save": int, "nprobe": int, "efsearch": int,
+              "block_size": int, "recall_sample": int, "seed": int},
+    "model": {"name": str, "retro": bool},
+    "pretrain": {**{k: optional(v) for k, v in _TRAIN.items()}, "grad_accum": optional(int), "min_lr": optional(float),
+                 "eval_batches": optional(int), "save_interval": optional(int), "init_from": str,
+                 "skip_train": bool},
+    "sft": {"init_from": str, "data": str, "blend": ANY, "valid_fraction": float, "valid_samples": int,
+            "system": str, "retrieval": str, "num_contexts": int, "num_neighbors": optional(int),
+            "nprobe": int, "efsearch": int, "seed": int, "eval_interval": int,
+            **{k: optional(v) for k, v in _TRAIN.items() if k not in ("seed", "eval_interval")},
+            "seq_length": optional(int), "global_batch": optional(int), "lr_schedule": optional(str)},
+    "generate": {"checkpoint": str, "tasks": ANY, "retrieval": str, "num_contexts": int, "max_new_tokens": int,
+                 "batch_size": int, "max_questions": int, "system": optional(str), "nprobe": int, "efsearch": int,
+                 "threads": int},
+    "score": {"f1_gold": str},
+}
+
+
+# Keys a user may add that params.yaml does not ship: overrides of the model preset's
+# ModelConfig fields (null: the preset's). vocab_size, seq_length and chunk_length come from the
+# tokenizer and retro.*, so they are not params.
+OPTIONAL: dict[str, dict[str, object]] = {
+    "model": {"n_layers": optional(int), "hidden": optional(int), "heads": optional(int),
+              "ffn_hidden": optional(int), "cca_layers": optional(int_list), "encoder_layers": optional(int),
+              "num_neighbors": optional(int), "rotary_percent": optional(float), "rotary_base": optional(float),
+              "cca_rotary": optional(bool), "norm_eps": optional(float), "init_std": optional(float)},
+}
+
+
+def known_keys() -> dict[str, dict[str, object]]:
+    """KNOWN with OPTIONAL merged in: every key :func:`load` accepts."""
+    return {section: {**keys, **OPTIONAL.get(section, {})} for section, keys in KNOWN.items()}
+
+
+def closest(name: str, known, prefix: str = "") -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``known``, or ``""``."""
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
+
+
+def check_known(data: dict, source: str = "params.yaml", known: dict | None = None) -> None:
+    """Refuse unknown sections and keys, and values of the wrong type, naming the key."""
+    known = known_keys() if known is None else known
+    if not isinstance(data, dict):
+        raise PipelineError(f"{source}: expected a mapping of sections at the top level")
+    for section, body in data.items():
+        if section not in known:
+            raise PipelineError(f"{source}: unknown section '{section}'{closest(str(section), known)}; "
+                                f"known sections: {', '.join(known)}")
+        if not isinstance(body, dict):
+            raise PipelineError(f"{source}: section '{section}' must be a mapping of keys, got {type(body).__name__}")
+        keys = known[section]
+        for key, value in body.items():
+            if key not in keys:
+                raise PipelineError(f"{source}: unknown param '{section}.{key}'"
+                                    f"{closest(str(key), keys, f'{section}.')}")
+            spec = keys[key]
+            if spec is ANY:
+                continue
+            if callable(spec) and not isinstance(spec, type):
+                spec(f"{section}.{key}", value, source)
+            else:
+                _check(f"{section}.{key}", value, spec, source)
 
 
 def load(path: str | os.PathLike = "params.yaml") -> "Params":
@@ -17,9 +124,10 @@ def load(path: str | os.PathLike = "params.yaml") -> "Params":
     if not path.is_file():
         raise PipelineError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    check_known(data, str(path))
     return Params(data, str(path))
 
 
@@ -60,7 +168,7 @@ def _check(key, value, typ, source):
     else:
         ok = isinstance(value, types)
     if not ok:
-        names = " or ".join(t.__name__ for t in types)
+        names = " or ".join("null" if t is NONE else t.__name__ for t in types)
         raise PipelineError(
             f"{source}: param '{key}' must be {names}, got {type(value).__name__} {value!r}"
         )
