@@ -45,7 +45,7 @@ def tokenize_corpus(corpus: str, tok: Tokenizer, valid_fraction: float, out: Pat
                 flush()
         flush()
         bar.close()
-        meta = writer.close({"corpus": corpus})
+        meta = writer.close({"corpus": corpus, "valid_fraction": valid_fraction})
         if meta["train_documents"] + meta["valid_documents"] == 0:
             raise PipelineError(f"{corpus}: corpus is empty (no non-blank documents)")
     metrics = {k: v for k, v in meta.items() if k.endswith(("_documents", "_tokens"))}

@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -261,3 +262,93 @@ def test_long_line_split_keeps_every_character_and_cuts_at_spaces():
     assert "".join(pieces) == line
     assert all(len(p.encode()) <= 1000 for p in pieces)
     assert all(p.endswith(" ") for p in pieces[:4])
+
+
+def _store_of(tmp_path, tok, texts):
+    from instructretro.tokenstore import TokenStore, TokenStoreWriter
+
+    w = TokenStoreWriter(tmp_path / "store", tok.vocab_size)
+    for i, text in enumerate(texts):
+        w.add("train", i, tok.encode(text))
+    w.close()
+    return TokenStore(tmp_path / "store", "train")
+
+
+def test_chunk_texts_hold_whole_characters(tmp_path, small_tokenizer):
+    """Emoji, Chinese and Arabic fall back to bytes in an English tokenizer; a chunk edge may cut
+    a character's bytes. Each character is decoded whole in the chunk where it starts, so the
+    texts hold no U+FFFD and together spell the document; the chunk tokens are unchanged."""
+    from instructretro.chunks import chunk_table, chunk_tokens
+    from instructretro.embed import chunk_texts
+
+    tok = T.Tokenizer(small_tokenizer)
+    doc = "Emoji 😀🎉👍🏽 then 中文字符测试 and العربية نص here " * 6
+    store = _store_of(tmp_path, tok, [doc])
+    assert tok.decode(store.doc(0)) == doc
+    for length in (5, 7, 8, 64):
+        rows = chunk_table(store.doc_lengths(), length)
+        texts = chunk_texts(store, rows, length, tok)
+        assert not any("\ufffd" in t for t in texts), length
+        assert "".join(texts) == doc
+        plain = [tok.decode(t[:n]) for t, n in zip(chunk_tokens(store, rows, length), rows["length"])]
+        if length < 64:
+            assert any("\ufffd" in t for t in plain)  # the cut the fix is for
+    assert chunk_texts(store, np.array([(-1, 0, 0)], dtype=rows.dtype), 64, tok) == [""]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from instructretro.embed import Encoder
+
+    return Encoder("", precision="float32", batch_size=8)
+
+
+def test_emoji_only_texts_are_dropped_and_counted_as_unknown(encoder):
+    texts = ["😀🎉", "", "a real sentence", "🎉 👍"]
+    emb = encoder.encode(texts)
+    assert [bool(np.any(e)) for e in emb] == [False, False, True, False]
+    assert encoder.drop_reasons(texts) == {"no_encoder_tokens": 1, "only_unknown_tokens": 2}
+
+
+def test_embed_database_counts_unknown_only_chunks(tmp_path, small_tokenizer, encoder):
+    from instructretro.embed import embed_database
+
+    tok = T.Tokenizer(small_tokenizer)
+    _store_of(tmp_path, tok, ["The tower is in the city of Paris and it is tall.", "😀🎉👍", "\n\n\n"])
+    import shutil
+
+    shutil.copytree(tmp_path / "store", tmp_path / "db")
+    m = embed_database(tmp_path / "db", small_tokenizer, encoder, 64, 16, tmp_path / "emb.h5", tmp_path / "work")
+    assert m["chunks_total"] == 3 and m["chunks_embedded"] == 1 and m["chunks_dropped"] == 2
+    assert m["chunks_dropped_only_unknown_tokens"] == 1 and m["chunks_dropped_no_encoder_tokens"] == 1
+
+
+# ---------------------------------------------------------------------------- one document
+
+def test_one_txt_file_as_pretraining_corpus_explains_the_empty_valid_split(tmp_path, small_tokenizer):
+    from instructretro.pretrain import empty_valid_message
+
+    txt = tmp_path / "book.txt"
+    txt.write_text("A whole book in one file.\n\nIt has many paragraphs, and yet it is one document.\n")
+    params = write_params(tmp_path, lambda p: p["corpus"].update(pretrain=str(txt)))
+    r = run_stage("tokenize_corpus.py", "pretrain", "--params", params, "--tokenizer", small_tokenizer,
+                  "--out", tmp_path / "tokens", "--metrics", tmp_path / "m.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert (m["train_documents"], m["valid_documents"]) == (1, 0)
+    msg = empty_valid_message(tmp_path / "tokens")
+    assert "the valid split has 0 documents: the pretraining corpus has 1 document," in msg
+    assert "tokenize.pretrain_valid_fraction (0.1)" in msg and "a .txt file is one document" in msg
+    assert "set tokenize.pretrain_valid_fraction > 0" not in msg
+
+
+def test_many_query_chunks_without_k_neighbors_warn():
+    from instructretro.neighbors import fewer_than_k_warning
+
+    split = {"query_chunks": 10, "query_chunks_no_neighbor": 10}
+    metrics = {"k": 20, "fraction_fewer_than_k": 1.0, "train": split, "valid": {**split, "query_chunks": 0,
+                                                                               "query_chunks_no_neighbor": 0}}
+    warning = fewer_than_k_warning(metrics, db_documents=1)
+    assert warning.startswith("100% of query chunks have fewer than 20 neighbors and 10 of 10 have none")
+    assert "the database corpus has 1 document," in warning
+    assert fewer_than_k_warning({**metrics, "fraction_fewer_than_k": 0.1}, 1) is None

@@ -43,10 +43,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
-from .progress import progress
 
 from . import sft
 from .errors import PipelineError
+from .progress import progress
 from .tokenizer import Tokenizer
 
 MODES = ("prompt", "encoder", "both", "none")

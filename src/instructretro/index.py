@@ -29,10 +29,10 @@ from pathlib import Path
 import faiss
 import h5py
 import numpy as np
-from .progress import progress
 
 from .errors import PipelineError
 from .io import atomic_path
+from .progress import progress
 
 POINTS_PER_LIST = 39  # k-means wants >= 39 training points per centroid
 MIN_LISTS = 32

@@ -7,11 +7,13 @@ kept as is (newline is its own piece, unknown characters fall back to bytes), so
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import sentencepiece as spm
 
 from .errors import PipelineError
@@ -53,6 +55,31 @@ class Tokenizer:
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids if int(i) not in (PAD_ID, EOD_ID)]
         return self.sp.decode(ids)
+
+    @functools.cached_property
+    def continuation_mask(self) -> np.ndarray:
+        """``mask[id]`` is True for the byte-fallback pieces ``<0x80>`` .. ``<0xBF>``: UTF-8
+        continuation bytes, which only complete a character begun by an earlier token."""
+        mask = np.zeros(self.vocab_size, dtype=bool)
+        for i in range(self.vocab_size):
+            if self.sp.is_byte(i):
+                mask[i] = 0x80 <= int(self.sp.id_to_piece(i)[1:-1], 16) <= 0xBF
+        return mask
+
+
+def whole_character_span(tokens: np.ndarray, begin: int, end: int, continuation: np.ndarray) -> tuple[int, int]:
+    """``(begin, end)`` moved so that ``tokens[begin:end]`` decodes to whole characters.
+
+    A character spelt by byte-fallback tokens across an edge belongs to the span where it
+    starts: continuation-byte tokens at ``begin`` are left to the span before (``begin > 0``),
+    and those right after ``end`` are taken in (a UTF-8 character has at most 3 of them).
+    """
+    b, e = begin, end
+    while 0 < begin and b < end and b < begin + 3 and continuation[tokens[b]]:
+        b += 1
+    while e < len(tokens) and e < end + 3 and continuation[tokens[e]]:
+        e += 1
+    return b, e
 
 
 # SentencePiece skips (or fails on) sentences over its max_sentence_length bytes; longer lines
