@@ -27,7 +27,10 @@ def build_tokenizer(db_corpus: str, vocab_size: int, sample_bytes: int, existing
             shutil.copyfile(existing, tmp)
         else:
             texts = (d.text for d in data.iter_documents(db_corpus))
-            tmp.write_bytes(tokenizer.train(texts, vocab_size, sample_bytes, stats))
+            try:
+                tmp.write_bytes(tokenizer.train(texts, vocab_size, sample_bytes, stats))
+            except tokenizer.TrainingError as exc:
+                raise PipelineError(f"{db_corpus}: {exc}") from None
         tokenizer.Tokenizer(tmp)  # validates the reserved ids
     return stats
 

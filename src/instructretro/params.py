@@ -30,21 +30,18 @@ def int_list(key: str, value, source: str):
     return value
 
 
-def optional(spec):
-    """``spec`` or null (null: the preset's value)."""
-    if callable(spec) and not isinstance(spec, type):
-        def check(key, value, source):
-            return value if value is None else spec(key, value, source)
-        check.__name__ = f"optional_{spec.__name__}"
-        return check
-    return (*(spec if isinstance(spec, tuple) else (spec,)), NONE)
+def optional(check):
+    """A checker that also accepts null (null: the preset's value)."""
+    def check_or_null(key, value, source):
+        return value if value is None else check(key, value, source)
+    return check_or_null
 
+
+INT_OR_NULL, FLOAT_OR_NULL, STR_OR_NULL = (int, NONE), (float, NONE), (str, NONE)
 
 # Every key of params.yaml: section -> key -> type (a type, a tuple of types, a checker
-# ``f(key, value, source) -> value``, or ANY). A stage that reads a new key adds it here.
-_TRAIN = {"steps": int, "micro_batch": int, "lr": float, "warmup": int, "weight_decay": float,
-          "beta1": float, "beta2": float, "clip": float, "zero_stage": int, "precision": str, "seed": int,
-          "eval_interval": int}
+# ``f(key, value, source) -> value``, or ANY). A stage that reads a new key adds it here (and
+# to params.yaml: tests/test_bad_inputs.py checks that the two agree).
 KNOWN: dict[str, dict[str, object]] = {
     "world": {"num_entities": int, "docs_per_entity": int, "qa_questions": int, "sft_conversations": int,
               "seed": int},
@@ -57,16 +54,23 @@ KNOWN: dict[str, dict[str, object]] = {
     "query": {"num_neighbors_query": int, "num_neighbors_save": int, "nprobe": int, "efsearch": int,
               "block_size": int, "recall_sample": int, "seed": int},
     "model": {"name": str, "retro": bool},
-    "pretrain": {**{k: optional(v) for k, v in _TRAIN.items()}, "grad_accum": optional(int), "min_lr": optional(float),
-                 "eval_batches": optional(int), "save_interval": optional(int), "init_from": str,
-                 "skip_train": bool},
+    # TrainConfig fields (null: the preset's recipe) and the run's inputs
+    "pretrain": {"steps": INT_OR_NULL, "micro_batch": INT_OR_NULL, "grad_accum": INT_OR_NULL,
+                 "lr": FLOAT_OR_NULL, "min_lr": FLOAT_OR_NULL, "warmup": INT_OR_NULL,
+                 "weight_decay": FLOAT_OR_NULL, "beta1": FLOAT_OR_NULL, "beta2": FLOAT_OR_NULL,
+                 "clip": FLOAT_OR_NULL, "zero_stage": INT_OR_NULL, "precision": STR_OR_NULL, "seed": INT_OR_NULL,
+                 "eval_interval": INT_OR_NULL, "eval_batches": INT_OR_NULL, "save_interval": INT_OR_NULL,
+                 "init_from": str, "skip_train": bool},
     "sft": {"init_from": str, "data": str, "blend": ANY, "valid_fraction": float, "valid_samples": int,
-            "system": str, "retrieval": str, "num_contexts": int, "num_neighbors": optional(int),
+            "system": str, "retrieval": str, "num_contexts": int, "num_neighbors": INT_OR_NULL,
             "nprobe": int, "efsearch": int, "seed": int, "eval_interval": int,
-            **{k: optional(v) for k, v in _TRAIN.items() if k not in ("seed", "eval_interval")},
-            "seq_length": optional(int), "global_batch": optional(int), "lr_schedule": optional(str)},
+            # training keys (sft.TRAIN_KEYS; null: the preset's SFT recipe)
+            "seq_length": INT_OR_NULL, "steps": INT_OR_NULL, "global_batch": INT_OR_NULL,
+            "micro_batch": INT_OR_NULL, "lr": FLOAT_OR_NULL, "lr_schedule": STR_OR_NULL, "warmup": INT_OR_NULL,
+            "beta1": FLOAT_OR_NULL, "beta2": FLOAT_OR_NULL, "weight_decay": FLOAT_OR_NULL, "clip": FLOAT_OR_NULL,
+            "zero_stage": INT_OR_NULL, "precision": STR_OR_NULL},
     "generate": {"checkpoint": str, "tasks": ANY, "retrieval": str, "num_contexts": int, "max_new_tokens": int,
-                 "batch_size": int, "max_questions": int, "system": optional(str), "nprobe": int, "efsearch": int,
+                 "batch_size": int, "max_questions": int, "system": STR_OR_NULL, "nprobe": int, "efsearch": int,
                  "threads": int},
     "score": {"f1_gold": str},
 }
@@ -76,10 +80,10 @@ KNOWN: dict[str, dict[str, object]] = {
 # ModelConfig fields (null: the preset's). vocab_size, seq_length and chunk_length come from the
 # tokenizer and retro.*, so they are not params.
 OPTIONAL: dict[str, dict[str, object]] = {
-    "model": {"n_layers": optional(int), "hidden": optional(int), "heads": optional(int),
-              "ffn_hidden": optional(int), "cca_layers": optional(int_list), "encoder_layers": optional(int),
-              "num_neighbors": optional(int), "rotary_percent": optional(float), "rotary_base": optional(float),
-              "cca_rotary": optional(bool), "norm_eps": optional(float), "init_std": optional(float)},
+    "model": {"n_layers": INT_OR_NULL, "hidden": INT_OR_NULL, "heads": INT_OR_NULL, "ffn_hidden": INT_OR_NULL,
+              "cca_layers": optional(int_list), "encoder_layers": INT_OR_NULL, "num_neighbors": INT_OR_NULL,
+              "rotary_percent": FLOAT_OR_NULL, "rotary_base": FLOAT_OR_NULL, "cca_rotary": (bool, NONE),
+              "norm_eps": FLOAT_OR_NULL, "init_std": FLOAT_OR_NULL},
 }
 
 

@@ -82,6 +82,10 @@ def whole_character_span(tokens: np.ndarray, begin: int, end: int, continuation:
     return b, e
 
 
+class TrainingError(PipelineError):
+    """SentencePiece refused the training text (the stage names the corpus)."""
+
+
 # SentencePiece skips (or fails on) sentences over its max_sentence_length bytes; longer lines
 # are cut into pieces of at most this many bytes for training, at a space where there is one.
 MAX_TRAIN_LINE_BYTES = 1 << 14
@@ -155,5 +159,5 @@ def train(texts: Iterable[str], vocab_size: int, sample_bytes: int, stats: dict 
             minloglevel=2,
         )
     except RuntimeError as exc:
-        raise PipelineError(f"tokenizer: SentencePiece training failed: {str(exc).splitlines()[0]}") from None
+        raise TrainingError(f"tokenizer: SentencePiece training failed: {str(exc).splitlines()[0]}") from None
     return model.getvalue()
