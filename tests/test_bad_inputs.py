@@ -116,6 +116,9 @@ PARAM_CASES = {
                          r"param 'model\.norm_eps' must be float or null, got str 'x'"),
     "model.hiden": ("pretrain.py", _set("model", "hiden", 64),
                     r"unknown param 'model\.hiden' \(did you mean 'model\.hidden'\?\)"),
+    "pretrain.lr 4e-3 (YAML text)": ("pretrain.py", _set("pretrain", "lr", "4e-3"),
+                                     r"param 'pretrain\.lr' must be float or null, got str '4e-3' \(YAML reads 4e-3 "
+                                     r"as text: write it with a dot, e\.g\. 0\.004\)"),
     "sft.steps ten": ("sft.py", _set("sft", "steps", "ten"), r"param 'sft\.steps' must be int or null, got str 'ten'"),
     "section not a mapping": ("sft.py", lambda p: p.update(score=3), r"section 'score' must be a mapping"),
 }

@@ -173,10 +173,21 @@ def _check(key, value, typ, source):
         ok = isinstance(value, types)
     if not ok:
         names = " or ".join("null" if t is NONE else t.__name__ for t in types)
+        hint = ""
+        if float in types and isinstance(value, str) and _is_number(value):
+            hint = f" (YAML reads {value} as text: write it with a dot, e.g. {float(value)!r})"
         raise PipelineError(
-            f"{source}: param '{key}' must be {names}, got {type(value).__name__} {value!r}"
+            f"{source}: param '{key}' must be {names}, got {type(value).__name__} {value!r}{hint}"
         )
     return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def positive(key: str, value, source: str = "params.yaml"):
