@@ -38,7 +38,8 @@ def main(argv=None):
         return  # a rank other than 0: its blocks are written, rank 0 writes the outputs
     write_json(args.metrics, metrics)
     print(f"embed: {metrics['chunks_embedded']} chunks embedded, {metrics['chunks_dropped_no_encoder_tokens']} dropped "
-          f"(no encoder tokens), {metrics['chunks_per_s']} chunks/s, encoder {metrics['encoder']}")
+          f"(no encoder tokens), {metrics['chunks_dropped_only_unknown_tokens']} dropped (only unknown tokens), "
+          f"{metrics['chunks_per_s']} chunks/s, encoder {metrics['encoder']}")
 
 
 if __name__ == "__main__":

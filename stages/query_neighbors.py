@@ -8,6 +8,7 @@ the query embedding over N ranks; rank 0 searches and writes the outputs, the ot
 from __future__ import annotations
 
 import argparse
+import sys
 
 from instructretro import params as P
 from instructretro.embed import encoder_from_params
@@ -53,6 +54,8 @@ def main(argv=None):
     print(f"query-neighbors: {metrics['train']['query_chunks']} train / {metrics['valid']['query_chunks']} valid "
           f"query chunks, recall@{metrics['k']} {metrics.get('recall_at_k')}, "
           f"fewer than k: {metrics['fraction_fewer_than_k']}")
+    if metrics.get("warning"):
+        print(f"query-neighbors: warning: {metrics['warning']}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ import argparse
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from instructretro import data, params as P
 from instructretro.errors import PipelineError, cli
 from instructretro.io import atomic_path, write_json
+from instructretro.progress import progress
 from instructretro.tokenizer import Tokenizer
 from instructretro.tokenstore import TokenStoreWriter
 
@@ -22,12 +21,13 @@ from instructretro.tokenstore import TokenStoreWriter
 def tokenize_corpus(corpus: str, tok: Tokenizer, valid_fraction: float, out: Path, batch: int = 256) -> dict:
     """Encode every document of ``corpus`` into a token store at ``out``; return the metrics."""
     skipped = data.SkipCounter()
+    skipped_files = data.SkipCounter()
     t0 = time.time()
     with atomic_path(out) as tmp:
         writer = TokenStoreWriter(tmp, tok.vocab_size)
-        docs = data.iter_documents(corpus, skipped)
+        docs = data.iter_documents(corpus, skipped, skipped_files)
         pending: list[data.Document] = []
-        bar = tqdm(desc=f"tokenize {corpus}", unit="doc", mininterval=2.0, disable=None)
+        bar = progress(desc=f"tokenize {corpus}", unit="doc")
 
         def flush():
             for doc, ids in zip(pending, tok.encode_batch([d.text for d in pending])):
@@ -45,12 +45,14 @@ def tokenize_corpus(corpus: str, tok: Tokenizer, valid_fraction: float, out: Pat
                 flush()
         flush()
         bar.close()
-        meta = writer.close({"corpus": corpus})
+        meta = writer.close({"corpus": corpus, "valid_fraction": valid_fraction})
         if meta["train_documents"] + meta["valid_documents"] == 0:
             raise PipelineError(f"{corpus}: corpus is empty (no non-blank documents)")
     metrics = {k: v for k, v in meta.items() if k.endswith(("_documents", "_tokens"))}
     metrics["dropped_documents"] = int(sum(skipped.values()))
     metrics["dropped_by_reason"] = dict(skipped)
+    metrics["skipped_files"] = int(sum(skipped_files.values()))
+    metrics["skipped_files_by_reason"] = dict(skipped_files)  # hidden_file, other_extension
     metrics["seconds"] = round(time.time() - t0, 2)
     return metrics
 
@@ -72,7 +74,9 @@ def main(argv=None):
     metrics = tokenize_corpus(corpus, Tokenizer(args.tokenizer), frac, Path(args.out))
     write_json(args.metrics, metrics)
     print(f"tokenize {args.which}: {metrics['train_documents']} train / {metrics['valid_documents']} valid documents, "
-          f"{metrics['train_tokens'] + metrics['valid_tokens']} tokens, {metrics['dropped_documents']} dropped")
+          f"{metrics['train_tokens'] + metrics['valid_tokens']} tokens, {metrics['dropped_documents']} dropped"
+          + (f", {metrics['skipped_files']} files skipped {metrics['skipped_files_by_reason']}"
+             if metrics["skipped_files"] else ""))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Streaming readers for every input format the pipeline accepts.
 
 - Corpus: JSON lines with a ``text`` field (Megatron's loose-json; other fields ignored), a
-  ``.txt`` file (one document), or a folder of ``.txt`` / ``.jsonl`` files read in name order.
+  ``.txt`` file (one document), or a folder of ``.txt`` / ``.jsonl`` / ``.json`` files (any
+  case) read recursively in path order; hidden files and folders are skipped and counted.
 - QA: NQ-open JSON lines ``{"question": str, "answer": [str, ...], "ctxs": [...]?}``.
 - Instructions: conversations ``{"system"?: str, "messages": [{"role", "content"}, ...]}``
   (``"conversations": [{"from", "value"}]`` is accepted too) or alpaca-style
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -44,12 +46,34 @@ def is_valid_split(doc_id: int, valid_fraction: float) -> bool:
     return (doc_id >> 16) % 1_000_000 < round(valid_fraction * 1_000_000)
 
 
-def corpus_files(path: str | os.PathLike) -> list[Path]:
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".json")
+BOM = "\ufeff"
+
+
+def corpus_files(path: str | os.PathLike, skipped_files: "SkipCounter | None" = None) -> list[Path]:
+    """The files of a corpus: the path itself, or a folder's files in path order.
+
+    A folder is read recursively. Extensions are case-insensitive (``.txt``, ``.jsonl``,
+    ``.json``; ``d.JSONL`` counts). Hidden files and everything in hidden folders (a name
+    starting with ``.``) and files with other extensions are skipped and counted in
+    ``skipped_files`` (``hidden_file``, ``other_extension``).
+    """
     path = Path(path)
+    skipped_files = skipped_files if skipped_files is not None else SkipCounter()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl", ".json"))
+        files = []
+        for p in sorted(path.rglob("*")):
+            if not p.is_file():
+                continue
+            if any(part.startswith(".") for part in p.relative_to(path).parts):
+                skipped_files.add("hidden_file")
+            elif p.suffix.lower() not in CORPUS_SUFFIXES:
+                skipped_files.add("other_extension")
+            else:
+                files.append(p)
         if not files:
-            raise PipelineError(f"{path}: folder holds no .txt, .jsonl or .json files")
+            raise PipelineError(f"{path}: folder holds no .txt, .jsonl or .json files "
+                                f"(hidden files and folders are skipped)")
         return files
     if not path.exists():
         raise PipelineError(f"{path}: corpus file not found")
@@ -57,19 +81,40 @@ def corpus_files(path: str | os.PathLike) -> list[Path]:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Decoded lines with 1-based numbers; a UTF-8 byte-order mark at the file start is dropped."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                yield lineno, raw.decode("utf-8")
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise PipelineError(f"{path}:{lineno}: invalid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            yield lineno, (line[1:] if lineno == 1 and line.startswith(BOM) else line)
+
+
+def _check_surrogates(where: str, value) -> None:
+    """A JSON ``\\ud800`` escape that is not half of a pair gives a str that is not Unicode."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = f"{ord(exc.object[exc.start]):04x}"
+        raise PipelineError(f"{where}: lone UTF-16 surrogate \\u{bad} in a string "
+                            "(a \\uD800-\\uDFFF escape must be half of a pair)") from None
+
+
+def _parse_json(where: str, text: str):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{where}: malformed JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise PipelineError(f"{where}: JSON nested too deeply to read") from None
+    if "\\u" in text and re.search(r"\\u[dD][89a-fA-F]", text):
+        _check_surrogates(where, value)
+    return value
 
 
 def _json_line(path: Path, lineno: int, line: str):
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{path}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from None
+    return _parse_json(f"{path}:{lineno}", line)
 
 
 class SkipCounter(dict):
@@ -79,11 +124,13 @@ class SkipCounter(dict):
         self[reason] = self.get(reason, 0) + n
 
 
-def iter_documents(path: str | os.PathLike, skipped: SkipCounter | None = None) -> Iterator[Document]:
-    """Yield the documents of a corpus in a fixed order. Blank documents are skipped and counted."""
+def iter_documents(path: str | os.PathLike, skipped: SkipCounter | None = None,
+                   skipped_files: SkipCounter | None = None) -> Iterator[Document]:
+    """Yield the documents of a corpus in a fixed order. Blank documents are skipped and counted
+    in ``skipped``; files a folder holds but the corpus does not read in ``skipped_files``."""
     skipped = skipped if skipped is not None else SkipCounter()
-    for file in corpus_files(path):
-        if file.suffix in (".jsonl", ".json"):
+    for file in corpus_files(path, skipped_files):
+        if file.suffix.lower() in (".jsonl", ".json"):
             for lineno, line in _lines(file):
                 if not line.strip():
                     continue
@@ -104,6 +151,7 @@ def iter_documents(path: str | os.PathLike, skipped: SkipCounter | None = None) 
             except UnicodeDecodeError as exc:
                 line = raw[: exc.start].count(b"\n") + 1
                 raise PipelineError(f"{file}:{line}: invalid UTF-8 ({exc.reason})") from None
+            text = text[1:] if text.startswith(BOM) else text
             if not text.strip():
                 skipped.add("blank_document")
                 continue
@@ -114,14 +162,15 @@ def _records(path: Path) -> Iterator[tuple[int, object]]:
     """JSON lines, or one JSON list (``.json`` starting with '[') with the list index as line."""
     if not path.is_file():
         raise PipelineError(f"{path}: file not found")
-    if path.suffix == ".json":
+    if path.suffix.lower() == ".json":
         with open(path, "rb") as f:
-            head = f.read(64).lstrip()
+            head = f.read(64).removeprefix(BOM.encode()).lstrip()
         if head.startswith(b"["):
             try:
-                data = json.loads(path.read_bytes().decode("utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise PipelineError(f"{path}: malformed JSON ({exc})") from None
+                text = path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PipelineError(f"{path}: invalid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            data = _parse_json(str(path), text.removeprefix(BOM))
             for i, rec in enumerate(data, 1):
                 yield i, rec
             return

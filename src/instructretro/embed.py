@@ -3,8 +3,9 @@
 The database corpus (train split) is cut into ``chunk_length``-token chunks that never cross a
 document (``chunks.chunk_table``). Each chunk is detokenized and embedded with a BERT-family
 encoder: mean-pooled over the real word-piece tokens (CLS, SEP and padding excluded, as in the
-reference recipe), then L2-normalised. A chunk whose text has no encoder tokens is dropped from
-the database and counted.
+reference recipe), then L2-normalised. A chunk whose text has no encoder tokens, or only the
+encoder's unknown token (an emoji-only chunk is ``[UNK]`` to BERT's vocabulary, and all such
+chunks would embed alike), is dropped from the database and counted by reason.
 
 Embedding is block-wise and resumable. Block ``b`` holds the embeddings of rows
 ``[b*block_size, (b+1)*block_size)`` of the full chunk table and is saved in a work folder keyed
@@ -34,19 +35,19 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from tqdm import tqdm
 
-from .chunks import chunk_table, chunk_tokens
+from .chunks import chunk_table
 from .errors import PipelineError
 from .io import atomic_path
-from .tokenizer import Tokenizer
+from .progress import progress as progress_bar
+from .tokenizer import Tokenizer, whole_character_span
 from .tokenstore import TokenStore
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 PRECISIONS = ("auto", "float32", "bfloat16")
-EMBED_VERSION = "embed-v1"  # bump when the embedding computation changes, to retire old blocks
+EMBED_VERSION = "embed-v2"  # bump when the embedding computation changes, to retire old blocks
 
 
 def default_encoder_path() -> Path:
@@ -156,12 +157,29 @@ class Encoder:
         """Number of real (non-special) encoder tokens of each text."""
         return np.array([len(ids) - self._num_special for ids in self._word_pieces(texts)], dtype=np.int64)
 
+    def _only_unknown(self, pieces: list[list[int]]) -> np.ndarray:
+        """True where every real token of a text is the encoder's unknown token."""
+        unk = self.tokenizer.unk_token_id
+        if unk is None:
+            return np.zeros(len(pieces), dtype=bool)
+        special = set(self.tokenizer.all_special_ids) - {unk}
+        real = [[i for i in ids if i not in special] for ids in pieces]
+        return np.array([bool(r) and all(i == unk for i in r) for r in real], dtype=bool)
+
+    def drop_reasons(self, texts: list[str]) -> dict:
+        """Why texts embed to zero: ``{"no_encoder_tokens": n, "only_unknown_tokens": m}``."""
+        pieces = self._word_pieces(texts)
+        empty = np.array([len(ids) - self._num_special <= 0 for ids in pieces], dtype=bool)
+        unknown = self._only_unknown(pieces) & ~empty
+        return {"no_encoder_tokens": int(empty.sum()), "only_unknown_tokens": int(unknown.sum())}
+
     @property
     def _num_special(self) -> int:
         return self.tokenizer.num_special_tokens_to_add(pair=False)
 
     def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
-        """Embed ``texts``; returns float32 (n, dim), rows L2-normalised (zero for empty texts)."""
+        """Embed ``texts``; returns float32 (n, dim), rows L2-normalised (zero for texts with no
+        encoder tokens or only unknown tokens)."""
         import torch
 
         texts = list(texts)
@@ -172,7 +190,7 @@ class Encoder:
         lengths = np.array([len(p) for p in pieces])
         order = np.argsort(-lengths, kind="stable")  # longest first: similar lengths share a batch
         n_special = self._num_special
-        bar = tqdm(total=len(texts), desc="encode", unit="text", disable=not progress, mininterval=2.0)
+        bar = progress_bar(total=len(texts), desc="encode", unit="text", disable=not progress)
         with torch.inference_mode():
             for b in range(0, len(texts), self.batch_size):
                 idx = order[b : b + self.batch_size]
@@ -197,6 +215,7 @@ class Encoder:
                 bar.update(len(idx))
         bar.close()
         out[lengths - n_special <= 0] = 0.0
+        out[self._only_unknown(pieces)] = 0.0
         return out
 
 
@@ -295,9 +314,22 @@ def store_fingerprint(folder: str | os.PathLike, split: str = "train") -> str:
 
 
 def chunk_texts(store: TokenStore, rows: np.ndarray, chunk_length: int, tok: Tokenizer) -> list[str]:
-    """Detokenized text of each chunk row (empty string for doc == -1)."""
-    tokens = chunk_tokens(store, rows, chunk_length)
-    return [tok.decode(t[:length]) if doc >= 0 else "" for t, (doc, _, length) in zip(tokens, rows)]
+    """Detokenized text of each chunk row (empty string for doc == -1).
+
+    A character that byte-fallback tokens spell across a chunk edge is decoded whole in the
+    chunk where it starts (``whole_character_span``), so no text holds half a character
+    (U+FFFD). Only the text moves; the chunk's tokens stay as they are.
+    """
+    continuation = tok.continuation_mask
+    texts = []
+    for doc, start, length in rows:
+        if doc < 0:
+            texts.append("")
+            continue
+        doc_tokens = store.doc(int(doc))
+        b, e = whole_character_span(doc_tokens, int(start), int(start + length), continuation)
+        texts.append(tok.decode(doc_tokens[b:e]))
+    return texts
 
 
 class BlockCache:
@@ -349,9 +381,8 @@ def embed_rows_blockwise(texts_of, n_rows: int, encoder: Encoder, block_size: in
     mine = range(rank, n_blocks, world)
     done = 0
     seconds = 0.0
-    bar = tqdm(total=sum(min(n_rows, (b + 1) * block_size) - b * block_size for b in mine),
-               desc=desc if world == 1 else f"{desc} [rank {rank}/{world}]", unit="chunk", mininterval=2.0,
-               disable=None)
+    bar = progress_bar(total=sum(min(n_rows, (b + 1) * block_size) - b * block_size for b in mine),
+                       desc=desc if world == 1 else f"{desc} [rank {rank}/{world}]", unit="chunk")
     for b in mine:
         lo, hi = b * block_size, min(n_rows, (b + 1) * block_size)
         if cache.has(b):
@@ -415,6 +446,9 @@ def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.Pa
     if kept == 0:
         raise PipelineError(f"{db_tokens_dir}: no chunk of the database corpus has any encoder tokens")
     rows = table[keep_mask]
+    dropped_rows = table[~keep_mask]
+    reasons = encoder.drop_reasons(chunk_texts(store, dropped_rows, chunk_length, tok)) if len(dropped_rows) else \
+        {"no_encoder_tokens": 0, "only_unknown_tokens": 0}
     with atomic_path(out) as tmp:
         with h5py.File(tmp, "w", track_order=False) as f:
             chunks = np.stack([rows["doc"], rows["start"], rows["length"]], axis=1).astype(np.int64)
@@ -435,7 +469,9 @@ def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.Pa
     return {
         "chunks_total": int(len(table)),
         "chunks_embedded": kept,
-        "chunks_dropped_no_encoder_tokens": int(len(table) - kept),
+        "chunks_dropped": int(len(table) - kept),
+        "chunks_dropped_no_encoder_tokens": reasons["no_encoder_tokens"],
+        "chunks_dropped_only_unknown_tokens": reasons["only_unknown_tokens"],
         "chunks_per_s": round(embedded / seconds, 1) if seconds > 0 else None,
         "encoder": encoder.name,
         "dim": encoder.dim,

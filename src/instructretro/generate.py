@@ -43,10 +43,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from . import sft
 from .errors import PipelineError
+from .progress import progress
 from .tokenizer import Tokenizer
 
 MODES = ("prompt", "encoder", "both", "none")
@@ -294,7 +294,7 @@ def answer_questions(model, tokenizer: Tokenizer, records: list[dict], settings:
     order = sorted(range(len(records)), key=lambda i: (len(prompts[i]), i))
     new_tokens: list = [None] * len(records)
     encoder_ids: list = [[] for _ in records]
-    bar = tqdm(total=len(records), desc=desc, unit="q", mininterval=2.0, disable=None)
+    bar = progress(total=len(records), desc=desc, unit="q")
     for start in range(0, len(order), settings.batch_size):
         batch = order[start : start + settings.batch_size]
         batch_prompts = [prompts[i] for i in batch]

@@ -29,10 +29,10 @@ from pathlib import Path
 import faiss
 import h5py
 import numpy as np
-from tqdm import tqdm
 
 from .errors import PipelineError
 from .io import atomic_path
+from .progress import progress
 
 POINTS_PER_LIST = 39  # k-means wants >= 39 training points per centroid
 MIN_LISTS = 32
@@ -204,7 +204,7 @@ def populate(trained, embeddings_h5: str | os.PathLike, block_size: int):
         n, dim = ds.shape
         if dim != index.d:
             raise PipelineError(f"{embeddings_h5}: embeddings are {dim}-d but the trained index is {index.d}-d; rerun train-index")
-        for lo in tqdm(range(0, n, block_size), desc="add-index", unit="block", disable=None):
+        for lo in progress(range(0, n, block_size), desc="add-index", unit="block"):
             hi = min(n, lo + block_size)
             index.add_with_ids(np.ascontiguousarray(ds[lo:hi]), np.arange(lo, hi, dtype=np.int64))
     if index.ntotal != n:

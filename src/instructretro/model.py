@@ -74,6 +74,19 @@ class ModelConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):
+        for key in ("rotary_percent", "rotary_base", "norm_eps", "init_std"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise PipelineError(f"param 'model.{key}' must be a number, got {value!r}")
+        for key in ("rotary_base", "norm_eps", "init_std"):
+            if getattr(self, key) <= 0:
+                raise PipelineError(f"param 'model.{key}' must be > 0, got {getattr(self, key)!r}")
+        if isinstance(self.ffn_hidden, bool) or not isinstance(self.ffn_hidden, int):
+            raise PipelineError(f"param 'model.ffn_hidden' must be an integer, got {self.ffn_hidden!r}")
+        if self.cca_layers is not None and (
+                not isinstance(self.cca_layers, (list, tuple))
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.cca_layers)):
+            raise PipelineError(f"param 'model.cca_layers' must be a list of layer numbers, got {self.cca_layers!r}")
         for key in ("vocab_size", "n_layers", "hidden", "heads", "seq_length", "chunk_length",
                     "encoder_layers", "num_neighbors"):
             value = getattr(self, key)
@@ -136,12 +149,18 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise PipelineError(f"{source}: expected a JSON object of model settings, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise PipelineError(f"{source}: unknown model config keys {unknown}")
         d = {"cca_rotary": False, **d}  # configs written before the field existed had none
-        return cls(**d)
+        try:
+            return cls(**d)
+        except PipelineError as exc:
+            message = str(exc).replace("param 'model.", "'")  # the file's key, not a param
+            raise PipelineError(f"{source}: {message}") from None
 
 
 # ----------------------------------------------------------------------------- building blocks

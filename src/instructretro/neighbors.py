@@ -31,16 +31,17 @@ from pathlib import Path
 import faiss
 import h5py
 import numpy as np
-from tqdm import tqdm
 
 from .chunks import SampleLayout
 from .embed import (BlockCache, Encoder, _file_digest, chunk_texts, embed_rows_blockwise, end_ranks,
                     gather_to_rank0, start_ranks, store_fingerprint)
 from .errors import PipelineError
 from .io import atomic_path
+from .progress import progress
 from .tokenizer import EOD_ID, Tokenizer
 from .tokenstore import TokenStore
 
+FEWER_THAN_K_WARNING = 0.5  # warn when more query chunks than this have fewer than k neighbors
 SCORE_TOLERANCE = 1e-5  # float32 inner products of unit vectors agree to about 1e-6
 
 
@@ -140,7 +141,7 @@ def search_blocks(index, cache: BlockCache, n_rows: int, block_size: int, search
     """Search every searchable query row (embeddings from ``cache``), exclude, keep ``n_save``."""
     out = np.full((n_rows, n_save), -1, dtype=np.int64)
     banned, banned_valid = bans
-    for b in tqdm(range(-(-n_rows // block_size)), desc=desc, unit="block", disable=None):
+    for b in progress(range(-(-n_rows // block_size)), desc=desc, unit="block"):
         lo, hi = b * block_size, min(n_rows, (b + 1) * block_size)
         rows = lo + np.flatnonzero(searchable[lo:hi])
         if not len(rows):
@@ -246,6 +247,7 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
             "query_chunks_reusing_db_embedding": int((known >= 0).sum()),
             "query_chunks_no_encoder_tokens": int((real & ~searchable).sum()),
             "fraction_fewer_than_k": round(float(short.mean()), 4) if len(short) else 0.0,
+            "query_chunks_no_neighbor": int((neighbors[real] < 0).all(axis=1).sum()) if real.any() else 0,
         }
         if split == "train" and searchable.any() and recall_sample > 0:
             pick = np.flatnonzero(searchable)
@@ -272,4 +274,17 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
          + metrics["valid"]["fraction_fewer_than_k"] * metrics["valid"]["query_chunks"]) / max(total_real, 1), 4)
     metrics["query_chunks_per_s"] = round(embedded / seconds, 1) if seconds > 0 else None
     metrics["seconds"] = round(time.perf_counter() - t_start, 2)
+    metrics["warning"] = fewer_than_k_warning(metrics, len(np.unique(db_doc_ids)))
     return metrics
+
+
+def fewer_than_k_warning(metrics: dict, db_documents: int) -> str | None:
+    """One line when many query chunks have fewer than k neighbors (None otherwise)."""
+    frac = metrics["fraction_fewer_than_k"]
+    if frac <= FEWER_THAN_K_WARNING:
+        return None
+    none = metrics["train"]["query_chunks_no_neighbor"] + metrics["valid"]["query_chunks_no_neighbor"]
+    total = metrics["train"]["query_chunks"] + metrics["valid"]["query_chunks"]
+    return (f"{frac:.0%} of query chunks have fewer than {metrics['k']} neighbors and {none} of {total} have none: "
+            f"the database corpus has {db_documents} document{'' if db_documents == 1 else 's'}, and DB chunks of a sample's own documents are "
+            "excluded (a corpus that is one document, e.g. one .txt file as both corpora, leaves no neighbor)")

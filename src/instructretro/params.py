@@ -1,7 +1,16 @@
-"""Read typed values from ``params.yaml``; a wrong type or a missing key names the key."""
+"""Read typed values from ``params.yaml``; a wrong type, a missing key or an unknown key names the key.
+
+:data:`KNOWN` is the table of every key a stage reads, per section, with the type its value
+must have. :func:`load` checks the whole file against it, so a misspelt key (``pretrain.stpes``)
+or a value of the wrong type (``sft.steps: ten``) is refused before any work starts, naming the
+key and, for an unknown key, the closest known one. Keys whose values are lists or mappings of
+the user's own entries (``sft.blend``, ``generate.tasks``) are typed ``ANY`` here and checked
+entry by entry by the parser that reads them, so entry names are never taken for keys.
+"""
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -10,6 +19,108 @@ import yaml
 from .errors import PipelineError
 
 _MISSING = object()
+NONE = type(None)
+ANY = object()  # any value: its reader checks it (lists/mappings of user entries)
+
+
+def int_list(key: str, value, source: str):
+    """A list of integers (e.g. ``model.cca_layers: [2, 4]``)."""
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise PipelineError(f"{source}: param '{key}' must be a list of integers, got {value!r}")
+    return value
+
+
+def optional(check):
+    """A checker that also accepts null (null: the preset's value)."""
+    def check_or_null(key, value, source):
+        return value if value is None else check(key, value, source)
+    return check_or_null
+
+
+INT_OR_NULL, FLOAT_OR_NULL, STR_OR_NULL = (int, NONE), (float, NONE), (str, NONE)
+
+# Every key of params.yaml: section -> key -> type (a type, a tuple of types, a checker
+# ``f(key, value, source) -> value``, or ANY). A stage that reads a new key adds it here (and
+# to params.yaml: tests/test_bad_inputs.py checks that the two agree).
+KNOWN: dict[str, dict[str, object]] = {
+    "world": {"num_entities": int, "docs_per_entity": int, "qa_questions": int, "sft_conversations": int,
+              "seed": int},
+    "corpus": {"db": str, "pretrain": str},
+    "tokenizer": {"vocab_size": int, "sample_bytes": int, "model": str},
+    "tokenize": {"db_valid_fraction": float, "pretrain_valid_fraction": float},
+    "retro": {"chunk_length": int, "seq_length": int},
+    "embed": {"encoder": str, "precision": str, "batch_size": int, "max_length": int, "block_size": int},
+    "index": {"factory": str, "train_points": int, "seed": int, "add_block_size": int},
+    "query": {"num_neighbors_query": int, "num_neighbors_save": int, "nprobe": int, "efsearch": int,
+              "block_size": int, "recall_sample": int, "seed": int},
+    "model": {"name": str, "retro": bool},
+    # TrainConfig fields (null: the preset's recipe) and the run's inputs
+    "pretrain": {"steps": INT_OR_NULL, "micro_batch": INT_OR_NULL, "grad_accum": INT_OR_NULL,
+                 "lr": FLOAT_OR_NULL, "min_lr": FLOAT_OR_NULL, "warmup": INT_OR_NULL,
+                 "weight_decay": FLOAT_OR_NULL, "beta1": FLOAT_OR_NULL, "beta2": FLOAT_OR_NULL,
+                 "clip": FLOAT_OR_NULL, "zero_stage": INT_OR_NULL, "precision": STR_OR_NULL, "seed": INT_OR_NULL,
+                 "eval_interval": INT_OR_NULL, "eval_batches": INT_OR_NULL, "save_interval": INT_OR_NULL,
+                 "init_from": str, "skip_train": bool},
+    "sft": {"init_from": str, "blend": ANY, "valid_fraction": float, "valid_samples": int,
+            "system": str, "retrieval": str, "num_contexts": int, "num_neighbors": INT_OR_NULL,
+            "nprobe": int, "efsearch": int, "seed": int, "eval_interval": int,
+            # training keys (sft.TRAIN_KEYS; null: the preset's SFT recipe)
+            "seq_length": INT_OR_NULL, "steps": INT_OR_NULL, "global_batch": INT_OR_NULL,
+            "micro_batch": INT_OR_NULL, "lr": FLOAT_OR_NULL, "lr_schedule": STR_OR_NULL, "warmup": INT_OR_NULL,
+            "beta1": FLOAT_OR_NULL, "beta2": FLOAT_OR_NULL, "weight_decay": FLOAT_OR_NULL, "clip": FLOAT_OR_NULL,
+            "zero_stage": INT_OR_NULL, "precision": STR_OR_NULL},
+    "generate": {"checkpoint": str, "tasks": ANY, "retrieval": str, "num_contexts": int, "max_new_tokens": int,
+                 "batch_size": int, "max_questions": int, "system": STR_OR_NULL, "nprobe": int, "efsearch": int,
+                 "threads": int},
+    "score": {"f1_gold": str, "normalize": str},
+}
+
+
+# Keys a user may add that params.yaml does not ship: overrides of the model preset's
+# ModelConfig fields (null: the preset's). vocab_size, seq_length and chunk_length come from the
+# tokenizer and retro.*, so they are not params.
+OPTIONAL: dict[str, dict[str, object]] = {
+    "model": {"n_layers": INT_OR_NULL, "hidden": INT_OR_NULL, "heads": INT_OR_NULL, "ffn_hidden": INT_OR_NULL,
+              "cca_layers": optional(int_list), "encoder_layers": INT_OR_NULL, "num_neighbors": INT_OR_NULL,
+              "rotary_percent": FLOAT_OR_NULL, "rotary_base": FLOAT_OR_NULL, "cca_rotary": (bool, NONE),
+              "norm_eps": FLOAT_OR_NULL, "init_std": FLOAT_OR_NULL},
+}
+
+
+def known_keys() -> dict[str, dict[str, object]]:
+    """KNOWN with OPTIONAL merged in: every key :func:`load` accepts."""
+    return {section: {**keys, **OPTIONAL.get(section, {})} for section, keys in KNOWN.items()}
+
+
+def closest(name: str, known, prefix: str = "") -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``known``, or ``""``."""
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
+
+
+def check_known(data: dict, source: str = "params.yaml", known: dict | None = None) -> None:
+    """Refuse unknown sections and keys, and values of the wrong type, naming the key."""
+    known = known_keys() if known is None else known
+    if not isinstance(data, dict):
+        raise PipelineError(f"{source}: expected a mapping of sections at the top level")
+    for section, body in data.items():
+        if section not in known:
+            raise PipelineError(f"{source}: unknown section '{section}'{closest(str(section), known)}; "
+                                f"known sections: {', '.join(known)}")
+        if not isinstance(body, dict):
+            raise PipelineError(f"{source}: section '{section}' must be a mapping of keys, got {type(body).__name__}")
+        keys = known[section]
+        for key, value in body.items():
+            if key not in keys:
+                raise PipelineError(f"{source}: unknown param '{section}.{key}'"
+                                    f"{closest(str(key), keys, f'{section}.')}")
+            spec = keys[key]
+            if spec is ANY:
+                continue
+            if callable(spec) and not isinstance(spec, type):
+                spec(f"{section}.{key}", value, source)
+            else:
+                _check(f"{section}.{key}", value, spec, source)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -31,12 +142,13 @@ def load(path: str | os.PathLike = "params.yaml") -> "Params":
     if not path.is_file():
         raise PipelineError(f"{path}: params file not found")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
-    except yaml.YAMLError as exc:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise PipelineError(f"{where}: not valid YAML ({problem})") from None
+    check_known(data, str(path))
     return Params(data, str(path))
 
 
@@ -77,11 +189,22 @@ def _check(key, value, typ, source):
     else:
         ok = isinstance(value, types)
     if not ok:
-        names = " or ".join(t.__name__ for t in types)
+        names = " or ".join("null" if t is NONE else t.__name__ for t in types)
+        hint = ""
+        if float in types and isinstance(value, str) and _is_number(value):
+            hint = f" (YAML reads {value} as text: write it with a dot, e.g. {float(value)!r})"
         raise PipelineError(
-            f"{source}: param '{key}' must be {names}, got {type(value).__name__} {value!r}"
+            f"{source}: param '{key}' must be {names}, got {type(value).__name__} {value!r}{hint}"
         )
     return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def positive(key: str, value, source: str = "params.yaml"):

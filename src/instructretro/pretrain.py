@@ -19,6 +19,7 @@ import torch
 
 from .errors import PipelineError
 from .pretrain_data import PretrainInputs, PretrainSamples, TrainOrder, eval_indices, load_split
+from .tokenstore import TokenStore
 
 
 def fingerprint(paths, params: dict) -> str:
@@ -37,6 +38,18 @@ def fingerprint(paths, params: dict) -> str:
             if size <= 64 << 20:
                 h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()[:16]
+
+
+def empty_valid_message(tokens) -> str:
+    """Why the pretraining corpus's valid split is empty, from the token store's counts."""
+    meta = TokenStore(tokens, "valid").meta
+    n_train, fraction = meta.get("train_documents", 0), meta.get("valid_fraction")
+    if fraction == 0:
+        return f"{tokens}: the valid split is empty: set tokenize.pretrain_valid_fraction > 0"
+    few = "; a .txt file is one document: give JSON lines or a folder of files" if n_train < 20 else ""
+    return (f"{tokens}: the valid split has 0 documents: the pretraining corpus has {n_train} document{'' if n_train == 1 else 's'}, each "
+            f"put in valid with probability tokenize.pretrain_valid_fraction{f' ({fraction})' if fraction else ''} by a hash of its "
+            f"text, and none was{few}")
 
 
 def without_retrieval(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -118,7 +131,7 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
     valid = load_split(inputs, model_config, "valid", fact_flags=True,
                        neighbor_tokens=getattr(train_set, "neighbor_tokens", None))
     if len(valid) == 0:
-        raise PipelineError(f"{inputs.tokens}: the valid split is empty (set tokenize.pretrain_valid_fraction > 0)")
+        raise PipelineError(empty_valid_message(inputs.tokens))
 
     start, summary = 0, {}
     if skip_train:

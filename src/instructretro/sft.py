@@ -315,11 +315,11 @@ def last_user_turn(conv: dict) -> str:
 
 def search_batched(retriever, texts: list[str], n: int, batch: int = 256, desc: str = "retrieve") -> np.ndarray:
     """``retriever.search`` over ``texts`` in batches with a progress bar; empty texts get -1."""
-    from tqdm import tqdm
+    from .progress import progress
 
     out = np.full((len(texts), n), -1, dtype=np.int64)
     live = [i for i, t in enumerate(texts) if t.strip()]
-    for b in tqdm(range(0, len(live), batch), desc=desc, unit="batch", mininterval=2.0, disable=None):
+    for b in progress(range(0, len(live), batch), desc=desc, unit="batch"):
         idx = live[b : b + batch]
         ids = np.asarray(retriever.search([texts[i] for i in idx], n), dtype=np.int64).reshape(len(idx), -1)
         out[idx, : ids.shape[1]] = ids[:, :n]

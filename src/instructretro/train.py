@@ -293,13 +293,13 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
     checkpoint is saved to ``work_dir`` every ``save_interval`` steps and at the end.
     ``live`` is a DVCLive ``Live`` on rank 0 (None elsewhere).
     """
-    from tqdm import tqdm
+    from .progress import progress as progress_bar
 
     engine.train()
     last: dict = {}
     tokens_done, seconds = 0, 0.0
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", mininterval=2.0,
-               disable=None if (progress and is_rank0()) else True)
+    bar = progress_bar(total=cfg.steps, initial=start_step, desc="train", unit="step",
+                       disable=not (progress and is_rank0()))
     end = cfg.steps if stop_after is None else max(start_step, min(cfg.steps, stop_after))
     for step in range(start_step, end):
         t0 = time.perf_counter()
@@ -440,30 +440,68 @@ def read_config(folder: str | os.PathLike):
     if not path.is_file():
         raise PipelineError(f"{folder}: not an exported checkpoint (no config.json)")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{path}: malformed JSON ({exc.msg})") from None
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise PipelineError(f"{path}: malformed JSON ({getattr(exc, 'msg', None) or type(exc).__name__})") from None
     return ModelConfig.from_dict(raw, str(path))
 
 
 def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
         raise PipelineError(f"{folder}: not an exported checkpoint (no model.safetensors)")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise PipelineError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def memory_bytes() -> int:
+    """Physical memory of this machine (bytes)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(config, source: str, bytes_per_param: int = 4, limit: int | None = None) -> int:
+    """Refuse a config whose weights alone (``bytes_per_param`` each) exceed the machine's memory.
+
+    The parameter count comes from the model built on the meta device (nothing allocated), so an
+    absurd size (``vocab_size: 2**31``) is an error naming the key instead of a huge allocation.
+    Returns the parameter count.
+    """
+    from .model import Retro
+
+    with torch.device("meta"):
+        n = Retro(config).num_parameters()
+    limit = memory_bytes() if limit is None else limit
+    if n * bytes_per_param > limit:
+        embed = 2 * config.vocab_size * config.hidden  # input and output embeddings
+        key = "vocab_size" if embed * 2 > n else "n_layers' / 'hidden"
+        raise PipelineError(
+            f"{source}: '{key}' gives a model of {n:,} parameters ({n * bytes_per_param / 2**30:.1f} GiB of "
+            f"weights), more than this machine's {limit / 2**30:.1f} GiB of memory "
+            f"(vocab_size {config.vocab_size}, n_layers {config.n_layers}, hidden {config.hidden})")
+    return n
 
 
 def load_model(folder: str | os.PathLike):
     """Build the model stored in an exported checkpoint and load its weights (fp32, CPU)."""
     from .model import Retro
 
-    model = Retro(read_config(folder))
+    config = read_config(folder)
+    check_fits(config, str(Path(folder) / "config.json"))
     state = read_state_dict(folder)
-    if set(state) != set(model.state_dict()):
+    model = Retro(config)
+    expected = model.state_dict()
+    if set(state) != set(expected):
         raise PipelineError(f"{folder}: weights do not match config.json "
-                            f"({len(set(state) ^ set(model.state_dict()))} names differ)")
+                            f"({len(set(state) ^ set(expected))} names differ)")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise PipelineError(f"{folder}: weight '{name}' has shape {tuple(tensor.shape)}, config.json gives "
+                                f"{tuple(expected[name].shape)}")
     model.load_state_dict(state)
     return model
 
