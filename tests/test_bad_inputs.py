@@ -153,7 +153,7 @@ def test_known_keys_cover_the_dataclasses_that_read_them():
 
 def test_user_entry_names_inside_lists_are_not_taken_for_keys():
     p = shipped_params()
-    p["sft"]["blend"].append({"name": "my_own_set", "path": "x.jsonl", "anything": 1})
+    p["sft"]["blend"]["my_own_set"] = {"path": "x.jsonl", "anything": 1}
     p["generate"]["tasks"] = {"nq_open": {"path": "nq.jsonl"}}  # a mapping keyed by task name
     P.check_known(p)  # their own parsers check the entries
 

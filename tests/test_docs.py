@@ -248,7 +248,7 @@ def test_a_made_up_name_is_caught(command, wrong):
 
 def test_real_names_pass():
     for command in ("make repro", "make pretrain GPUS=8 HOSTFILE=hosts", "dvc repro tokenize@db",
-                    "dvc repro generate@0", "dvc exp run -S model.retro=false -S \"index.factory='IVF16,Flat'\"",
+                    "dvc repro generate@world_qa", "dvc exp run -S model.retro=false -S \"index.factory='IVF16,Flat'\"",
                     "dvc exp run -S +model.num_neighbors=2", "dvc checkout pretrain-gpt",
                     "python stages/pretrain.py --gpt --stop-after 100", "python -m instructretro.report",
                     "OMP_NUM_THREADS=1 .venv/bin/python experiments/neighbor_overlap.py --split train"):
