@@ -305,3 +305,10 @@ def test_relative_links_point_at_files_that_exist():
             if "://" in target or target.startswith("mailto:"):
                 continue
             assert (path.parent / target).exists(), f"{path.relative_to(REPO)} links to missing {target}"
+
+
+def test_compact_flowchart_keeps_every_stage_and_edge():
+    md = ("```mermaid\nflowchart TD\n\tnode1[\"a\"]\n\tnode2[\"b\"]\n\tnode3[\"c\"]\n\tnode4[\"lone\"]\n"
+          "\tnode1-->node2\n\tnode1-->node3\n\tnode2-->node3\n```\n")
+    out = report.compact_flowchart(md)
+    assert out.splitlines()[2:-1] == ['  s0["a"] --> s1["b"] & s2["c"]', "  s1 --> s2", '  s3["lone"]']

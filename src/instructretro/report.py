@@ -82,12 +82,40 @@ def table_in(text: str, start: str = START, end: str = END) -> str:
 
 
 def dag(repo: str | os.PathLike = ".") -> str:
-    """``dvc dag --md`` of ``repo`` (a mermaid flowchart in a fenced block)."""
+    """The stage graph of ``repo`` from ``dvc dag --md``, as a mermaid flowchart with one line
+    per stage (the stage and every stage that reads its outputs: ``a --> b & c``)."""
     exe = Path(sys.executable).parent / "dvc"
     r = subprocess.run([str(exe) if exe.exists() else "dvc", "dag", "--md"], cwd=repo, capture_output=True, text=True)
     if r.returncode != 0:
         raise PipelineError(f"dvc dag --md failed in {repo}: {r.stderr.strip()[-300:]}")
-    return r.stdout.strip() + "\n"
+    return compact_flowchart(r.stdout)
+
+
+def compact_flowchart(md: str) -> str:
+    """``dvc dag --md``'s flowchart (a node line per stage, an edge line per dependency) with
+    the edges of each stage on one line, the stages named by their labels."""
+    labels, edges = {}, {}
+    for line in md.splitlines():
+        line = line.strip()
+        if "-->" in line:
+            a, b = line.split("-->")
+            edges.setdefault(a.strip(), []).append(b.strip())
+        elif line.startswith("node") and "[" in line:
+            node, label = line.split("[", 1)
+            labels[node] = label.rstrip("]")
+    ids = {node: f"s{i}" for i, node in enumerate(labels)}
+    lines, named = [], set()
+
+    def ref(node):
+        first = node not in named
+        named.add(node)
+        return f"{ids[node]}[{labels[node]}]" if first else ids[node]
+
+    for node in labels:
+        if node in edges:
+            lines.append(f"  {ref(node)} --> " + " & ".join(ref(b) for b in edges[node]))
+    lines += [f"  {ref(n)}" for n in labels if n not in named]
+    return "```mermaid\nflowchart LR\n" + "\n".join(lines) + "\n```\n"
 
 
 @cli
