@@ -234,8 +234,8 @@ def enable_tf32(device: str) -> bool:
     run stays fp32); returns whether it did. CPU math is left alone."""
     if device != "cuda":
         return False
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
     return True
 
 
