@@ -108,13 +108,13 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
     else:
         model = T.build_model(model_config, cfg)  # at ZeRO-3 already partitioned
         fresh = T.init_from_checkpoint(model, init_from) if init_from else []
-        if cfg.freeze_decoder:
+        if init_from and is_main():
+            print(f"pretrain: decoder weights from {init_from}; {len(fresh)} retrieval tensors fresh")
+        if cfg.freeze_decoder:  # retrofitting: only encoder and CCA train
             T.freeze_decoder(model)
             if is_main():
                 print(f"pretrain: decoder frozen, training {sum(p.requires_grad for p in model.parameters())} "
                       "encoder and CCA tensors")
-        if init_from and is_main():
-            print(f"pretrain: decoder weights from {init_from}; {len(fresh)} retrieval tensors fresh")
     n_params = model.num_parameters()
 
     train_set = None if skip_train else load_split(inputs, model_config, "train")
