@@ -478,3 +478,24 @@ def test_freeze_decoder_trains_only_encoder_and_cca(one_process_group):
             torch.testing.assert_close(p.detach(), decoder_before[n], rtol=0, atol=0, msg=n)
     with pytest.raises(PipelineError, match="freeze_decoder' needs a Retro model"):
         T.freeze_decoder(Retro(tiny_config(retro=False)))
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_build_model_with_weights_loads_an_export(one_process_group, tmp_path, zero_stage):
+    """SFT's build: the exported weights replace the initialisation (read tensor by tensor; at
+    ZeRO-3 into partitioned parameters); a checkpoint of another architecture is refused."""
+    import deepspeed
+
+    T = one_process_group
+    torch.manual_seed(3)
+    source = Retro(tiny_config())
+    T.export_checkpoint(source, source.config, tmp_path / "ckpt")
+    train_cfg = T.TrainConfig(steps=1, micro_batch=1, zero_stage=zero_stage, lr=1e-3, min_lr=1e-4, warmup=0)
+    torch.manual_seed(4)
+    model = T.build_model(source.config, train_cfg, weights=tmp_path / "ckpt")
+    params = dict(model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=zero_stage == 3):
+        for n, p in source.named_parameters():
+            torch.testing.assert_close(params[n].detach(), p.detach(), rtol=0, atol=0, msg=n)
+    with pytest.raises(PipelineError, match="names differ"):
+        T.build_model(tiny_config(retro=False), train_cfg, weights=tmp_path / "ckpt")

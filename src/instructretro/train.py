@@ -5,7 +5,9 @@ The same code trains on one CPU process (no launcher, gloo backend) and on many 
 
 1. ``TrainConfig``: the hyperparameters, read from one params section (``pretrain`` or ``sft``).
 2. ``init_distributed``: environment defaults for a single process, and no C++ build at run time.
-3. ``build_engine``: AdamW (``torch_adam``), warmup + cosine schedule, ZeRO stage, bf16/fp32,
+3. ``build_model`` (partitioned at creation under ZeRO-3) and ``build_engine``: AdamW (torch's
+   fused kernel on GPU, multi-tensor on CPU), warmup + cosine schedule, ZeRO stage and offload,
+   activation checkpointing, a frozen decoder for retrofitting, TF32 on GPUs, bf16/fp32,
    micro batch, gradient accumulation and clipping, as one DeepSpeed config.
 4. ``train``: the loop. It is generic over ``batch_fn(step, micro) -> batch`` (a deterministic
    function of the position, so a resumed run sees exactly the batches it would have seen) and
@@ -268,10 +270,41 @@ def freeze_decoder(model: torch.nn.Module) -> int:
     return frozen
 
 
-def build_model(config, cfg: TrainConfig, world_size: int | None = None):
-    """A fresh model for training with ``cfg``: at ZeRO-3 built under ``deepspeed.zero.Init``,
-    so every rank holds only its shard from the start (initialisation gathers one tensor at a
-    time; ``Retro.reset_parameters``); activation checkpointing as ``cfg`` says."""
+def build_model(config, cfg: TrainConfig, world_size: int | None = None, weights: str | os.PathLike | None = None):
+    """A model for training with ``cfg``: at ZeRO-3 built under ``deepspeed.zero.Init``, so
+    every rank holds only its shard from the start (initialisation gathers one tensor at a
+    time; ``Retro.reset_parameters``); activation checkpointing as ``cfg`` says. ``weights``:
+    an exported checkpoint folder whose weights replace the initialisation, read one tensor at
+    a time (rank 0 reads, ZeRO-3 scatters), so no rank ever holds the whole model."""
+    model = _build(config, cfg, world_size)
+    if weights is not None:
+        _load_weights(model, weights)
+    return model.set_checkpointing(cfg.activation_checkpointing)
+
+
+def _load_weights(model, folder) -> None:
+    from safetensors import safe_open
+
+    from .model import assign_parameter, full_shape, is_partitioned
+
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise PipelineError(f"{folder}: not an exported checkpoint (no model.safetensors)")
+    own = dict(model.named_parameters())
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        if names != set(own):
+            raise PipelineError(f"{folder}: weights do not match config.json ({len(names ^ set(own))} names differ)")
+        reader = not any(is_partitioned(p) for p in own.values()) or not torch.distributed.is_initialized() \
+            or torch.distributed.get_rank() == 0
+        for name, p in own.items():
+            value = f.get_tensor(name) if reader else None
+            if value is not None and tuple(value.shape) != tuple(full_shape(p)):
+                raise PipelineError(f"{folder}: {name} has shape {tuple(value.shape)}, config.json gives {tuple(full_shape(p))}")
+            assign_parameter(p, value)
+
+
+def _build(config, cfg: TrainConfig, world_size: int | None):
     from .model import Retro
 
     if cfg.zero_stage == 3:
@@ -281,10 +314,8 @@ def build_model(config, cfg: TrainConfig, world_size: int | None = None):
             init_distributed()
         world = world_size or torch.distributed.get_world_size()
         with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world)):
-            model = Retro(config)
-    else:
-        model = Retro(config)
-    return model.set_checkpointing(cfg.activation_checkpointing)
+            return Retro(config)
+    return Retro(config)
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainConfig):
