@@ -187,7 +187,12 @@ def check(args) -> int:
     rows.append(bench)
 
     multi = Row("2-GPU pretrain, export, generate", detail="deepspeed --num_gpus 2 stages/pretrain.py; stages/generate.py")
-    if not why and n < 2:
+    if args.cpu and not args.dry_run:  # 2 CPU ranks (gloo): checks this row's commands, not the GPU path
+        t0 = time.perf_counter()
+        multi.status, multi.detail = two_gpu_pipeline(work)
+        multi.detail = "on 2 CPU ranks: " + multi.detail
+        multi.seconds = time.perf_counter() - t0
+    elif not why and n < 2:
         multi.detail = f"needs 2 GPUs, this machine has {n}"
     elif not why:
         t0 = time.perf_counter()
@@ -204,7 +209,7 @@ def check(args) -> int:
     if failed:
         print(f"\nFAILED: {', '.join(failed)} (logs in {work})")
         return 1
-    if why == "no CUDA GPU":
+    if why == "no CUDA GPU" and not args.cpu:
         print("\nno CUDA GPU here: nothing was checked (use --dry-run to see the plan)")
         return 1
     return 0
@@ -352,6 +357,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="what", required=True)
     c = sub.add_parser("check", help="bench/gpu_check.sh")
     f = sub.add_parser("fidelity", help="bench/gpu_fidelity.sh")
+    c.add_argument("--cpu", action="store_true", help="run the 2-process pipeline row on 2 CPU ranks (checks the script)")
     for p in (c, f):
         p.add_argument("--dry-run", action="store_true", help="print the table without running anything on a GPU")
         p.add_argument("--work", default=None, help="folder for the repo copy and logs (default: a temp folder)")
