@@ -308,7 +308,8 @@ def fidelity(args) -> int:
         t0 = time.perf_counter()
         row.status, row.detail = one_run(repo, work, variant, seed, args, row.values)
         row.seconds = time.perf_counter() - t0
-    print_table(f"gpu_fidelity: {n} x {name}; val on the valid split, QA EM on {plan['world']['world.qa_questions']} "
+    where = f"{n} x {name}" if n else "CPU (--cpu: a check of the script, not the comparison)"
+    print_table(f"gpu_fidelity: {where}; val on the valid split, QA EM on {plan['world']['world.qa_questions']} "
                 "questions (contexts in the prompt)", rows, columns)
     return 0 if all(r.status in ("pass", "skipped") for r in rows) else 1
 
