@@ -239,7 +239,7 @@ def two_gpu_pipeline(work: Path) -> tuple[str, str]:
     answers = sum(1 for line in (repo / "answers.jsonl").read_text().splitlines() if line.strip())
     ok = m.get("val_loss") is not None and answers > 0
     return ("pass" if ok else "FAIL"), (f"{m['steps']} steps, val_loss {m['val_loss']:.4f} "
-                                        f"(shuffled {m.get('val_loss_shuffled')}), exported, {answers} answers")
+                                        f"(shuffled {m.get('val_loss_shuffled') or float('nan'):.4f}), exported, {answers} answers")
 
 
 # ----------------------------------------------------------------------------- fidelity
