@@ -116,3 +116,13 @@ endif
 
 eval-ppl: install
 	$(SFT_ENV) $(LAUNCH) stages/pretrain.py --eval-only $(CKPT) --metrics metrics/eval_ppl.json
+
+# Memory plan before a run: `make estimate MODEL=43b GPUS=8 GPU_MEM=80` prints per-GPU GiB of
+# parameters, gradients, optimizer state and activations for the preset's GPU recipe, whether it
+# fits, and the settings that do (ZeRO stage, checkpointing, micro batch, CPU offload).
+# MODEL may list several presets (MODEL=843m,2b,4b,43b); SEQ= overrides the sequence length.
+GPU_MEM ?= 80
+SEQ     ?=
+.PHONY: estimate
+estimate: install
+	$(BIN)/python -m instructretro.estimate --model $(or $(MODEL),43b) --gpus $(or $(GPUS),8) --gpu-mem $(GPU_MEM) $(if $(SEQ),--seq-length $(SEQ))

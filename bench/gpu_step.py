@@ -32,7 +32,7 @@ import torch
 
 from instructretro import presets
 from instructretro import train as T
-from instructretro.model import Retro, flops_per_token
+from instructretro.model import flops_per_token
 
 # Dense bf16 peak per device (TFLOP/s) by name substring; the first match wins.
 PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10", 125.0)]
@@ -65,6 +65,7 @@ def main(argv=None):
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--precision", default="bf16", choices=T.PRECISIONS)
     ap.add_argument("--zero-stage", type=int, default=0)
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps (allocator, kernels)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the device's dense bf16 peak")
@@ -78,10 +79,11 @@ def main(argv=None):
     config = presets.get(args.preset, retro=not args.gpt, seq_length=args.seq_length)
     cfg = T.TrainConfig(steps=args.warmup + args.steps, micro_batch=args.micro_batch, grad_accum=1,
                         lr=2.5e-5, min_lr=2.5e-6, warmup=1, weight_decay=0.1, beta1=0.9, beta2=0.95,
-                        clip=1.0, zero_stage=args.zero_stage, precision=args.precision, seed=1234)
+                        clip=1.0, zero_stage=args.zero_stage, precision=args.precision, seed=1234,
+                        activation_checkpointing=args.checkpointing)
     torch.manual_seed(cfg.seed)
     with torch.device("cpu"):
-        model = Retro(config)
+        model = T.build_model(config, cfg)  # the pretrain stage's build (zero.Init at ZeRO-3)
     n_params = model.num_parameters()
     engine = T.build_engine(model, cfg)
     gen = torch.Generator().manual_seed(rank)
@@ -113,7 +115,8 @@ def main(argv=None):
               f"{config.n_layers} layers, hidden {config.hidden}, CCA layers {list(config.cca_layers) if config.retro else []}, "
               f"k={config.num_neighbors}")
         print(f"step              micro batch {args.micro_batch} x seq {args.seq_length} per process, "
-              f"{args.precision}, ZeRO {args.zero_stage}, loss {loss:.3f}")
+              f"{args.precision}, ZeRO {args.zero_stage}, checkpointing {'on' if args.checkpointing else 'off'}, "
+              f"loss {loss:.3f}")
         print(f"time per step     {seconds * 1000:.1f} ms")
         print(f"tokens/s          {tokens_per_s:,.0f}")
         print(f"model TFLOP/s     {flops / 1e12 / world:.1f} per device "

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from instructretro import params as P, presets
 from instructretro.errors import PipelineError, cli
 from instructretro.io import write_json
@@ -74,7 +76,8 @@ def main(argv=None):
     p = P.load(args.params)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by the launcher; splits a preset's batch
     model_name = p.get("model.name", str)
-    cfg = TrainConfig.from_params(p, "pretrain", preset_training(presets.training(model_name), world))
+    recipe = presets.device_recipe(model_name, gpu=torch.cuda.is_available())  # for null params
+    cfg = TrainConfig.from_params(p, "pretrain", preset_training(presets.training(model_name), world, recipe))
     init_from = p.get("pretrain.init_from", str)
     skip_train = p.get("pretrain.skip_train", bool)
     if args.eval_only:

@@ -162,12 +162,14 @@ def main(argv=None):
     else:
         config = train.read_config(s["init_from"])
         settings = sft.sft_settings(config.name, s["overrides"])
-        model = train.load_model(s["init_from"])
+        model = None  # built below with the run's ZeRO stage (partitioned at creation at ZeRO-3)
         full = settings
-    print(f"sft: {config.name} model, {model.num_parameters():,} parameters, retrieval={s['retrieval']}")
 
     rank, world = train.init_distributed()
     cfg = sft.train_config(settings, world, seed=s["seed"], eval_interval=s["eval_interval"], save_interval=10**9)
+    if model is None:
+        model = train.build_model(config, cfg, weights=s["init_from"])
+    print(f"sft: {config.name} model, {model.num_parameters():,} parameters, retrieval={s['retrieval']}")
     retriever = make_retriever(args, p, s) if not (args.smoke and not Path(args.index).exists()) else None
     retrieval = s["retrieval"] if retriever is not None or s["retrieval"] == "none" else "none"
     if retrieval != s["retrieval"]:

@@ -136,3 +136,43 @@ def test_stops_at_eod_and_max_new_tokens():
     for o, f in zip(out, free):
         assert o == (f[:f.index(eod) + 1] if eod in f else f)
     assert greedy_generate(m, prompts(), 0, EOD) == [[] for _ in PROMPT_LENGTHS]
+
+
+def retrieval_state_bytes(cache) -> int:
+    """Bytes of every tensor the cache holds besides self-attention keys/values and the pad mask."""
+    total = 0
+    for name, value in vars(cache).items():
+        if name in ("k", "v", "pad_mask"):
+            continue
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        total += sum(t.numel() * t.element_size() for t in items if torch.is_tensor(t))
+    return total
+
+
+def test_retrieval_part_of_the_cache_does_not_grow_with_the_chunks_decoded():
+    """Decoding attends only to the last completed chunk: the cache keeps that chunk's neighbor
+    keys/values per CCA layer (and the incomplete chunk's encoder context), whatever the length."""
+    from instructretro.model import KVCache
+
+    m = model()
+    sizes = {n: retrieval_state_bytes(KVCache(m, 3, n * L)) for n in (2, 8, 32)}
+    assert len(set(sizes.values())) == 1 and sizes[2] > 0, sizes
+    cfg = m.config
+    per_chunk = 3 * cfg.heads * cfg.num_neighbors * cfg.neighbor_length * cfg.head_dim * 8  # float64
+    assert sizes[2] < 2 * len(cfg.cca_layers) * per_chunk + 3 * L * cfg.hidden * 8 + 3 * 64 * 2, sizes
+
+    # decoding 5 chunks beyond the prompt keeps the same tensors, and still equals uncached decoding
+    seen = []
+    original = KVCache.advance
+
+    def advance(self, *args):
+        original(self, *args)
+        seen.append(retrieval_state_bytes(self))
+
+    KVCache.advance = advance
+    try:
+        cached = greedy_generate(m, prompts((13, 3)), 5 * L, EOD + 1000, neighbors_fn=Neighbors())
+    finally:
+        KVCache.advance = original
+    assert len(seen) == 5 * L and len(set(seen)) == 1
+    assert cached == greedy_generate(m, prompts((13, 3)), 5 * L, EOD + 1000, neighbors_fn=Neighbors(), use_cache=False)

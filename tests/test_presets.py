@@ -10,6 +10,7 @@ from instructretro.model import Retro
 # (Retro, GPT) parameter counts at each preset's vocab, as documented in presets.py / docs/model.md
 DOCUMENTED = {
     "tiny": (2_380_032, 1_804_544),
+    "100m": (114_871_296, 91_264_512),
     "843m": (877_520_896, 823_232_512),
     "2b": (2_906_714_112, 2_655_260_672),
     "4b": (5_620_311_040, 5_070_361_600),

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .errors import PipelineError
 
@@ -331,6 +332,7 @@ class RetroEncoder(nn.Module):
         self.config = config
         self.layers = nn.ModuleList(EncoderLayer(config, cross=i == 0) for i in range(config.encoder_layers))
         self.norm = LayerNorm1p(config.hidden, config.norm_eps)
+        self.checkpointing = False  # recompute each layer in backward (Retro.set_checkpointing)
 
     def forward(self, neighbors, neighbor_mask, context, context_mask=None):
         """Encode N chunks' neighbors.
@@ -344,8 +346,10 @@ class RetroEncoder(nn.Module):
         rope = rope_tables(0, R, self.config, x.device, x.dtype)
         key_mask = neighbor_mask.reshape(N * k, R)
         # A neighbor with no valid token attends to all of its tokens (its output is never used).
+        # The mask is always passed: deciding to drop it would read the mask on the host (a
+        # device sync every forward).
         key_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
-        self_mask = None if bool(key_mask.all()) else key_mask[:, None, None, :]
+        self_mask = key_mask[:, None, None, :]
         ck, cv = self.layers[0].cross.project_kv(context)  # (N, H, L, d), once per chunk
         ck = ck.repeat_interleave(k, dim=0)
         cv = cv.repeat_interleave(k, dim=0)
@@ -353,18 +357,22 @@ class RetroEncoder(nn.Module):
             context_mask = torch.ones(N, context.shape[1], dtype=torch.bool, device=x.device)
         context_mask = context_mask.repeat_interleave(k, dim=0)
         for layer in self.layers:
-            x = layer(x, rope, self_mask, (ck, cv), context_mask)
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, rope, self_mask, (ck, cv), context_mask, use_reentrant=False)
+            else:
+                x = layer(x, rope, self_mask, (ck, cv), context_mask)
         return self.norm(x).view(N, k, R, h)
 
 
 # ----------------------------------------------------------------------------- the decoder
 
 
-def chunked_cross_attention(q, keys, values, key_mask, start, chunk_length):
+def chunked_cross_attention(q, keys, values, key_mask, start, chunk_length, chunk_offset=0):
     """CCA of decoder queries over the neighbors of completed chunks.
 
     q (B,H,T,d): queries of positions start .. start+T-1. keys, values (B,C,H,S,d) and key_mask
-    (B,C,S): neighbors of chunks 0 .. C-1 (S = k * neighbor length). The token at position i
+    (B,C,S): neighbors of chunks chunk_offset .. chunk_offset+C-1 (S = k * neighbor length),
+    which must include every chunk these queries attend to. The token at position i
     attends to chunk (i + 1) // chunk_length - 1; before the first chunk ends, to nothing.
     Positions are grouped into runs that attend to the same chunk, so one SDPA call does all.
     """
@@ -384,6 +392,7 @@ def chunked_cross_attention(q, keys, values, key_mask, start, chunk_length):
         return torch.zeros_like(q)
     qg = F.pad(q, (0, 0, front, back)).view(B, H, G, group_len, d).transpose(1, 2)[:, skip:]
     c0 = first - 1 + skip  # groups attend to the consecutive chunks c0 .. c0 + n - 1
+    c0 -= chunk_offset
     k_g, v_g, m_g = keys[:, c0:c0 + n], values[:, c0:c0 + n], key_mask[:, c0:c0 + n]
     S = k_g.shape[-2]
     y = masked_attention(
@@ -429,7 +438,16 @@ class Retro(nn.Module):
             self.encoder = RetroEncoder(config) if config.retro else None
             self.final_norm = LayerNorm1p(config.hidden, config.norm_eps)
             self.lm_head = nn.Linear(config.hidden, config.vocab_size, bias=False)
+        self.checkpointing = False
         self.reset_parameters(seed)
+
+    def set_checkpointing(self, enabled: bool) -> "Retro":
+        """Activation checkpointing: in training, each decoder and encoder layer keeps only its
+        input and recomputes the rest in backward (same values; about a third more compute)."""
+        self.checkpointing = bool(enabled)
+        if self.encoder is not None:
+            self.encoder.checkpointing = bool(enabled)
+        return self
 
     # -- parameters
 
@@ -441,7 +459,12 @@ class Retro(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0):
         """Normal(0, init_std) for weights, std / sqrt(2 * n_layers) for the projections into
-        the residual stream, zeros for norms; decoder parameters first, then Retro's."""
+        the residual stream, zeros for norms; decoder parameters first, then Retro's.
+
+        Parameters partitioned by ZeRO-3 (built under ``deepspeed.zero.Init``) are gathered one
+        at a time, rank 0 writes them and ZeRO re-partitions them: the same values as an
+        unpartitioned build from the same seed. Meta parameters are left as they are.
+        """
         std = self.config.init_std
         out_std = std / math.sqrt(2.0 * self.config.n_layers)
         gen = torch.Generator().manual_seed(seed)
@@ -451,18 +474,22 @@ class Retro(nn.Module):
         for name, p in ordered:
             if p.is_meta:
                 continue
+            shape = full_shape(p)
+            writer = not is_partitioned(p) or _rank() == 0  # others receive rank 0's values
             if "norm" in name.rsplit(".", 2)[-2]:
-                p.zero_()
+                value = torch.zeros(shape) if writer else None
             elif name.endswith(("proj.weight", "down.weight")):
-                p.copy_(torch.randn(p.shape, generator=gen) * out_std)
+                value = torch.randn(shape, generator=gen) * out_std if writer else None
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+                value = torch.randn(shape, generator=gen) * std if writer else None
+            assign_parameter(p, value)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Parameter count (optionally without input embedding and output layer)."""
-        n = sum(p.numel() for p in self.parameters())
+        """Parameter count (optionally without input embedding and output layer); the full
+        count also for ZeRO-3 partitioned parameters."""
+        n = sum(full_numel(p) for p in self.parameters())
         if exclude_embeddings:
-            n -= self.embed.weight.numel() + self.lm_head.weight.numel()
+            n -= full_numel(self.embed.weight) + full_numel(self.lm_head.weight)
         return n
 
     # -- forward
@@ -485,7 +512,7 @@ class Retro(nn.Module):
         n_new = (start + T) // L - first_chunk
         if cache is None:  # retrieval needs a completed chunk with neighbors
             retrieval = cfg.retro and neighbors is not None and n_new > 0
-        else:  # ... in this call or earlier
+        else:  # ... in this call or the last one completed before it
             retrieval = cfg.retro and (neighbors is not None or cache.has_neighbors)
         if cfg.retro and neighbors is not None:
             if neighbors.dim() != 4 or neighbors.shape[:2] != (B, n_new):
@@ -502,73 +529,165 @@ class Retro(nn.Module):
             neighbor_mask = neighbor_mask.bool()
 
         x = self.embed(tokens)
-        rope = rope_tables(start, T, cfg, x.device, x.dtype)
-        attn_mask = cache.self_attention_mask(T) if cache is not None else None
-        # CCA query positions are the same in every CCA layer: one table per call
-        cca_rope = cca_query_rope(start, T, cfg, x.device, x.dtype) if retrieval and cfg.cca_rotary else None
-        first_cca = True
+        step = _Step(
+            start=start, first_chunk=first_chunk, n_new=n_new, retrieval=retrieval, cache=cache,
+            neighbors=neighbors, neighbor_mask=neighbor_mask,
+            rope=rope_tables(start, T, cfg, x.device, x.dtype),
+            attn_mask=cache.self_attention_mask(T) if cache is not None else None,
+            # CCA query positions are the same in every CCA layer: one table per call
+            cca_rope=cca_query_rope(start, T, cfg, x.device, x.dtype) if retrieval and cfg.cca_rotary else None,
+            first_cca=min((i for i, layer in enumerate(self.layers) if layer.cca is not None), default=-1),
+        )
+        recompute = self.checkpointing and cache is None and torch.is_grad_enabled()
+        encoded = None
         for i, layer in enumerate(self.layers):
-            kv_slot = (cache.k[i], cache.v[i], start) if cache is not None else None
-            x = x + layer.attn(layer.norm1(x), rope, attn_mask=attn_mask, cache=kv_slot)
-            if layer.cca is not None and (retrieval or (cache is not None and first_cca)):
-                h = layer.cca_norm(x)
-                if first_cca:  # the encoder reads the decoder states entering the first CCA layer
-                    first_cca = False
-                    encoded = self._encode(h, neighbors, neighbor_mask, first_chunk, n_new, cache)
-                if retrieval:
-                    keys, values, mask = self._chunk_kv(i, layer, encoded, neighbor_mask, first_chunk, n_new, cache)
-                    q = layer.cca.project_q(h)
-                    if cca_rope is not None:
-                        q = apply_rope(q, *cca_rope)
-                    y = chunked_cross_attention(q, keys, values, mask, start, L)
-                    x = x + layer.cca.output(y)
-            x = x + layer.mlp(layer.norm2(x))
+            if recompute:
+                x, encoded = checkpoint(self._layer, i, x, encoded, step, use_reentrant=False)
+            else:
+                x, encoded = self._layer(i, x, encoded, step)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T, n_new, retrieval)
         return self.lm_head(self.final_norm(x))
 
-    def _encode(self, h, neighbors, neighbor_mask, first_chunk, n_new, cache):
+    def _layer(self, i: int, x, encoded, step: "_Step"):
+        """Decoder layer ``i``: self-attention, CCA (running the encoder at the first CCA layer),
+        MLP. Returns the new hidden states and the encoded neighbors (None before the encoder)."""
+        layer = self.layers[i]
+        cache = step.cache
+        kv_slot = (cache.k[i], cache.v[i], step.start) if cache is not None else None
+        x = x + layer.attn(layer.norm1(x), step.rope, attn_mask=step.attn_mask, cache=kv_slot)
+        if layer.cca is not None and (step.retrieval or (cache is not None and i == step.first_cca)):
+            h = layer.cca_norm(x)
+            if i == step.first_cca:  # the encoder reads the decoder states entering the first CCA layer
+                encoded = self._encode(h, step)
+            if step.retrieval:
+                keys, values, mask, offset = self._chunk_kv(i, layer, encoded, step)
+                q = layer.cca.project_q(h)
+                if step.cca_rope is not None:
+                    q = apply_rope(q, *step.cca_rope)
+                y = chunked_cross_attention(q, keys, values, mask, step.start, self.config.chunk_length, offset)
+                x = x + layer.cca.output(y)
+        return x + layer.mlp(layer.norm2(x)), encoded
+
+    def _encode(self, h, step: "_Step"):
         """Run the encoder over the neighbors of the chunks completing in this call.
 
-        h (B,T,hidden) are the normed decoder states at the first CCA layer; with a cache they
-        are stored so that a chunk spanning several calls gets its full context.
-        Returns (B, n_new, k, R, hidden) or None when there is nothing to encode.
+        h (B,T,hidden) are the normed decoder states at the first CCA layer; with a cache, the
+        states of the chunk still incomplete after this call are kept, so that a chunk spanning
+        several calls gets its full context. Returns (B, n_new, k, R, hidden) or None when
+        there is nothing to encode.
         """
         B, T, hidden = h.shape
         L = self.config.chunk_length
-        if cache is not None:
-            cache.context[:, cache.pos:cache.pos + T] = h
-        if neighbors is None or n_new == 0:
+        cache, first_chunk, n_new = step.cache, step.first_chunk, step.n_new
+        if cache is not None:  # the states of chunk first_chunk from earlier calls, then these
+            lead = step.start - first_chunk * L
+            states = torch.cat([cache.context[:, :lead], h], dim=1) if lead else h
+            rest = states[:, n_new * L:]
+            cache.context[:, :rest.shape[1]] = rest
+        if step.neighbors is None or n_new == 0:
             return None
         if cache is not None:
-            context = cache.context[:, first_chunk * L:(first_chunk + n_new) * L]
+            context = states[:, :n_new * L]
             context_mask = cache.pad_mask[:, first_chunk * L:(first_chunk + n_new) * L]
             context_mask = context_mask.reshape(B * n_new, L)
         else:
             context = h[:, :n_new * L]
             context_mask = None
         context = context.reshape(B * n_new, L, hidden)
-        k, R = neighbors.shape[2:]
-        emb = self.embed(neighbors.reshape(B * n_new, k, R))
-        out = self.encoder(emb, neighbor_mask.reshape(B * n_new, k, R), context, context_mask)
+        k, R = step.neighbors.shape[2:]
+        emb = self.embed(step.neighbors.reshape(B * n_new, k, R))
+        out = self.encoder(emb, step.neighbor_mask.reshape(B * n_new, k, R), context, context_mask)
         return out.view(B, n_new, k, R, hidden)
 
-    def _chunk_kv(self, i, layer, encoded, neighbor_mask, first_chunk, n_new, cache):
-        """Keys, values (B,C,H,k*R,d) and mask (B,C,k*R) of this CCA layer for every chunk
-        completed so far; new chunks are projected once and, with a cache, stored."""
+    def _chunk_kv(self, i, layer, encoded, step: "_Step"):
+        """Keys, values (B,C,H,k*R,d), mask (B,C,k*R) of this CCA layer and the index of their
+        first chunk. Without a cache: every chunk of the call (from chunk 0). With a cache: the
+        last chunk completed before the call (kept in the cache), then the new ones, of which
+        the last is kept for the next call."""
+        cache, n_new = step.cache, step.n_new
         if encoded is not None:
             B, C, k, R, hidden = encoded.shape
             keys, values = layer.cca.project_kv(encoded.reshape(B, C, k * R, hidden))
             if self.config.cca_rotary:  # each neighbor's tokens at positions 0 .. R-1
                 positions = torch.arange(R, device=keys.device).repeat(k)
                 keys = apply_rope(keys, *rope_at(positions, self.config, keys.dtype))
-            mask = neighbor_mask.reshape(B, C, k * R)
+            mask = step.neighbor_mask.reshape(B, C, k * R)
         if cache is None:
-            return keys, values, mask
-        if encoded is not None:
-            cache.store_chunks(i, first_chunk, keys, values, mask)
-        n_done = first_chunk + n_new
-        return cache.chunk_k[i][:, :n_done], cache.chunk_v[i][:, :n_done], cache.chunk_mask[:, :n_done]
+            return keys, values, mask, 0
+        if encoded is None and n_new > 0:  # chunks completing without neighbors: nothing to attend to
+            keys = cache.chunk_k[i].new_zeros(cache.chunk_k[i].shape[0], n_new, *cache.chunk_k[i].shape[1:])
+            values, mask = keys, cache.chunk_mask[i].new_zeros(keys.shape[0], n_new, keys.shape[-2])
+        parts = []
+        if step.first_chunk > 0:
+            parts.append((cache.chunk_k[i][:, None], cache.chunk_v[i][:, None], cache.chunk_mask[i][:, None]))
+        if n_new > 0:
+            if keys.shape[-2] != cache.chunk_k[i].shape[-2]:
+                raise PipelineError(
+                    f"neighbors give {keys.shape[-2]} tokens per chunk; the cache holds "
+                    f"num_neighbors x neighbor_length = {cache.chunk_k[i].shape[-2]}"
+                )
+            parts.append((keys, values, mask))
+        if not parts:  # before the first chunk ends: nothing to attend to
+            parts.append(tuple(t[i][:, None][:, :0] for t in (cache.chunk_k, cache.chunk_v, cache.chunk_mask)))
+        keys, values, mask = (torch.cat(t, dim=1) if len(t) > 1 else t[0] for t in zip(*parts))
+        if n_new > 0:  # torch.cat copied the old chunk, so it may be overwritten now
+            cache.chunk_k[i].copy_(keys[:, -1])
+            cache.chunk_v[i].copy_(values[:, -1])
+            cache.chunk_mask[i].copy_(mask[:, -1])
+        return keys, values, mask, max(step.first_chunk - 1, 0)
+
+
+@dataclass
+class _Step:
+    """What every decoder layer of one forward call shares."""
+
+    start: int
+    first_chunk: int
+    n_new: int
+    retrieval: bool
+    cache: "KVCache | None"
+    neighbors: torch.Tensor | None
+    neighbor_mask: torch.Tensor | None
+    rope: tuple
+    attn_mask: torch.Tensor | None
+    cca_rope: tuple | None
+    first_cca: int
+
+
+# ----------------------------------------------------------------------------- ZeRO-3 parameters
+
+
+def is_partitioned(p) -> bool:
+    """True for a parameter partitioned by DeepSpeed ZeRO-3 (its local data is a shard)."""
+    return hasattr(p, "ds_id")
+
+
+def full_shape(p) -> torch.Size:
+    return p.ds_shape if is_partitioned(p) else p.shape
+
+
+def full_numel(p) -> int:
+    return p.ds_numel if is_partitioned(p) else p.numel()
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@torch.no_grad()
+def assign_parameter(p, value) -> None:
+    """``p[...] = value`` (any dtype/device), also for a ZeRO-3 partitioned parameter: it is
+    gathered, rank 0 writes ``value`` (other ranks may pass None) and it is re-partitioned."""
+    if not is_partitioned(p):
+        p.copy_(value)
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+        if _rank() == 0:
+            p.data.copy_(value)
 
 
 # ----------------------------------------------------------------------------- decoding cache
@@ -577,10 +696,13 @@ class Retro(nn.Module):
 class KVCache:
     """State for incremental decoding of a batch of left-padded sequences.
 
-    Holds, per decoder layer, self-attention keys/values of every position so far; for Retro,
-    the normed decoder states at the first CCA layer (the encoder's context) and, per CCA layer,
-    keys/values of the encoded neighbors of every completed chunk, so the encoder runs once per
-    chunk. ``pad_mask`` (B, max_length) marks real tokens; pad positions are never attended to.
+    Holds, per decoder layer, self-attention keys/values of every position so far. For Retro
+    it holds only what the next token needs from retrieval: the normed decoder states of the
+    chunk not yet complete (the encoder's context when it completes) and, per CCA layer,
+    keys/values of the encoded neighbors of the last completed chunk (a token attends to no
+    other chunk), so the encoder runs once per chunk and this part does not grow with the
+    number of chunks. ``pad_mask`` (B, max_length) marks real tokens; pad positions are never
+    attended to.
     """
 
     def __init__(self, model: Retro, batch_size: int, max_length: int, pad_mask=None):
@@ -597,14 +719,14 @@ class KVCache:
         self.has_padding = not bool(self.pad_mask.all())
         self.k = [torch.zeros(B, H, max_length, d, device=device, dtype=dtype) for _ in model.layers]
         self.v = [torch.zeros(B, H, max_length, d, device=device, dtype=dtype) for _ in model.layers]
-        self.has_neighbors = False
+        self.has_neighbors = False  # the last completed chunk has a valid neighbor token
         if cfg.retro:
-            C, S = max_length // cfg.chunk_length, cfg.num_neighbors * cfg.neighbor_length
-            self.context = torch.zeros(B, max_length, cfg.hidden, device=device, dtype=dtype)
+            S = cfg.num_neighbors * cfg.neighbor_length
+            self.context = torch.zeros(B, cfg.chunk_length, cfg.hidden, device=device, dtype=dtype)
             cca = [i for i, layer in enumerate(model.layers) if layer.cca is not None]
-            self.chunk_k = {i: torch.zeros(B, C, H, S, d, device=device, dtype=dtype) for i in cca}
-            self.chunk_v = {i: torch.zeros(B, C, H, S, d, device=device, dtype=dtype) for i in cca}
-            self.chunk_mask = torch.zeros(B, C, S, dtype=torch.bool, device=device)
+            self.chunk_k = {i: torch.zeros(B, H, S, d, device=device, dtype=dtype) for i in cca}
+            self.chunk_v = {i: torch.zeros(B, H, S, d, device=device, dtype=dtype) for i in cca}
+            self.chunk_mask = {i: torch.zeros(B, S, dtype=torch.bool, device=device) for i in cca}
 
     def self_attention_mask(self, T: int):
         """(B,1,T,pos+T) bool for T new queries, or None when plain causal attention is right."""
@@ -620,17 +742,23 @@ class KVCache:
         valid = self.pad_mask[:, None, :start + T] | (k_pos[None, :] == q_pos[:, None])[None]
         return (causal[None] & valid)[:, None]
 
-    def store_chunks(self, layer: int, first_chunk: int, keys, values, mask):
-        n = keys.shape[1]
-        if keys.shape[-2] != self.chunk_k[layer].shape[-2]:
-            raise PipelineError(
-                f"neighbors give {keys.shape[-2]} tokens per chunk; the cache holds "
-                f"num_neighbors x neighbor_length = {self.chunk_k[layer].shape[-2]}"
-            )
-        self.chunk_k[layer][:, first_chunk:first_chunk + n] = keys
-        self.chunk_v[layer][:, first_chunk:first_chunk + n] = values
-        self.chunk_mask[:, first_chunk:first_chunk + n] = mask
-        self.has_neighbors = self.has_neighbors or bool(mask.any())
+    def advance(self, T: int, n_new: int, retrieval: bool) -> None:
+        """After a forward call of T tokens that completed ``n_new`` chunks."""
+        self.pos += T
+        if n_new == 0 or not hasattr(self, "chunk_mask"):
+            return
+        if not retrieval:  # the chunks completed without neighbors and CCA did not run
+            for mask in self.chunk_mask.values():
+                mask.zero_()
+        # one host read per completed chunk (not per token)
+        self.has_neighbors = any(bool(mask.any()) for mask in list(self.chunk_mask.values())[:1])
+
+    def retrieval_bytes(self) -> int:
+        """Bytes held for retrieval (encoder context, CCA keys/values/masks)."""
+        if not hasattr(self, "chunk_k"):
+            return 0
+        tensors = [self.context, *self.chunk_k.values(), *self.chunk_v.values(), *self.chunk_mask.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 # ----------------------------------------------------------------------------- loading, FLOPs
@@ -641,8 +769,10 @@ def load_decoder_weights(model: Retro, state_dict: dict) -> list[str]:
 
     Every decoder parameter must be present with the same shape. Returns the names left
     fresh (Retro's encoder and CCA parameters). The continued-pretraining path of InstructRetro.
+    ZeRO-3 partitioned parameters are gathered and written one at a time.
     """
-    own = model.state_dict()
+    own = dict(model.named_parameters())
+    own.update({n: b for n, b in model.named_buffers() if n not in own})
     missing = [n for n in own if n not in state_dict and not Retro.is_retro_parameter(n)]
     if missing:
         raise PipelineError(f"checkpoint lacks decoder parameters {missing[:5]}")
@@ -650,12 +780,16 @@ def load_decoder_weights(model: Retro, state_dict: dict) -> list[str]:
     if unexpected:
         raise PipelineError(f"checkpoint has parameters this model lacks: {unexpected[:5]}")
     for n in own:
-        if n in state_dict and state_dict[n].shape != own[n].shape:
+        if n in state_dict and tuple(state_dict[n].shape) != tuple(full_shape(own[n])):
             raise PipelineError(
-                f"checkpoint parameter {n} has shape {tuple(state_dict[n].shape)}, model {tuple(own[n].shape)}"
+                f"checkpoint parameter {n} has shape {tuple(state_dict[n].shape)}, model {tuple(full_shape(own[n]))}"
             )
     load = {n: t for n, t in state_dict.items() if n in own}
-    model.load_state_dict(load, strict=False)
+    if any(is_partitioned(p) for p in own.values()):
+        for n, t in load.items():
+            assign_parameter(own[n], t)
+    else:
+        model.load_state_dict(load, strict=False)
     return [n for n in own if n not in load]
 
 

@@ -111,8 +111,6 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
     ``stop_after`` the run stops at that step with a resume checkpoint and returns None.
     """
     from . import train as T
-    from .model import Retro
-
     rank, world = T.init_distributed()
     if skip_train and not init_from:
         raise PipelineError("params.yaml: 'pretrain.skip_train' needs 'pretrain.init_from' (the checkpoint to evaluate)")
@@ -121,11 +119,16 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
         model = T.load_model(init_from)
         model_config = model.config
     else:
-        model = Retro(model_config)
+        model = T.build_model(model_config, cfg)  # at ZeRO-3 already partitioned
         fresh = T.init_from_checkpoint(model, init_from) if init_from else []
         if init_from and is_main():
             print(f"pretrain: decoder weights from {init_from}; {len(fresh)} retrieval tensors fresh")
-    n_params = sum(p.numel() for p in model.parameters())
+        if cfg.freeze_decoder:  # retrofitting: only encoder and CCA train
+            T.freeze_decoder(model)
+            if is_main():
+                print(f"pretrain: decoder frozen, training {sum(p.requires_grad for p in model.parameters())} "
+                      "encoder and CCA tensors")
+    n_params = model.num_parameters()
 
     train_set = None if skip_train else load_split(inputs, model_config, "train")
     valid = load_split(inputs, model_config, "valid", fact_flags=True,
@@ -203,12 +206,16 @@ def is_main() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def preset_training(preset: dict, world_size: int) -> dict:
+def preset_training(preset: dict, world_size: int, recipe: dict | None = None) -> dict:
     """A preset's pretraining recipe (``presets.training``) as TrainConfig fields, for the
-    ``pretrain.*`` params left null: the global batch is split into micro batches per process."""
+    ``pretrain.*`` params left null: the global batch is split into micro batches per process.
+    ``recipe`` (``presets.device_recipe``) adds precision, ZeRO stage, checkpointing, offload
+    and (on a GPU) the micro batch."""
+    recipe = dict(recipe or {})
     steps = int(preset["iterations"])
-    micro = int(preset["micro_batch"])
+    micro = int(recipe.pop("micro_batch", preset["micro_batch"]))
     return {
+        **recipe,
         "steps": steps, "micro_batch": micro,
         "grad_accum": max(1, int(preset["global_batch"]) // (micro * world_size)),
         "lr": preset["lr"], "min_lr": preset["min_lr"],

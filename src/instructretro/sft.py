@@ -53,10 +53,12 @@ SFT_EXTRAS: dict[str, dict] = {
     "2b": dict(seq_length=4096, warmup=0, precision="bf16", zero_stage=1),
     "4b": dict(seq_length=4096, warmup=0, precision="bf16", zero_stage=2),
     "43b": dict(seq_length=4096, warmup=0, precision="bf16", zero_stage=3),
+    "100m": dict(seq_length=1024, warmup=10, precision="bf16", zero_stage=0),
 }
 # The sft.* training keys; ``null`` in params means "the preset's value".
 TRAIN_KEYS = ("seq_length", "steps", "global_batch", "micro_batch", "lr", "lr_schedule", "warmup",
-              "beta1", "beta2", "weight_decay", "clip", "zero_stage", "precision")
+              "beta1", "beta2", "weight_decay", "clip", "zero_stage", "precision",
+              "activation_checkpointing", "offload_optimizer", "offload_params")
 RETRIEVAL_MODES = ("prompt", "encoder", "none")
 FORMATS = ("conversation", "alpaca", "auto")
 
@@ -73,6 +75,11 @@ def sft_settings(preset: str, overrides: dict | None = None) -> dict:
                micro_batch=base["micro_batch"], lr=base["lr"], lr_schedule=base["lr_schedule"],
                beta1=base["betas"][0], beta2=base["betas"][1], weight_decay=base["weight_decay"],
                clip=base["grad_clip"])
+    # memory settings: the preset's GPU recipe on a GPU (checkpointing, offload), off on CPU
+    import torch
+
+    recipe = presets.device_recipe(preset, gpu=torch.cuda.is_available())
+    out.update({k: recipe[k] for k in ("activation_checkpointing", "offload_optimizer", "offload_params")})
     for key, value in (overrides or {}).items():
         if key not in out:
             raise PipelineError(f"params.yaml: unknown SFT training key 'sft.{key}'; expected one of {sorted(out)}")
@@ -544,9 +551,13 @@ def train_config(settings: dict, world_size: int, *, seed: int, eval_interval: i
                       min_lr=lr if settings["lr_schedule"] == "constant" else lr / 10, warmup=settings["warmup"],
                       weight_decay=settings["weight_decay"], beta1=settings["beta1"], beta2=settings["beta2"],
                       clip=settings["clip"], zero_stage=settings["zero_stage"], precision=settings["precision"],
+                      activation_checkpointing=bool(settings.get("activation_checkpointing", False)),
+                      offload_optimizer=settings.get("offload_optimizer", "none"),
+                      offload_params=settings.get("offload_params", "none"),
                       seed=seed, eval_interval=min(eval_interval, settings["steps"]), eval_batches=1,
                       save_interval=save_interval)
     cfg.validate("params.yaml: param 'sft.")
+    cfg.validate_memory("params.yaml: param 'sft.")
     return cfg
 
 

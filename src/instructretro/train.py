@@ -5,7 +5,9 @@ The same code trains on one CPU process (no launcher, gloo backend) and on many 
 
 1. ``TrainConfig``: the hyperparameters, read from one params section (``pretrain`` or ``sft``).
 2. ``init_distributed``: environment defaults for a single process, and no C++ build at run time.
-3. ``build_engine``: AdamW (``torch_adam``), warmup + cosine schedule, ZeRO stage, bf16/fp32,
+3. ``build_model`` (partitioned at creation under ZeRO-3) and ``build_engine``: AdamW (torch's
+   fused kernel on GPU, multi-tensor on CPU), warmup + cosine schedule, ZeRO stage and offload,
+   activation checkpointing, a frozen decoder for retrofitting, TF32 on GPUs, bf16/fp32,
    micro batch, gradient accumulation and clipping, as one DeepSpeed config.
 4. ``train``: the loop. It is generic over ``batch_fn(step, micro) -> batch`` (a deterministic
    function of the position, so a resumed run sees exactly the batches it would have seen) and
@@ -33,6 +35,7 @@ from .errors import PipelineError
 from .io import atomic_path, write_json
 
 PRECISIONS = ("fp32", "bf16")
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 # --------------------------------------------------------------------------------------------
 # 1. Hyperparameters
@@ -58,6 +61,12 @@ class TrainConfig:
     eval_interval: int = 50  # steps between validations (and always at the last step)
     eval_batches: int = 8  # validation micro batches per process
     save_interval: int = 50  # steps between resume checkpoints (and always at the last step)
+    # Memory for big models (defaults: the preset's GPU recipe on a GPU, off on CPU)
+    activation_checkpointing: bool = False  # recompute each decoder/encoder layer in backward
+    offload_optimizer: str = "none"  # none | cpu | nvme: where ZeRO keeps optimizer state (stage >= 1)
+    offload_params: str = "none"  # none | cpu | nvme: where ZeRO-3 keeps the parameters
+    offload_nvme_path: str = "data/work/nvme"  # folder for the nvme offload (a fast local disk)
+    freeze_decoder: bool = False  # retrofit: train only encoder and CCA (Retro), decoder frozen
 
     @classmethod
     def from_params(cls, p, section: str, defaults: dict | None = None) -> "TrainConfig":
@@ -67,7 +76,7 @@ class TrainConfig:
         """
         values = {}
         for f in dataclasses.fields(cls):
-            typ = float if f.type == "float" else int if f.type == "int" else str
+            typ = {"float": float, "int": int, "bool": bool}.get(f.type, str)
             value = p.get(f"{section}.{f.name}", (typ, type(None)))
             if value is None:
                 if not defaults or f.name not in defaults:
@@ -76,7 +85,18 @@ class TrainConfig:
             values[f.name] = value
         cfg = cls(**values)
         cfg.validate(f"{p.source}: param '{section}.")
+        cfg.validate_memory(f"{p.source}: param '{section}.")
         return cfg
+
+    def validate_memory(self, where: str = "param '") -> None:
+        """Check the memory options (offload needs the ZeRO stage that partitions the state)."""
+        for key in ("offload_optimizer", "offload_params"):
+            if getattr(self, key) not in OFFLOAD_DEVICES:
+                raise PipelineError(f"{where}{key}' must be one of {OFFLOAD_DEVICES}, got {getattr(self, key)!r}")
+        if self.offload_optimizer != "none" and self.zero_stage < 1:
+            raise PipelineError(f"{where}offload_optimizer' needs zero_stage >= 1, got {self.zero_stage}")
+        if self.offload_params != "none" and self.zero_stage != 3:
+            raise PipelineError(f"{where}offload_params' needs zero_stage 3, got {self.zero_stage}")
 
     def validate(self, where: str = "param '") -> None:
         """Raise PipelineError naming the offending key."""
@@ -168,44 +188,154 @@ def barrier() -> None:
 # 3. The DeepSpeed engine
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON config for ``cfg``: the whole optimisation recipe in one dict."""
+def accelerator_name() -> str:
+    """``cuda``, ``cpu``, ...: the DeepSpeed accelerator this process trains on."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, device: str | None = None) -> dict:
+    """The DeepSpeed JSON config for ``cfg``: the whole optimisation recipe in one dict.
+
+    ``device`` (default: the accelerator) picks the optimizer: torch's fused AdamW on a GPU,
+    its multi-tensor (foreach) AdamW on CPU, DeepSpeed's CPU Adam when the optimizer state is
+    offloaded (ZeRO runs the update where the state lives).
+    """
+    cfg.validate_memory()
+    device = device or accelerator_name()
+    zero: dict = {"stage": cfg.zero_stage}
+    for key, name in (("offload_optimizer", "offload_optimizer"), ("offload_params", "offload_param")):
+        target = getattr(cfg, key)
+        if target != "none":
+            zero[name] = {"device": target, "pin_memory": device != "cpu"}
+            if target == "nvme":
+                zero[name]["nvme_path"] = str(cfg.offload_nvme_path)
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    adam = {"lr": cfg.lr, "betas": [cfg.beta1, cfg.beta2], "eps": 1e-8, "weight_decay": cfg.weight_decay}
+    if cfg.offload_optimizer == "none":
+        # torch_adam: torch.optim.AdamW instead of DeepSpeed's FusedAdam (no C++/CUDA build);
+        # fused on a GPU (one kernel for the whole update), else one multi-tensor update.
+        adam.update(torch_adam=True, **({"fused": True} if device == "cuda" else {"foreach": True}))
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_batch * cfg.grad_accum * world_size,
         "gradient_clipping": cfg.clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
-        "optimizer": {
-            "type": "AdamW",
-            # torch_adam: torch.optim.AdamW instead of DeepSpeed's FusedAdam (no C++/CUDA build).
-            "params": {"lr": cfg.lr, "betas": [cfg.beta1, cfg.beta2], "eps": 1e-8,
-                       "weight_decay": cfg.weight_decay, "torch_adam": True,
-                       "foreach": True},  # one multi-tensor update instead of a loop over tensors
-        },
+        "optimizer": {"type": "AdamW", "params": adam},
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
 
 
+def enable_tf32(device: str) -> bool:
+    """On a GPU, let fp32 matmuls and convolutions use TF32 tensor cores (the rest of an fp32
+    run stays fp32); returns whether it did. CPU math is left alone."""
+    if device != "cuda":
+        return False
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    return True
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linear and embedding weights) only, not on norms or biases."""
+    """Weight decay on matrices (linear and embedding weights) only, not on norms or biases.
+    Frozen parameters (``requires_grad`` False) are left out of the optimizer."""
+    from .model import full_shape
+
     decay, no_decay = [], []
     for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if len(full_shape(p)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def freeze_decoder(model: torch.nn.Module) -> int:
+    """Retrofitting (RETRO section 4.4): freeze every decoder parameter, so only the encoder and
+    the chunked cross-attention train. Returns the number of frozen tensors."""
+    from .model import Retro
+
+    module = getattr(model, "module", model)
+    if not getattr(getattr(module, "config", None), "retro", False):
+        raise PipelineError("param 'pretrain.freeze_decoder' needs a Retro model (model.retro: true): "
+                            "a GPT has nothing left to train")
+    frozen = 0
+    for name, p in module.named_parameters():
+        if not Retro.is_retro_parameter(name):
+            p.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
+def build_model(config, cfg: TrainConfig, world_size: int | None = None, weights: str | os.PathLike | None = None):
+    """A model for training with ``cfg``: at ZeRO-3 built under ``deepspeed.zero.Init``, so
+    every rank holds only its shard from the start (initialisation gathers one tensor at a
+    time; ``Retro.reset_parameters``); activation checkpointing as ``cfg`` says. ``weights``:
+    an exported checkpoint folder whose weights replace the initialisation, read one tensor at
+    a time (rank 0 reads, ZeRO-3 scatters), so no rank ever holds the whole model."""
+    model = _build(config, cfg, world_size)
+    if weights is not None:
+        _load_weights(model, weights)
+    return model.set_checkpointing(cfg.activation_checkpointing)
+
+
+def _load_weights(model, folder) -> None:
+    from safetensors import safe_open
+
+    from .model import assign_parameter, full_shape, is_partitioned
+
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise PipelineError(f"{folder}: not an exported checkpoint (no model.safetensors)")
+    own = dict(model.named_parameters())
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        if names != set(own):
+            raise PipelineError(f"{folder}: weights do not match config.json ({len(names ^ set(own))} names differ)")
+        reader = not any(is_partitioned(p) for p in own.values()) or not torch.distributed.is_initialized() \
+            or torch.distributed.get_rank() == 0
+        for name, p in own.items():
+            value = f.get_tensor(name) if reader else None
+            if value is not None and tuple(value.shape) != tuple(full_shape(p)):
+                raise PipelineError(f"{folder}: {name} has shape {tuple(value.shape)}, config.json gives {tuple(full_shape(p))}")
+            assign_parameter(p, value)
+
+
+def _build(config, cfg: TrainConfig, world_size: int | None):
+    from .model import Retro
+
+    if cfg.zero_stage == 3:
+        import deepspeed
+
+        if not torch.distributed.is_initialized():
+            init_distributed()
+        world = world_size or torch.distributed.get_world_size()
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world)):
+            return Retro(config)
+    return Retro(config)
+
+
 def build_engine(model: torch.nn.Module, cfg: TrainConfig):
-    """Wrap ``model`` in a DeepSpeed engine configured by ``cfg``; returns the engine."""
+    """Wrap ``model`` in a DeepSpeed engine configured by ``cfg``; returns the engine.
+
+    Applies the model-side settings of ``cfg`` too: activation checkpointing, a frozen decoder
+    (``freeze_decoder``), TF32 matmuls on a GPU.
+    """
     import deepspeed
 
     if not torch.distributed.is_initialized():
         init_distributed()
     world = torch.distributed.get_world_size()
-    config = deepspeed_config(cfg, world)
+    device = accelerator_name()
+    config = deepspeed_config(cfg, world, device)
+    enable_tf32(device)
+    if hasattr(model, "set_checkpointing"):
+        model.set_checkpointing(cfg.activation_checkpointing)
+    if cfg.freeze_decoder:
+        freeze_decoder(model)
     multiplier = lr_multiplier(cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
