@@ -260,7 +260,7 @@ def test_presets_and_overrides():
     assert (s["global_batch"], s["lr"], s["steps"], s["beta1"], s["beta2"], s["weight_decay"], s["clip"]) == \
         (128, 5e-6, 1000, 0.9, 0.98, 0.01, 1.0)
     assert sft.sft_settings("tiny", {"lr": 1e-3, "steps": None})["lr"] == 1e-3
-    # the preset's warmup shrinks to a shorter run; an explicit warmup is kept (and validated later)
+    # the preset's warmup shrinks to a shorter run silently; an explicit one is clamped later, with a note
     assert sft.sft_settings("tiny")["warmup"] == 20
     assert sft.sft_settings("tiny", {"steps": 4, "warmup": None})["warmup"] == 4
     assert sft.sft_settings("tiny", {"steps": 4, "warmup": 30})["warmup"] == 30

@@ -65,7 +65,7 @@ def distributed():
 def test_config_from_params_names_the_bad_key_and_fills_nulls_from_the_preset():
     good = {f.name: getattr(cfg(), f.name) for f in dataclasses.fields(T.TrainConfig)}
     assert T.TrainConfig.from_params(Params({"pretrain": good}), "pretrain") == cfg()
-    for key, value in [("lr", 0.0), ("zero_stage", 4), ("precision", "fp16"), ("warmup", 99), ("beta2", 1.0)]:
+    for key, value in [("lr", 0.0), ("zero_stage", 4), ("precision", "fp16"), ("warmup", -1), ("beta2", 1.0)]:
         with pytest.raises(PipelineError, match=f"pretrain.{key}"):
             T.TrainConfig.from_params(Params({"pretrain": {**good, key: value}}), "pretrain")
     with pytest.raises(PipelineError, match="pretrain.steps' must be int"):
@@ -74,6 +74,22 @@ def test_config_from_params_names_the_bad_key_and_fills_nulls_from_the_preset():
     assert filled.lr == 0.5
     with pytest.raises(PipelineError, match="pretrain.lr' is null"):
         T.TrainConfig.from_params(Params({"pretrain": {**good, "lr": None}}), "pretrain")
+
+
+def test_a_warmup_longer_than_the_run_is_clamped_with_one_note(capsys):
+    """pretrain and SFT agree: warmup > steps is clamped to steps, and one line says so."""
+    from instructretro import sft
+
+    good = {f.name: getattr(cfg(), f.name) for f in dataclasses.fields(T.TrainConfig)}
+    clamped = T.TrainConfig.from_params(Params({"pretrain": {**good, "steps": 5, "warmup": 10}}), "pretrain")
+    assert clamped.warmup == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pretrain.warmup' is 10" in err[0] and "clamped to 5" in err[0]
+    settings = sft.sft_settings("tiny", {"steps": 4, "warmup": 30, "global_batch": 8, "micro_batch": 8})
+    assert sft.train_config(settings, 1, seed=0, eval_interval=2, save_interval=2).warmup == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sft.warmup' is 30" in err[0] and "clamped to 4" in err[0]
+    assert T.lr_multiplier(clamped)(4) == 1.0  # the peak at the last step
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_min_lr():

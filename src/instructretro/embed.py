@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from .errors import PipelineError
 from .io import atomic_path
 from .tokenizer import Tokenizer
 from .tokenstore import TokenStore
+from .workdir import WorkDir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -304,17 +304,18 @@ class BlockCache:
     """Finished blocks of a long embedding job, in ``work_dir/<key>/block_XXXXXX.npy``.
 
     ``key`` hashes every input, so a block is reused only by a run with identical inputs. Blocks
-    are written atomically; other keys' folders are stale and removed when a job starts.
+    are written atomically. The folder is locked while the job runs (``workdir.WorkDir``: a
+    second job on it stops with an error naming the holder's pid); other keys' folders that no
+    running job holds are stale and removed when a job starts. Under a launcher only rank 0
+    (``RANK``) locks and removes; ``clear`` deletes the folder and releases the lock.
     """
 
     def __init__(self, work_dir: str | os.PathLike, key: str):
-        self.root = Path(work_dir)
-        self.dir = self.root / key
-        if self.root.is_dir():
-            for stale in self.root.iterdir():
-                if stale.name != key and stale.is_dir():
-                    shutil.rmtree(stale, ignore_errors=True)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        self.work = WorkDir(work_dir, key, lock=rank0)
+        if rank0:
+            self.work.remove_others()
+        self.root, self.dir = self.work.root, self.work.dir
 
     def path(self, b: int) -> Path:
         return self.dir / f"block_{b:06d}.npy"
@@ -331,7 +332,7 @@ class BlockCache:
                 np.save(f, array)
 
     def clear(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.work.finish()
 
 
 def embed_rows_blockwise(texts_of, n_rows: int, encoder: Encoder, block_size: int, cache: BlockCache,

@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,14 +80,23 @@ class TrainConfig:
         return cfg
 
     def validate(self, where: str = "param '") -> None:
-        """Raise PipelineError naming the offending key."""
+        """Raise PipelineError naming the offending key.
+
+        A ``warmup`` longer than the run is clamped to ``steps`` (pretraining and SFT alike),
+        with one note line on stderr: the schedule then warms up over the whole run.
+        """
         for key in ("steps", "micro_batch", "grad_accum", "eval_interval", "eval_batches", "save_interval"):
             if getattr(self, key) <= 0:
                 raise PipelineError(f"{where}{key}' must be > 0, got {getattr(self, key)}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise PipelineError(f"{where}lr' must be > 0 and min_lr in [0, lr], got lr={self.lr} min_lr={self.min_lr}")
-        if not 0 <= self.warmup <= self.steps:
-            raise PipelineError(f"{where}warmup' must be in [0, steps], got {self.warmup}")
+        if self.warmup < 0:
+            raise PipelineError(f"{where}warmup' must be >= 0, got {self.warmup}")
+        if self.warmup > self.steps:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"note: {where}warmup' is {self.warmup}, more than the {self.steps} steps: "
+                      f"warmup clamped to {self.steps}", file=sys.stderr)
+            self.warmup = self.steps
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise PipelineError(f"{where}{key}' must be in [0, 1), got {getattr(self, key)}")

@@ -206,11 +206,9 @@ class WorkDir:
 
     def release(self) -> None:
         if self._fd is not None:
-            try:
-                self.lock_path.unlink()
-            except FileNotFoundError:
-                pass
-            os.close(self._fd)
+            if _HELD.pop(str(self.lock_path.resolve()), None) is not None:
+                self.lock_path.unlink(missing_ok=True)
+                os.close(self._fd)
             self._fd = None
 
     def __enter__(self) -> "WorkDir":
@@ -242,9 +240,15 @@ def try_acquire(lock_path: Path) -> int | None:
         os.close(fd)
 
 
+_HELD: dict[str, int] = {}  # lock files this process holds -> fd (a second open in-process reuses it)
+
+
 def acquire(lock_path: Path, folder: Path) -> int:
     """Lock ``folder`` through ``lock_path`` and write our pid into it; PipelineError naming the
-    holder's pid when another process holds it."""
+    holder's pid when another process holds it. Re-entrant within one process."""
+    held = _HELD.get(str(lock_path.resolve()))
+    if held is not None:
+        return held
     fd = try_acquire(lock_path)
     if fd is None:
         try:
@@ -255,4 +259,5 @@ def acquire(lock_path: Path, folder: Path) -> int:
                             "then run again")
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[str(lock_path.resolve())] = fd
     return fd
