@@ -156,6 +156,45 @@ def test_resume_continues_the_same_step_count_and_weights(tmp_path):
     assert T.resume(again, tmp_path / "empty") == 0
 
 
+@pytest.mark.parametrize("zero,precision", [(1, "bf16"), (2, "fp32"), (3, "fp32")])
+def test_resume_loads_weights_only_at_every_zero_stage(zero, precision, tmp_path):
+    """The optimizer states of ZeRO 1-3 hold DeepSpeed objects: the allowlist covers them."""
+    c = cfg(steps=3, save_interval=1, zero_stage=zero, precision=precision, grad_accum=1)
+    torch.manual_seed(0)
+    full = T.build_engine(Retro(tiny_config(True)), c)
+    T.train(full, c, batch_fn, T.lm_loss, None, None, progress=False)
+    torch.manual_seed(0)
+    part = T.build_engine(Retro(tiny_config(True)), c)
+    T.train(part, c, batch_fn, T.lm_loss, None, tmp_path, progress=False, stop_after=1)
+    torch.manual_seed(5)
+    again = T.build_engine(Retro(tiny_config(True)), c)
+    assert T.resume(again, tmp_path) == 1
+    T.train(again, c, batch_fn, T.lm_loss, None, tmp_path, start_step=1, progress=False)
+    a, b = T.full_state_dict(full), T.full_state_dict(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_resume_refuses_a_checkpoint_that_unpickles_code(tmp_path):
+    c = cfg(steps=4)
+    engine = T.build_engine(Retro(tiny_config(False)), c)
+    T.train(engine, c, batch_fn, T.lm_loss, None, tmp_path, progress=False, stop_after=2)
+    [states] = tmp_path.glob("step*/mp_rank_00_model_states.pt")
+    torch.save(Payload(tmp_path / "pwned"), states)
+    with pytest.raises(PipelineError) as exc:
+        T.resume(T.build_engine(Retro(tiny_config(False)), c), tmp_path)
+    assert str(states) in str(exc.value) and "refused" in str(exc.value) and "\n" not in str(exc.value)
+    assert "posix.system" in str(exc.value)
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_export_then_load_gives_the_same_model_and_deterministic_bytes(tmp_path):
     torch.manual_seed(0)
     model = Retro(tiny_config(True))

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import sys
@@ -455,9 +456,10 @@ def weights_only_checkpoint_engine():
                 with torch.serialization.safe_globals(checkpoint_classes()):
                     return torch.load(path, map_location=map_location, weights_only=True)
             except pickle.UnpicklingError as exc:
-                what = str(exc).split("Unsupported global: ")[-1].split(" was not")[0].split("\n")[0]
-                raise PipelineError(f"{path}: refused to load a resume checkpoint that is not plain tensors "
-                                    f"and DeepSpeed state ({what.strip()[:120]}); delete the file to start fresh") from None
+                found = re.search(r"(?:Unsupported global|unsupported GLOBAL|Unsupported operand)[^\n]*", str(exc))
+                what = found.group(0)[:160] if found else "not an allowed object"
+                raise PipelineError(f"{path}: refused to load a resume checkpoint that holds more than tensors "
+                                    f"and DeepSpeed state ({what}); delete the file to start fresh") from None
             except (RuntimeError, EOFError) as exc:
                 raise PipelineError(f"{path}: not a readable resume checkpoint ({str(exc).splitlines()[0][:120]}); "
                                     "delete the file to start fresh") from None
