@@ -4,6 +4,8 @@ Loads the exported checkpoint ``sft.init_from``, builds the blend (prompt format
 truncation, retrieval mode ``sft.retrieval``), trains with DeepSpeed, validates on a held-out
 part of each dataset, exports ``config.json`` + ``model.safetensors`` like pretrain, and writes
 ``val_loss`` and the blend table (samples drawn and epochs per dataset) to the metrics.
+Resume checkpoints go to ``--work/<key>`` every ``sft.save_interval`` steps, as in pretrain: a
+killed run started again continues from its last one (``resumed_at`` in the metrics).
 
 ``--estimate`` prints what the full run of ``--model`` costs (here and on GPUs) and exits;
 ``--smoke`` proves the plumbing of a big preset on any machine: one optimizer step of one
