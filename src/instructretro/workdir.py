@@ -133,11 +133,14 @@ def content_key(params: dict, inputs: Iterable[str | os.PathLike] = (), code: It
                 cache: DigestCache | None = None) -> str:
     """A 16-hex-digit key of ``params`` (JSON), the input files/folders and the code files, all
     by content. A folder contributes each file's relative path and bytes; a missing path counts
-    as missing (so it appearing later changes the key)."""
+    as missing (so it appearing later changes the key); an empty path (an unset input) as none."""
     cache = cache or DigestCache(None)
     h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
     for group, paths in (("input", inputs), ("code", code)):
         for path in paths:
+            if str(path) == "":
+                h.update(f"\0{group}\0none".encode())
+                continue
             path = Path(path)
             h.update(f"\0{group}\0{path.name}\0".encode())
             if path.is_dir():
