@@ -65,7 +65,7 @@ KNOWN: dict[str, dict[str, object]] = {
                  "init_from": str, "skip_train": bool},
     "sft": {"init_from": str, "blend": ANY, "valid_fraction": float, "valid_samples": int,
             "system": str, "retrieval": str, "num_contexts": int, "num_neighbors": INT_OR_NULL,
-            "nprobe": int, "efsearch": int, "seed": int, "eval_interval": int,
+            "nprobe": int, "efsearch": int, "seed": int, "eval_interval": int, "save_interval": int,
             # training keys (sft.TRAIN_KEYS; null: the preset's SFT recipe)
             "seq_length": INT_OR_NULL, "steps": INT_OR_NULL, "global_batch": INT_OR_NULL,
             "micro_batch": INT_OR_NULL, "lr": FLOAT_OR_NULL, "lr_schedule": STR_OR_NULL, "warmup": INT_OR_NULL,
