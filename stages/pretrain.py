@@ -16,7 +16,7 @@ from pathlib import Path
 from instructretro import params as P, presets
 from instructretro.errors import PipelineError, cli
 from instructretro.io import write_json
-from instructretro.pretrain import is_main, preset_training, run_pretrain
+from instructretro.pretrain import check_global_batch, is_main, preset_training, run_pretrain
 from instructretro.pretrain_data import PretrainInputs
 from instructretro.tokenstore import TokenStore
 from instructretro.train import TrainConfig
@@ -71,7 +71,10 @@ def main(argv=None):
     p = P.load(args.params)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by the launcher; splits a preset's batch
     model_name = p.get("model.name", str)
-    cfg = TrainConfig.from_params(p, "pretrain", preset_training(presets.training(model_name), world))
+    recipe = presets.training(model_name)
+    check_global_batch(p, model_name, recipe, world)
+    defaults = preset_training(recipe, world, p.get("pretrain.micro_batch", (int, type(None))))
+    cfg = TrainConfig.from_params(p, "pretrain", {k: v for k, v in defaults.items() if v is not None})
     init_from = p.get("pretrain.init_from", str)
     skip_train = p.get("pretrain.skip_train", bool)
     if args.eval_only:
