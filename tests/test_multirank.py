@@ -146,6 +146,24 @@ def test_local_device_is_the_accelerator_of_the_local_rank(monkeypatch):
     assert train.local_device() == torch.device("cuda:3") and Fake.selected == 3
 
 
+def test_generation_loads_the_checkpoint_in_its_training_precision(tmp_path):
+    from instructretro import presets, train
+    from instructretro.errors import PipelineError
+    from instructretro.model import Retro
+
+    cfg = presets.get("tiny", vocab_size=128, n_layers=2, hidden=16, heads=2, seq_length=128, chunk_length=64,
+                      cca_layers=(2,), num_neighbors=1)
+    model = Retro(cfg)
+    train.export_checkpoint(model, cfg, tmp_path / "bf16", extra={"precision": "bf16"})
+    train.export_checkpoint(model, cfg, tmp_path / "plain")
+    assert train.checkpoint_precision(tmp_path / "bf16") == "bf16" and train.checkpoint_precision(tmp_path / "plain") == "fp32"
+    loaded = train.load_model(tmp_path / "bf16", device=torch.device("cpu"), dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    (tmp_path / "bf16" / "train.json").write_text('{"precision": "fp8"}')
+    with pytest.raises(PipelineError, match="train.json: precision 'fp8'"):
+        train.checkpoint_precision(tmp_path / "bf16")
+
+
 def test_evaluate_pads_a_short_rank_with_batches_that_count_no_tokens():
     from instructretro import train
 
@@ -277,10 +295,13 @@ def test_pretrain_zero_stages_with_uneven_eval_batches_match_zero0(pre, zero0, s
     assert got["steps"] == STEPS and got["valid_samples_evaluated"] == ref["valid_samples_evaluated"]
     for key in ("val_loss", "val_loss_shuffled", "val_loss_no_retrieval", "val_loss_facts", "train_loss"):
         assert got[key] == pytest.approx(ref[key], rel=1e-4), key
+    # fp32 master weights; the gradient reductions differ in order (all-reduce vs reduce-scatter),
+    # and Adam turns a last-bit difference of a near-zero gradient into up to ~1e-4 (one
+    # embedding entry of 131k after 8 steps at ZeRO 2)
     a, b = read_weights(zero0 / "ckpt_zero0"), read_weights(out / f"ckpt_{tag}")
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=2e-4, msg=name)
 
 
 @pytest.mark.slow

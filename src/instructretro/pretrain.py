@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import PipelineError
-from .pretrain_data import PretrainInputs, PretrainSamples, TrainOrder, eval_indices, load_split
+from .pretrain_data import PretrainInputs, PretrainSamples, TrainOrder, all_eval_batches, eval_indices, load_split
 
 
 def fingerprint(paths, params: dict) -> str:
@@ -56,7 +56,7 @@ def validation_fn(model, valid: PretrainSamples, cfg, rank: int, world: int, dev
     # Ranks get unequal batch counts (e.g. 160 samples in batches of 8 on 8 ranks: 3 or 2 each);
     # the short ones pad with a batch that counts zero tokens, so every rank runs as many
     # forward passes (ZeRO-3 gathers parameters in each).
-    every = eval_indices(len(valid), cfg.eval_batches, cfg.micro_batch, 1, 0)
+    every = all_eval_batches(len(valid), cfg.eval_batches, cfg.micro_batch, world)
     pad_to = -(-len(every) // world)
     controls = shuffled and valid.k > 0
     names = ("loss", "loss_facts") if valid.fact_flags is not None else ("loss",)
