@@ -86,7 +86,8 @@ def main(argv=None):
     model_config = model_config_from_params(p, vocab)
 
     metrics = run_pretrain(inputs, model_config, cfg, None if args.eval_only else args.out, args.work,
-                           None if args.eval_only else args.live, init_from, skip_train, args.stop_after)
+                           None if args.eval_only else args.live, init_from, skip_train, args.stop_after,
+                           code=[__file__])
     if metrics is None:
         print(f"pretrain: stopped after {args.stop_after} steps; run again to continue", file=sys.stderr)
     elif is_main():

@@ -43,12 +43,13 @@ def main(argv=None):
         raise PipelineError(f"{p.source}: param 'query.recall_sample' must be >= 0, got {recall_sample}")
     index = read_index(args.index)
     set_search_params(index, nprobe, efsearch)
-    metrics = query_neighbors(args.pretrain, args.tokenizer, encoder_from_params(p), index, args.embeddings,
+    encoder = encoder_from_params(p)
+    metrics = query_neighbors(args.pretrain, args.tokenizer, encoder, index, args.embeddings,
                               chunk_length, seq_length, n_query, n_save, block_size, recall_sample,
                               p.get("query.seed", int), args.out, args.work)
     if metrics is None:
         return  # a rank other than 0: its blocks are written, rank 0 writes the outputs
-    metrics.update(nprobe=nprobe, efsearch=efsearch)
+    metrics.update(nprobe=nprobe, efsearch=efsearch, precision=encoder.precision)
     write_json(args.metrics, metrics)
     print(f"query-neighbors: {metrics['train']['query_chunks']} train / {metrics['valid']['query_chunks']} valid "
           f"query chunks, recall@{metrics['k']} {metrics.get('recall_at_k')}, "

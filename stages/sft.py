@@ -28,6 +28,7 @@ from instructretro.errors import PipelineError, cli
 from instructretro.io import write_json
 from instructretro.model import Retro, flops_per_token
 from instructretro.tokenizer import Tokenizer
+from instructretro.workdir import DigestCache, WorkDir, code_files, content_key
 
 
 def read_params(p: P.Params) -> dict:
@@ -46,6 +47,7 @@ def read_params(p: P.Params) -> dict:
         "efsearch": P.positive("sft.efsearch", p.get("sft.efsearch", int)),
         "seed": p.get("sft.seed", int),
         "eval_interval": P.positive("sft.eval_interval", p.get("sft.eval_interval", int)),
+        "save_interval": P.positive("sft.save_interval", p.get("sft.save_interval", int)),
         "chunk_length": P.positive("retro.chunk_length", p.get("retro.chunk_length", int)),
         "overrides": {k: p.get(f"sft.{k}") for k in sft.TRAIN_KEYS},
     }
@@ -65,6 +67,23 @@ def make_retriever(args, p: P.Params, s: dict):
 
     return Retriever(args.embeddings, args.index, args.db_tokens, args.tokenizer, encoder=encoder_from_params(p),
                      chunk_length=s["chunk_length"], nprobe=s["nprobe"], efsearch=s["efsearch"])
+
+
+def open_work(args, s: dict, settings: dict, cfg, blend, p: P.Params, rank: int, world: int) -> WorkDir:
+    """The locked work folder of this run's resume checkpoints, ``--work/<key>``. The key hashes
+    the params (``sft.*``, ``embed.*``, ``retro.chunk_length``) and the training settings, every
+    input by content (the checkpoint, the blend files, tokenizer, database, index) and the code
+    (this script and its imports): ``workdir``. A run of this key that had finished is never
+    resumed (its folder is emptied), so a forced rerun trains from scratch."""
+    params = {"sft": s, "settings": settings, "train": dataclasses.asdict(cfg), "world": world,
+              "embed": p.section("embed") if s["retrieval"] != "none" else None}
+    inputs = [s["init_from"], *[e.path for e in blend], args.tokenizer, args.db_tokens, args.embeddings, args.index]
+    key = content_key(params, inputs, code_files(__file__), DigestCache(args.work, write=rank == 0))
+    work = WorkDir(args.work, key, lock=rank == 0)
+    if rank == 0 and (train.latest_step(work.dir) or 0) >= cfg.steps:
+        work.clear()
+    train.barrier()
+    return work
 
 
 def machine_flops() -> float:
@@ -111,6 +130,9 @@ def main(argv=None):
     ap.add_argument("--out", default="data/checkpoints/sft")
     ap.add_argument("--metrics", default="metrics/sft.json")
     ap.add_argument("--live", default="dvclive/sft")
+    ap.add_argument("--work", default="data/work/sft", help="resume checkpoints (persist)")
+    ap.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                    help="stop after this many steps with a resume checkpoint (a later run continues)")
     ap.add_argument("--smoke", action="store_true", help="one step of the --model preset's real graph")
     ap.add_argument("--estimate", action="store_true", help="print the cost of the --model preset's SFT run and exit")
     ap.add_argument("--model", default=None, help="preset for --smoke / --estimate (default: model.name)")
@@ -148,7 +170,8 @@ def main(argv=None):
     print(f"sft: {config.name} model, {model.num_parameters():,} parameters, retrieval={s['retrieval']}")
 
     rank, world = train.init_distributed()
-    cfg = sft.train_config(settings, world, seed=s["seed"], eval_interval=s["eval_interval"], save_interval=10**9)
+    cfg = sft.train_config(settings, world, seed=s["seed"], eval_interval=s["eval_interval"],
+                           save_interval=s["save_interval"])
     retriever = make_retriever(args, p, s) if not (args.smoke and not Path(args.index).exists()) else None
     retrieval = s["retrieval"] if retriever is not None or s["retrieval"] == "none" else "none"
     if retrieval != s["retrieval"]:
@@ -166,19 +189,29 @@ def main(argv=None):
             and not torch.cuda.is_available():
         print_cost(config, full)
 
+    work = None if args.smoke else open_work(args, s, settings, cfg, blend, p, rank, world)
     engine = train.build_engine(model, cfg)
-    live = None
-    if rank == 0 and not args.smoke:
-        from dvclive import Live
-
-        live = Live(args.live, dvcyaml=False, save_dvc_exp=False, report=None)
+    start = train.resume(engine, work.dir) if work is not None else 0
+    if start and rank == 0:
+        print(f"sft: resumed from {work.dir} at step {start}")
+    live = train.open_live(args.live, work.dir, start) if rank == 0 and work is not None else None
     t0 = time.perf_counter()
     last = sft.finetune(engine, cfg, sdata, chunk_length=s["chunk_length"], retriever=retriever, rank=rank,
-                        world_size=world, live=live)
+                        world_size=world, live=live, work_dir=work.dir if work is not None else None,
+                        start_step=start, stop_after=args.stop_after)
+    if live is not None:
+        live.end()
+    if args.stop_after is not None and args.stop_after < cfg.steps:
+        print(f"sft: stopped after {args.stop_after} steps; run again to continue")
+        return
     seconds = time.perf_counter() - t0
     export_config = dataclasses.replace(config, seq_length=max(config.seq_length, settings["seq_length"]))
     train.export_checkpoint(engine, export_config, args.out,
                             extra={"stage": "sft", "steps": cfg.steps, "precision": cfg.precision})
+    if work is not None:
+        train.barrier()
+        if rank == 0:
+            work.finish()  # exported: nothing left to resume
     if rank != 0:
         return
     if args.smoke:
@@ -195,6 +228,7 @@ def main(argv=None):
         "val_loss_by_dataset": {n: _finite(last.get(f"val/loss_{n}")) for n in sdata.names},
         "train_loss": round(last["train/loss"], 6),
         "steps": cfg.steps,
+        "resumed_at": start,
         "retrieval": retrieval,
         "truncated": sum(c["train_truncated"] + c["valid_truncated"] for c in sdata.report.values()),
         "dropped": sum(c["train_dropped"] + c["valid_dropped"] for c in sdata.report.values()),

@@ -330,7 +330,9 @@ def test_stage_trains_gpt_then_retro_continues_from_it(inputs, small_world, smal
 def test_stage_resumes_a_killed_run_and_ends_where_an_uninterrupted_run_ends(
         inputs, small_world, small_tokenizer, tmp_path, one_thread):
     """Retro, 6 steps. A run stopped after step 3 (``--stop-after``, as if killed after its
-    checkpoint) and restarted continues at step 3 and ends with the same weights as one run."""
+    checkpoint) and restarted continues at step 3 and ends with the same weights as one run.
+    A finished run leaves no work folder, so running it again (``dvc repro -f``) trains from
+    scratch; a changed param or code file never resumes another run's checkpoint."""
     if not have_neighbors_module():
         pytest.skip("instructretro.neighbors not there yet")
     params = set_model(write_params(tmp_path / "params.yaml", small_world, steps=6, save_interval=3), retro=True)
@@ -340,18 +342,8 @@ def test_stage_resumes_a_killed_run_and_ends_where_an_uninterrupted_run_ends(
     m = json.loads((tmp_path / "full" / "metrics_full.json").read_text())
     assert m["retro"] is True and m["val_loss_shuffled"] is not None and m["val_loss_facts"] is not None
     assert m["val_loss_no_retrieval"] is not None
-    # Run again when finished (DVC does, when only evaluation code changed): it evaluates the
-    # saved weights and keeps the training numbers of the run that produced them, in the
-    # metrics and in the DVCLive log (DVC removes outputs before a run; the log comes back).
-    live_summary = json.loads((tmp_path / "full" / "live_full" / "metrics.json").read_text())
-    assert live_summary["step"] == 6 and "loss" in live_summary["val"]
-    shutil.rmtree(tmp_path / "full" / "live_full")
-    r = run_stage("pretrain.py", *full)
-    assert r.returncode == 0, r.stderr[-3000:]
-    again = json.loads((tmp_path / "full" / "metrics_full.json").read_text())
-    assert again["resumed_at"] == 6 and again["val_loss"] == pytest.approx(m["val_loss"], abs=1e-6)
-    assert again["train_loss"] == m["train_loss"] and again["tokens_per_s"] == m["tokens_per_s"] > 0
-    assert json.loads((tmp_path / "full" / "live_full" / "metrics.json").read_text()) == live_summary
+    assert not [p for p in (tmp_path / "full" / "work").iterdir() if p.is_dir()]  # finished: nothing to resume
+    weights = (tmp_path / "full" / "ckpt_full" / "model.safetensors").read_bytes()
 
     part = stage_args(inputs, tmp_path / "part", params, "part", small_tokenizer)
     r = run_stage("pretrain.py", *part, "--stop-after", 3)
@@ -359,12 +351,36 @@ def test_stage_resumes_a_killed_run_and_ends_where_an_uninterrupted_run_ends(
     assert not (tmp_path / "part" / "ckpt_part").exists()
     r = run_stage("pretrain.py", *part)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((tmp_path / "part" / "metrics_part.json").read_text())["resumed_at"] == 3
-    a = (tmp_path / "full" / "ckpt_full" / "model.safetensors").read_bytes()
-    b = (tmp_path / "part" / "ckpt_part" / "model.safetensors").read_bytes()
-    assert a == b
+    mp = json.loads((tmp_path / "part" / "metrics_part.json").read_text())
+    assert mp["resumed_at"] == 3 and mp["val_loss"] == m["val_loss"]
+    assert (tmp_path / "part" / "ckpt_part" / "model.safetensors").read_bytes() == weights
     rows = (tmp_path / "part" / "live_part" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert [row.split("\t")[0] for row in rows[1:]] == ["1", "2", "3", "4", "5", "6"]
+
+    # The same run again (a forced rerun): trained from scratch, same bytes, a complete log.
+    r = run_stage("pretrain.py", *part)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((tmp_path / "part" / "metrics_part.json").read_text())
+    assert "resumed" not in r.stderr and again["resumed_at"] == 0
+    assert {k: v for k, v in again.items() if k not in ("resumed_at", "tokens_per_s")} == \
+        {k: v for k, v in mp.items() if k not in ("resumed_at", "tokens_per_s")}
+    assert (tmp_path / "part" / "ckpt_part" / "model.safetensors").read_bytes() == weights
+    rows = (tmp_path / "part" / "live_part" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    assert [row.split("\t")[0] for row in rows[1:]] == ["1", "2", "3", "4", "5", "6"]
+
+    # A changed code file (the stage script's bytes) never resumes the old run's checkpoint.
+    script = tmp_path / "stage" / "pretrain.py"
+    script.parent.mkdir()
+    shutil.copy(REPO / "stages" / "pretrain.py", script)
+    r = run_stage(script, *part, "--stop-after", 3)
+    assert r.returncode == 0, r.stderr[-3000:]
+    script.write_text(script.read_text() + "# changed\n")
+    r = run_stage(script, *part)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed" not in r.stderr
+    assert json.loads((tmp_path / "part" / "metrics_part.json").read_text())["resumed_at"] == 0
+    assert (tmp_path / "part" / "ckpt_part" / "model.safetensors").read_bytes() == weights
+    assert len([p for p in (tmp_path / "part" / "work").iterdir() if p.is_dir()]) == 1  # the old run's, kept
 
     # A changed param never resumes the other run's checkpoint.
     set_model(write_params(tmp_path / "params.yaml", small_world, steps=6, save_interval=3, lr=5e-4), retro=True)
@@ -372,6 +388,37 @@ def test_stage_resumes_a_killed_run_and_ends_where_an_uninterrupted_run_ends(
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed" not in r.stderr
     assert len([p for p in (tmp_path / "part" / "work").iterdir() if p.is_dir()]) == 2
+
+
+def test_stage_refuses_a_planted_pickle_in_a_resume_checkpoint(inputs, small_world, small_tokenizer, tmp_path,
+                                                                one_thread):
+    """Resume loads checkpoint files weights-only: a pickle that would run code is refused with a
+    one-line error, and its code never runs."""
+    params = set_model(write_params(tmp_path / "params.yaml", small_world, steps=4, save_interval=2), retro=False)
+    args = stage_args(inputs, tmp_path, params, "p", small_tokenizer)
+    r = run_stage("pretrain.py", *args, "--stop-after", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [states] = (tmp_path / "work").glob("*/step*/mp_rank_00_model_states.pt")
+    marker = tmp_path / "pwned"
+    torch.save(Payload(str(marker)), states)
+    r = run_stage("pretrain.py", *args)
+    assert r.returncode == 1
+    err = r.stderr.strip().splitlines()
+    assert err[-1].startswith("error: ") and "mp_rank_00_model_states.pt" in err[-1] and "refused" in err[-1], err[-5:]
+    assert "Traceback" not in r.stderr
+    assert not marker.exists()
+
+
+class Payload:
+    """Unpickling this runs ``os.system('touch <path>')``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.path}",)
 
 
 def test_stage_errors_name_the_param(inputs, small_world, small_tokenizer, tmp_path, capsys):

@@ -65,7 +65,7 @@ def distributed():
 def test_config_from_params_names_the_bad_key_and_fills_nulls_from_the_preset():
     good = {f.name: getattr(cfg(), f.name) for f in dataclasses.fields(T.TrainConfig)}
     assert T.TrainConfig.from_params(Params({"pretrain": good}), "pretrain") == cfg()
-    for key, value in [("lr", 0.0), ("zero_stage", 4), ("precision", "fp16"), ("warmup", 99), ("beta2", 1.0)]:
+    for key, value in [("lr", 0.0), ("zero_stage", 4), ("precision", "fp16"), ("warmup", -1), ("beta2", 1.0)]:
         with pytest.raises(PipelineError, match=f"pretrain.{key}"):
             T.TrainConfig.from_params(Params({"pretrain": {**good, key: value}}), "pretrain")
     with pytest.raises(PipelineError, match="pretrain.steps' must be int"):
@@ -74,6 +74,22 @@ def test_config_from_params_names_the_bad_key_and_fills_nulls_from_the_preset():
     assert filled.lr == 0.5
     with pytest.raises(PipelineError, match="pretrain.lr' is null"):
         T.TrainConfig.from_params(Params({"pretrain": {**good, "lr": None}}), "pretrain")
+
+
+def test_a_warmup_longer_than_the_run_is_clamped_with_one_note(capsys):
+    """pretrain and SFT agree: warmup > steps is clamped to steps, and one line says so."""
+    from instructretro import sft
+
+    good = {f.name: getattr(cfg(), f.name) for f in dataclasses.fields(T.TrainConfig)}
+    clamped = T.TrainConfig.from_params(Params({"pretrain": {**good, "steps": 5, "warmup": 10}}), "pretrain")
+    assert clamped.warmup == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pretrain.warmup' is 10" in err[0] and "clamped to 5" in err[0]
+    settings = sft.sft_settings("tiny", {"steps": 4, "warmup": 30, "global_batch": 8, "micro_batch": 8})
+    assert sft.train_config(settings, 1, seed=0, eval_interval=2, save_interval=2).warmup == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sft.warmup' is 30" in err[0] and "clamped to 4" in err[0]
+    assert T.lr_multiplier(clamped)(4) == 1.0  # the peak at the last step
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_min_lr():
@@ -138,6 +154,45 @@ def test_resume_continues_the_same_step_count_and_weights(tmp_path):
     a, b = full.module.state_dict(), again.module.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert T.resume(again, tmp_path / "empty") == 0
+
+
+@pytest.mark.parametrize("zero,precision", [(1, "bf16"), (2, "fp32"), (3, "fp32")])
+def test_resume_loads_weights_only_at_every_zero_stage(zero, precision, tmp_path):
+    """The optimizer states of ZeRO 1-3 hold DeepSpeed objects: the allowlist covers them."""
+    c = cfg(steps=3, save_interval=1, zero_stage=zero, precision=precision, grad_accum=1)
+    torch.manual_seed(0)
+    full = T.build_engine(Retro(tiny_config(True)), c)
+    T.train(full, c, batch_fn, T.lm_loss, None, None, progress=False)
+    torch.manual_seed(0)
+    part = T.build_engine(Retro(tiny_config(True)), c)
+    T.train(part, c, batch_fn, T.lm_loss, None, tmp_path, progress=False, stop_after=1)
+    torch.manual_seed(5)
+    again = T.build_engine(Retro(tiny_config(True)), c)
+    assert T.resume(again, tmp_path) == 1
+    T.train(again, c, batch_fn, T.lm_loss, None, tmp_path, start_step=1, progress=False)
+    a, b = T.full_state_dict(full), T.full_state_dict(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_resume_refuses_a_checkpoint_that_unpickles_code(tmp_path):
+    c = cfg(steps=4)
+    engine = T.build_engine(Retro(tiny_config(False)), c)
+    T.train(engine, c, batch_fn, T.lm_loss, None, tmp_path, progress=False, stop_after=2)
+    [states] = tmp_path.glob("step*/mp_rank_00_model_states.pt")
+    torch.save(Payload(tmp_path / "pwned"), states)
+    with pytest.raises(PipelineError) as exc:
+        T.resume(T.build_engine(Retro(tiny_config(False)), c), tmp_path)
+    assert str(states) in str(exc.value) and "refused" in str(exc.value) and "\n" not in str(exc.value)
+    assert "posix.system" in str(exc.value)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_export_then_load_gives_the_same_model_and_deterministic_bytes(tmp_path):

@@ -9,7 +9,7 @@ the database and counted.
 Embedding is block-wise and resumable. Block ``b`` holds the embeddings of rows
 ``[b*block_size, (b+1)*block_size)`` of the full chunk table and is saved in a work folder keyed
 by a hash of every input (tokens, tokenizer, encoder weights, precision, chunk length, block
-size). A killed run restarted re-uses finished blocks; a run with any other input never does.
+size, the code of this module and its imports). A killed run restarted re-uses finished blocks; a run with any other input never does.
 The final HDF5 file is assembled from the blocks, so it has the same bytes either way.
 
 Past one machine: under a launcher (``deepspeed``, ``torchrun``; ``WORLD_SIZE`` > 1) every rank
@@ -19,8 +19,9 @@ a one-process run. One process without a launcher never starts ``torch.distribut
 
 Speed on CPU: texts are tokenized once, sorted by length and batched so that padding is
 minimal; attention runs through PyTorch SDPA under ``torch.inference_mode``; with
-``precision: bfloat16`` (``auto`` picks it when the CPU has AVX512-BF16/AMX or a GPU is used)
-the weights are cast to bfloat16, about 2.5x faster than float32 on such CPUs with cosine
+``precision: bfloat16`` (an explicit choice; the default is float32 on every machine, while
+``auto`` picks bfloat16 when the CPU has AVX512-BF16/AMX or a GPU is used, so its results
+depend on the machine; the precision used is recorded in the outputs) the weights are cast to bfloat16, about 2.5x faster than float32 on such CPUs with cosine
 > 0.9999 to the float32 embeddings.
 """
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from .errors import PipelineError
 from .io import atomic_path
 from .tokenizer import Tokenizer
 from .tokenstore import TokenStore
+from .workdir import WorkDir, code_files, content_key
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -96,7 +97,7 @@ class Encoder:
     all-MiniLM-L6-v2.
     """
 
-    def __init__(self, path: str | os.PathLike = "", precision: str = "auto", batch_size: int = 64,
+    def __init__(self, path: str | os.PathLike = "", precision: str = "float32", batch_size: int = 64,
                  max_length: int = 256, device: str | None = None):
         import torch
         from transformers import AutoModel, AutoTokenizer
@@ -304,17 +305,18 @@ class BlockCache:
     """Finished blocks of a long embedding job, in ``work_dir/<key>/block_XXXXXX.npy``.
 
     ``key`` hashes every input, so a block is reused only by a run with identical inputs. Blocks
-    are written atomically; other keys' folders are stale and removed when a job starts.
+    are written atomically. The folder is locked while the job runs (``workdir.WorkDir``: a
+    second job on it stops with an error naming the holder's pid); other keys' folders that no
+    running job holds are stale and removed when a job starts. Under a launcher only rank 0
+    (``RANK``) locks and removes; ``clear`` deletes the folder and releases the lock.
     """
 
     def __init__(self, work_dir: str | os.PathLike, key: str):
-        self.root = Path(work_dir)
-        self.dir = self.root / key
-        if self.root.is_dir():
-            for stale in self.root.iterdir():
-                if stale.name != key and stale.is_dir():
-                    shutil.rmtree(stale, ignore_errors=True)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        self.work = WorkDir(work_dir, key, lock=rank0)
+        if rank0:
+            self.work.remove_others()
+        self.root, self.dir = self.work.root, self.work.dir
 
     def path(self, b: int) -> Path:
         return self.dir / f"block_{b:06d}.npy"
@@ -331,7 +333,7 @@ class BlockCache:
                 np.save(f, array)
 
     def clear(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.work.finish()
 
 
 def embed_rows_blockwise(texts_of, n_rows: int, encoder: Encoder, block_size: int, cache: BlockCache,
@@ -396,7 +398,8 @@ def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.Pa
         raise PipelineError(f"{db_tokens_dir}: the database corpus has no train-split tokens to chunk")
     key = hashlib.blake2b(
         f"{store_fingerprint(db_tokens_dir)}|{_file_digest(Path(tokenizer_path)).hex()}|{encoder.fingerprint()}"
-        f"|{chunk_length}|{block_size}".encode(), digest_size=12).hexdigest()
+        f"|{chunk_length}|{block_size}|{content_key({}, code=code_files(__file__))}".encode(),
+        digest_size=12).hexdigest()
     rank, world = start_ranks()
     cache = BlockCache(work_dir, key)
 
@@ -430,6 +433,7 @@ def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.Pa
             f.attrs["encoder"] = encoder.name
             f.attrs["chunk_length"] = chunk_length
             f.attrs["dim"] = encoder.dim
+            f.attrs["precision"] = encoder.precision  # what embed.precision resolved to on this machine
     cache.clear()
     end_ranks(world)
     return {
@@ -438,6 +442,7 @@ def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.Pa
         "chunks_dropped_no_encoder_tokens": int(len(table) - kept),
         "chunks_per_s": round(embedded / seconds, 1) if seconds > 0 else None,
         "encoder": encoder.name,
+        "precision": encoder.precision,
         "dim": encoder.dim,
     }
 

@@ -9,20 +9,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
+
+_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # what atomic_path writes: .<name>.tmp-<pid>
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
 
-    Works for files and directories. The temporary is removed if the block raises.
+    Works for files and directories. The temporary is removed if the block raises; the
+    temporaries of ``path`` that killed processes left behind are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     _remove(tmp)
+    remove_stale_temporaries(path.parent, name=path.name)
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
@@ -30,6 +35,38 @@ def atomic_path(path: str | os.PathLike):
         os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (a zombie or another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None, recursive: bool = False) -> int:
+    """Remove the ``.<name>.tmp-<pid>`` files and folders of ``atomic_path`` in ``folder`` (and
+    its subfolders with ``recursive``) whose writer is no longer running; only those of
+    ``name`` if given. A temporary of a live pid (another run writing) is left alone; a pid
+    reused by an unrelated process also keeps its temporary until that process ends. Returns
+    how many were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for p in list(folder.iterdir()):
+        m = _TMP.match(p.name)
+        if m and (name is None or m["name"] == name):
+            if int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"])):
+                _remove(p)
+                removed += 1
+        elif recursive and p.is_dir() and not p.is_symlink():
+            removed += remove_stale_temporaries(p, name, recursive)
+    return removed
 
 
 def _remove(p: Path) -> None:

@@ -9,8 +9,6 @@ everything the run depends on.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 from pathlib import Path
@@ -19,24 +17,16 @@ import torch
 
 from .errors import PipelineError
 from .pretrain_data import PretrainInputs, PretrainSamples, TrainOrder, all_eval_batches, eval_indices, load_split
+from .workdir import DigestCache, WorkDir, code_files, content_key
 
 
-def fingerprint(paths, params: dict) -> str:
-    """A short hash of ``params`` and the given input files (small files by content, large ones
-    by size): the key of a run's resume folder, so a changed input never resumes another run."""
-    h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
-    for path in paths:
-        path = Path(path)
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for f in files:
-            h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-            if not f.exists():
-                continue
-            size = f.stat().st_size
-            h.update(str(size).encode())
-            if size <= 64 << 20:
-                h.update(hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()[:16]
+def run_key(inputs: PretrainInputs, model_config, cfg, init_from: str, world: int, code=()) -> dict:
+    """What the resume key of a training run hashes: params, input files, code (``workdir``)."""
+    paths = [getattr(inputs, f.name) for f in dataclasses.fields(inputs)]
+    return {"params": {"train": dataclasses.asdict(cfg), "model": model_config.to_dict(), "init_from": init_from,
+                       "world": world},
+            "inputs": [*paths, *([init_from] if init_from else [])],
+            "code": code_files(__file__, *code)}
 
 
 def without_retrieval(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -80,29 +70,20 @@ def validation_fn(model, valid: PretrainSamples, cfg, rank: int, world: int, dev
     return run
 
 
-def _truncate_live_log(live_dir: Path, step: int) -> None:
-    """Drop DVCLive rows logged after ``step`` (a run killed after its last checkpoint)."""
-    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
-        lines = tsv.read_text().splitlines()
-        if not lines:
-            continue
-        header, rows = lines[0], lines[1:]
-        col = header.split("\t").index("step") if "step" in header.split("\t") else None
-        if col is None:
-            continue
-        keep = [r for r in rows if int(r.split("\t")[col]) <= step]
-        tsv.write_text("\n".join([header, *keep]) + "\n")
-
-
 def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLike | None,
                  work_root: str | os.PathLike, live_dir: str | os.PathLike | None,
-                 init_from: str = "", skip_train: bool = False, stop_after: int | None = None) -> dict | None:
+                 init_from: str = "", skip_train: bool = False, stop_after: int | None = None,
+                 code=()) -> dict | None:
     """Train (or, with ``skip_train``, only evaluate ``init_from``), export to ``out`` (unless
     None), return the metrics.
 
-    Resume checkpoints live in ``work_root/<fingerprint>``: a restarted run with the same
-    inputs and params continues from the last one; any change starts a fresh folder. With
-    ``stop_after`` the run stops at that step with a resume checkpoint and returns None.
+    Resume checkpoints live in ``work_root/<key>``, locked while the run lasts; the key hashes
+    the params, every input file by content and the code (this module's imports and the
+    ``code`` files, e.g. the stage script: ``workdir``). A run killed part-way and started
+    again with the same key continues from its last checkpoint, with the same bytes as an
+    uninterrupted run; any change starts a fresh folder. A finished run deletes its folder, so
+    a rerun of the same key (``dvc repro -f``) trains from scratch. With ``stop_after`` the
+    run stops at that step with a resume checkpoint and returns None.
     """
     from . import train as T
     from .model import Retro
@@ -134,43 +115,27 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
         final = validation_fn(model, valid, cfg, rank, world, device)()
         engine = model
     else:
-        key = fingerprint([inputs.tokens, inputs.neighbors if model_config.retro else inputs.tokens,
-                           *([Path(init_from) / "model.safetensors"] if init_from else [])],
-                          {"train": dataclasses.asdict(cfg), "model": model_config.to_dict(),
-                           "init_from": init_from, "world": world})
-        work_dir = Path(work_root) / key
+        what = run_key(inputs, model_config, cfg, init_from, world, code)
+        key = content_key(what["params"], what["inputs"], what["code"], DigestCache(work_root, write=rank == 0))
+        work = WorkDir(work_root, key, lock=rank == 0)
+        if rank == 0 and (T.latest_step(work.dir) or 0) >= cfg.steps:
+            work.clear()  # a run of this key that had finished is never resumed: train afresh
+        T.barrier()
         engine = T.build_engine(model, cfg)
-        start = T.resume(engine, work_dir)
-        live = None
-        if is_main() and live_dir is not None:
-            from dvclive import Live
-
-            if start:
-                T.restore_live(live_dir, work_dir)  # DVC removed the outputs before this run
-                _truncate_live_log(Path(live_dir), start)
-            if start < cfg.steps:  # a finished run's restored log stays as it is (summary included)
-                live = Live(str(live_dir), resume=start > 0, report=None, save_dvc_exp=False, dvcyaml=None)
+        start = T.resume(engine, work.dir)
+        live = T.open_live(live_dir, work.dir, start) if is_main() and live_dir is not None else None
         if start and is_main():
-            print(f"pretrain: resumed from {work_dir} at step {start}")
+            print(f"pretrain: resumed from {work.dir} at step {start}")
         order = TrainOrder(len(train_set), cfg.micro_batch, cfg.grad_accum, world, rank, cfg.seed)
         evaluate_now = validation_fn(engine, valid, cfg, rank, world, engine.device)
         summary = T.train(engine, cfg, lambda step, micro: train_set.batch(order.indices(step, micro)),
-                          T.lm_loss, evaluate_now, work_dir, start_step=start, live=live, stop_after=stop_after)
-        if stop_after is not None and stop_after < cfg.steps:
-            if live is not None:
-                live.end()
-            return None
-        kept = work_dir / "summary.json"  # the training numbers of a finished run, for a rerun
-        if "val/loss" in summary:
-            final = {k[4:]: v for k, v in summary.items() if k.startswith("val/")}
-            if is_main():
-                kept.write_text(json.dumps({k: summary.get(k) for k in ("train/loss", "mean_tokens_per_s")}))
-        else:  # resumed at the end (e.g. only evaluation code changed): evaluate the loaded weights
-            final = evaluate_now()
-            if kept.is_file():
-                summary = json.loads(kept.read_text())
+                          T.lm_loss, evaluate_now, work.dir, start_step=start, live=live, stop_after=stop_after)
         if live is not None:
             live.end()
+        if stop_after is not None and stop_after < cfg.steps:
+            work.release()
+            return None
+        final = {k[4:]: v for k, v in summary.items() if k.startswith("val/")}
 
     metrics = {
         "model": model_config.name, "retro": bool(model_config.retro), "parameters": int(n_params),
@@ -187,6 +152,10 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
     if out is not None:
         T.export_checkpoint(engine, model_config, out, extra={"steps": metrics["steps"], "init_from": init_from,
                                                                    "precision": cfg.precision})
+    if not skip_train:
+        T.barrier()
+        if rank == 0:
+            work.finish()  # exported: nothing left to resume
     return metrics
 
 

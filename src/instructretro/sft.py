@@ -544,12 +544,16 @@ def train_config(settings: dict, world_size: int, *, seed: int, eval_interval: i
 
 
 def finetune(engine, cfg, sdata: SFTData, *, chunk_length: int, retriever=None, rank: int = 0, world_size: int = 1,
-             eval_micro_batch: int = 8, live=None, progress: bool = True) -> dict:
+             eval_micro_batch: int = 8, live=None, progress: bool = True, work_dir=None, start_step: int = 0,
+             stop_after: int | None = None) -> dict:
     """Instruction-tune ``engine`` on ``sdata``'s draw; validate on its held-out samples.
 
     Draw ``i`` of the schedule is sample ``b`` of micro batch ``micro`` of process ``rank`` at
-    optimizer step ``step`` with ``i = step * global + (micro * world + rank) * micro_batch + b``.
-    Returns the last logged values, ``val/loss`` and per-dataset ``val/loss_<name>`` included.
+    optimizer step ``step`` with ``i = step * global + (micro * world + rank) * micro_batch + b``,
+    a function of the position only: a run resumed at ``start_step`` from a checkpoint in
+    ``work_dir`` (saved every ``cfg.save_interval`` steps) sees the batches an uninterrupted
+    run sees. Returns the last logged values, ``val/loss`` and per-dataset ``val/loss_<name>``
+    included.
     """
     from . import train as T
 
@@ -581,4 +585,5 @@ def finetune(engine, cfg, sdata: SFTData, *, chunk_length: int, retriever=None, 
         pad_batch = collate([every[0][1]], chunk_length, retriever, [every[0][0]])
         eval_fn = lambda: T.evaluate(engine, eval_batches(), loss_fn, engine.device, names,  # noqa: E731
                                      pad_to=pad_to, pad_batch=pad_batch)
-    return T.train(engine, cfg, batch_fn, loss_fn, eval_fn=eval_fn, live=live, progress=progress)
+    return T.train(engine, cfg, batch_fn, loss_fn, eval_fn=eval_fn, work_dir=work_dir, start_step=start_step,
+                   live=live, progress=progress, stop_after=stop_after)

@@ -20,8 +20,10 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,14 +81,23 @@ class TrainConfig:
         return cfg
 
     def validate(self, where: str = "param '") -> None:
-        """Raise PipelineError naming the offending key."""
+        """Raise PipelineError naming the offending key.
+
+        A ``warmup`` longer than the run is clamped to ``steps`` (pretraining and SFT alike),
+        with one note line on stderr: the schedule then warms up over the whole run.
+        """
         for key in ("steps", "micro_batch", "grad_accum", "eval_interval", "eval_batches", "save_interval"):
             if getattr(self, key) <= 0:
                 raise PipelineError(f"{where}{key}' must be > 0, got {getattr(self, key)}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise PipelineError(f"{where}lr' must be > 0 and min_lr in [0, lr], got lr={self.lr} min_lr={self.min_lr}")
-        if not 0 <= self.warmup <= self.steps:
-            raise PipelineError(f"{where}warmup' must be in [0, steps], got {self.warmup}")
+        if self.warmup < 0:
+            raise PipelineError(f"{where}warmup' must be >= 0, got {self.warmup}")
+        if self.warmup > self.steps:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"note: {where}warmup' is {self.warmup}, more than the {self.steps} steps: "
+                      f"warmup clamped to {self.steps}", file=sys.stderr)
+            self.warmup = self.steps
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise PipelineError(f"{where}{key}' must be in [0, 1), got {getattr(self, key)}")
@@ -330,7 +341,8 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
     ``loss_fn``; ``"loss"`` (sum / count) is what is minimised, and ``train/loss`` is its mean over
     the micro batches of every rank (the whole global batch). ``eval_fn()`` runs every
     ``eval_interval`` steps and at the end (its values are logged under ``val/``); a resume
-    checkpoint is saved to ``work_dir`` every ``save_interval`` steps and at the end.
+    checkpoint is saved to ``work_dir`` every ``save_interval`` steps before the last one, and
+    where ``stop_after`` stops the run.
     ``live`` is a DVCLive ``Live`` on rank 0 (None elsewhere).
     """
     from tqdm import tqdm
@@ -375,7 +387,8 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
             for key, value in last.items():
                 if key != "step" and math.isfinite(value):
                     live.log_metric(key, value)
-        if work_dir is not None and (done % cfg.save_interval == 0 or done == end):
+        # The last step needs no resume checkpoint: the caller exports the weights next.
+        if work_dir is not None and done < cfg.steps and (done % cfg.save_interval == 0 or done == end):
             save_checkpoint(engine, work_dir, done)
             if live is not None:
                 snapshot_live(live.dir, work_dir)
@@ -385,8 +398,6 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
     last["mean_tokens_per_s"] = tokens_done / seconds if seconds > 0 else 0.0
     if live is not None:
         live.make_summary()
-        if work_dir is not None:  # the snapshot then holds the summary too, for a rerun
-            snapshot_live(live.dir, work_dir)
     return last
 
 
@@ -433,15 +444,96 @@ def restore_live(live_dir: str | os.PathLike, work_dir: str | os.PathLike) -> bo
     return True
 
 
+def latest_step(work_dir: str | os.PathLike) -> int | None:
+    """The step of the resume checkpoint named in ``work_dir/latest`` (None if there is none)."""
+    latest = Path(work_dir) / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    if not (tag.startswith("step") and tag[4:].isdigit()):
+        raise PipelineError(f"{latest}: names {tag!r}, not a resume checkpoint (step<N>)")
+    return int(tag[4:])
+
+
 def resume(engine, work_dir: str | os.PathLike) -> int:
-    """Load the latest resume checkpoint in ``work_dir`` (if any); return the steps it had done."""
+    """Load the latest resume checkpoint in ``work_dir`` (if any); return the steps it had done.
+
+    Checkpoint files are read with ``torch.load(weights_only=True)``: tensors, plain containers
+    and the few DeepSpeed classes in ``CHECKPOINT_CLASSES``, nothing else is unpickled (a file
+    that wants anything else is refused with a one-line error, before anything of it runs).
+    """
     work_dir = Path(work_dir)
-    if not (work_dir / "latest").is_file():
+    if latest_step(work_dir) is None:
         return 0
-    path, client_state = engine.load_checkpoint(str(work_dir))
+    saved = engine.checkpoint_engine
+    engine.checkpoint_engine = weights_only_checkpoint_engine()
+    try:
+        path, client_state = engine.load_checkpoint(str(work_dir))
+    finally:
+        engine.checkpoint_engine = saved
     if path is None:
         raise PipelineError(f"{work_dir}: could not load the resume checkpoint named in 'latest'")
     return int(client_state["step"])
+
+
+def checkpoint_classes() -> list:
+    """The non-tensor classes in DeepSpeed's checkpoint files at ZeRO 0-3, fp32 and bf16 (the
+    optimizer states of ZeRO 1-3 hold a loss scaler, the ZeRO stage and fragment addresses)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def weights_only_checkpoint_engine():
+    """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True`` and only
+    ``checkpoint_classes`` allowed (DeepSpeed's own engine passes ``weights_only=False``)."""
+    import pickle
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(checkpoint_classes()):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                found = re.search(r"(?:Unsupported global|unsupported GLOBAL|Unsupported operand)[^\n]*", str(exc))
+                what = found.group(0)[:160] if found else "not an allowed object"
+                raise PipelineError(f"{path}: refused to load a resume checkpoint that holds more than tensors "
+                                    f"and DeepSpeed state ({what}); delete the file to start fresh") from None
+            except (RuntimeError, EOFError) as exc:
+                raise PipelineError(f"{path}: not a readable resume checkpoint ({str(exc).splitlines()[0][:120]}); "
+                                    "delete the file to start fresh") from None
+
+    return WeightsOnlyCheckpointEngine()
+
+
+def open_live(live_dir: str | os.PathLike, work_dir: str | os.PathLike, start: int):
+    """The DVCLive ``Live`` of a run that starts at ``start``: fresh at 0; when resuming, the
+    log saved with the checkpoint comes back (DVC deletes a stage's outputs before a rerun)
+    without the rows logged after that checkpoint."""
+    from dvclive import Live
+
+    if start:
+        restore_live(live_dir, work_dir)
+        _truncate_live_log(Path(live_dir), start)
+    return Live(str(live_dir), resume=start > 0, report=None, save_dvc_exp=False, dvcyaml=None)
+
+
+def _truncate_live_log(live_dir: Path, step: int) -> None:
+    """Drop DVCLive rows logged after ``step`` (a run killed after its last checkpoint)."""
+    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+        lines = tsv.read_text().splitlines()
+        if not lines:
+            continue
+        header, rows = lines[0], lines[1:]
+        col = header.split("\t").index("step") if "step" in header.split("\t") else None
+        if col is None:
+            continue
+        keep = [r for r in rows if int(r.split("\t")[col]) <= step]
+        tsv.write_text("\n".join([header, *keep]) + "\n")
 
 
 def full_state_dict(engine_or_model) -> dict[str, torch.Tensor]:
