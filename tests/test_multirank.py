@@ -376,7 +376,8 @@ def _sft_params(path: Path, world_dir: Path, ckpt: Path, **sft_overrides) -> Pat
     params["sft"].update({k: None for k in sft.TRAIN_KEYS})
     # one dataset, one held-out sample: rank 1 has none and pads its validation
     params["sft"].update(init_from=str(ckpt), data=str(world_dir / "sft"), retrieval="none", valid_fraction=0.1,
-                         valid_samples=1, eval_interval=2, seed=5, seq_length=256, steps=4, global_batch=4,
+                         valid_samples=1, eval_interval=2, save_interval=2, seed=5, seq_length=256, steps=4,
+                         global_batch=4,
                          blend=[{"name": "short_qa", "path": "short_qa.jsonl", "format": "conversation", "prob": 1}])
     params["sft"].update(sft_overrides)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -384,16 +385,23 @@ def _sft_params(path: Path, world_dir: Path, ckpt: Path, **sft_overrides) -> Pat
 
 
 @pytest.mark.slow
-def test_sft_on_two_ranks_matches_one_process(pre, zero0, small_world):
+def test_sft_on_two_ranks_with_a_resume_matches_one_process(pre, zero0, small_world):
+    """The same global batch on 1 process and on 2 ranks (the 2-rank run stopped after step 2
+    with a resume checkpoint, then continued); one held-out sample, so rank 1 pads."""
     root, tok, _, _, _ = pre
     runs = {}
     for ranks, micro in ((1, 4), (2, 2)):
         out = root / f"sft{ranks}"
         params = _sft_params(root / f"sft{ranks}.yaml", small_world, zero0 / "ckpt_zero0", micro_batch=micro)
-        ok(launch("sft.py", "--params", params, "--tokenizer", tok, "--out", out / "ckpt", "--metrics",
-                  out / "metrics.json", "--live", out / "live", ranks=ranks, cwd=root, timeout=240), ranks=ranks)
+        args = ["--params", params, "--tokenizer", tok, "--out", out / "ckpt", "--metrics", out / "metrics.json",
+                "--live", out / "live", "--work", out / "work"]
+        if ranks == 2:
+            ok(launch("sft.py", *args, "--stop-after", 2, ranks=ranks, cwd=root, timeout=240), ranks=ranks)
+            assert not (out / "ckpt").exists()
+        ok(launch("sft.py", *args, ranks=ranks, cwd=root, timeout=240), ranks=ranks)
         runs[ranks] = json.loads((out / "metrics.json").read_text())
     one, two = runs[1], runs[2]
+    assert one["resumed_at"] == 0 and two["resumed_at"] == 2 and two["steps"] == 4
     assert np.isfinite(two["val_loss"]) and two["blend"] == one["blend"]
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
@@ -421,7 +429,7 @@ class Retriever:
 texts = [f"question {i}" if i % 5 else "" for i in range(23)]
 r = Retriever()
 ids = sft.search_batched(r, texts, 3, batch=4, rank=rank, world_size=world)
-json.dump({"ids": ids.tolist(), "seen": r.seen}, open(sys.argv[1] + f".{rank}.{world}", "w"))
+json.dump({"ids": ids.tolist(), "seen": r.seen}, open(sys.argv[-1] + f".{rank}.{world}", "w"))
 """)
     ok(launch(script, tmp_path / "out", ranks=1, cwd=tmp_path), ranks=1)
     ok(launch(script, tmp_path / "out", ranks=2, cwd=tmp_path))

@@ -338,8 +338,9 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
     run had been killed there; the learning-rate schedule still spans ``cfg.steps``.
 
     Each step runs ``cfg.grad_accum`` micro batches ``batch_fn(step, micro)`` through
-    ``loss_fn``; ``"loss"`` (sum / count) is what is minimised, and ``train/loss`` is its mean over
-    the micro batches of every rank (the whole global batch). ``eval_fn()`` runs every
+    ``loss_fn``; the mean of ``"loss"`` over every loss token (``loss_mask``) of the step's
+    global batch is what is minimised and logged as ``train/loss``, the same objective on one
+    process and on many. ``eval_fn()`` runs every
     ``eval_interval`` steps and at the end (its values are logged under ``val/``); a resume
     checkpoint is saved to ``work_dir`` every ``save_interval`` steps before the last one, and
     where ``stop_after`` stops the run.
@@ -357,19 +358,26 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
         t0 = time.perf_counter()
         losses, tokens = [], 0
         lr = engine.get_lr()[0]
-        for micro in range(cfg.grad_accum):
-            batch = to_device(batch_fn(step, micro), engine.device)
-            loss_sum, count = loss_fn(engine, batch)["loss"]
-            loss = loss_sum / count.clamp(min=1)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach())
-            tokens += int(batch["tokens"].numel()) if "tokens" in batch else 0
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        loss_total = torch.stack(losses).float().sum()
-        if world > 1:  # the loss of the whole global batch: the mean over every rank's micro batches
+        batches = [to_device(batch_fn(step, micro), engine.device) for micro in range(cfg.grad_accum)]
+        # The step minimises the mean over every loss token of the global batch, whatever its
+        # split into ranks and micro batches: DeepSpeed averages the gradients of the
+        # world x grad_accum micro batches, so each loss sum is scaled by that number over the
+        # step's token count (all-reduced), not divided by its own micro batch's count.
+        step_tokens = torch.stack([b["loss_mask"].sum() for b in batches]).double().sum()
+        if world > 1:
+            torch.distributed.all_reduce(step_tokens)
+        scale = (world * cfg.grad_accum) / step_tokens.clamp(min=1)
+        for batch in batches:
+            loss_sum, _ = loss_fn(engine, batch)["loss"]
+            engine.backward(loss_sum * scale.to(loss_sum.dtype))
+            engine.step()
+            losses.append(loss_sum.detach().double())
+            tokens += int(batch["tokens"].numel()) if "tokens" in batch else 0
+        loss_total = torch.stack(losses).sum()
+        if world > 1:
             torch.distributed.all_reduce(loss_total)
-        train_loss = float(loss_total) / (cfg.grad_accum * world)
+        train_loss = float(loss_total / step_tokens.clamp(min=1))  # the global batch's token mean
         dt = time.perf_counter() - t0
         tokens_done += tokens * world
         seconds += dt
