@@ -4,6 +4,8 @@ Loads the exported checkpoint ``sft.init_from``, builds the blend (prompt format
 truncation, retrieval mode ``sft.retrieval``), trains with DeepSpeed, validates on a held-out
 part of each dataset, exports ``config.json`` + ``model.safetensors`` like pretrain, and writes
 ``val_loss`` and the blend table (samples drawn and epochs per dataset) to the metrics.
+Resume checkpoints go to ``--work/<key>`` every ``sft.save_interval`` steps, as in pretrain: a
+killed run started again continues from its last one (``resumed_at`` in the metrics).
 
 ``--estimate`` prints what the full run of ``--model`` costs (here and on GPUs) and exits;
 ``--smoke`` proves the plumbing of a big preset on any machine: one optimizer step of one
@@ -28,7 +30,7 @@ from instructretro.errors import PipelineError, cli
 from instructretro.io import write_json
 from instructretro.model import Retro, flops_per_token
 from instructretro.tokenizer import Tokenizer
-from instructretro.workdir import DigestCache, WorkDir, code_files, content_key
+from instructretro.workdir import DigestCache, WorkDir, code_files, content_key, library_versions, rank0_key
 
 
 def read_params(p: P.Params) -> dict:
@@ -70,15 +72,16 @@ def make_retriever(args, p: P.Params, s: dict):
 
 
 def open_work(args, s: dict, settings: dict, cfg, blend, p: P.Params, rank: int, world: int) -> WorkDir:
-    """The locked work folder of this run's resume checkpoints, ``--work/<key>``. The key hashes
-    the params (``sft.*``, ``embed.*``, ``retro.chunk_length``) and the training settings, every
-    input by content (the checkpoint, the blend files, tokenizer, database, index) and the code
-    (this script and its imports): ``workdir``. A run of this key that had finished is never
+    """The locked work folder of this run's resume checkpoints, ``--work/<key>``. The key (rank
+    0's, for every rank) hashes the params (``sft.*``, ``embed.*``, ``retro.chunk_length``), the
+    training settings and library versions, every input by content (the checkpoint, the blend
+    files, tokenizer, database, index) and the code (this script and its imports): ``workdir``. A run of this key that had finished is never
     resumed (its folder is emptied), so a forced rerun trains from scratch."""
     params = {"sft": s, "settings": settings, "train": dataclasses.asdict(cfg), "world": world,
+              "versions": library_versions("torch", "deepspeed", "transformers", "faiss-cpu", "faiss-gpu"),
               "embed": p.section("embed") if s["retrieval"] != "none" else None}
     inputs = [s["init_from"], *[e.path for e in blend], args.tokenizer, args.db_tokens, args.embeddings, args.index]
-    key = content_key(params, inputs, code_files(__file__), DigestCache(args.work, write=rank == 0))
+    key = rank0_key(lambda: content_key(params, inputs, code_files(__file__), DigestCache(args.work)))
     work = WorkDir(args.work, key, lock=rank == 0)
     if rank == 0 and (train.latest_step(work.dir) or 0) >= cfg.steps:
         work.clear()

@@ -77,12 +77,13 @@ def test_killed_stages_resume_to_the_same_outputs(reference, tmp_path):
     assert _sha(populated) == _sha(reference / "data" / "index" / "populated.faiss")
 
     work = repo / "data" / "work" / "pretrain"
-    ckpts = lambda: [p for p in work.rglob("*") if p.is_file()] if work.exists() else []  # noqa: E731
+    ckpts = lambda: list(work.glob("*/latest")) if work.exists() else []  # noqa: E731
     killed = _kill_when(_start(repo, "pretrain"), lambda: len(ckpts()) > 0 and time.sleep(1) is None)
     assert killed, "pretrain finished before it could be killed"
     assert not (repo / "data" / "checkpoints" / "pretrain" / "model.safetensors").exists()
     dvc(repo, "repro", "pretrain")
     got = json.loads((repo / "metrics" / "pretrain.json").read_text())
+    assert got["resumed_at"] > 0
     want = json.loads((reference / "metrics" / "pretrain.json").read_text())
     assert got["steps"] == want["steps"] == CRASH["pretrain.steps"]
     assert abs(got["val_loss"] - want["val_loss"]) < 0.05
@@ -91,7 +92,9 @@ def test_killed_stages_resume_to_the_same_outputs(reference, tmp_path):
     curve = Path("dvclive/pretrain/plots/metrics/train/loss.tsv")
     steps = lambda r: [line.split("\t")[0] for line in (r / curve).read_text().splitlines()]  # noqa: E731
     assert steps(repo) == steps(reference) == ["step", *map(str, range(1, CRASH["pretrain.steps"] + 1))]
-    # a forced rerun resumes at the last step, trains nothing, and still writes every output
+    # a forced rerun trains from scratch (a finished run leaves nothing to resume), all outputs again
+    assert not ckpts()
     dvc(repo, "repro", "-f", "-s", "pretrain")
+    assert json.loads((repo / "metrics" / "pretrain.json").read_text())["resumed_at"] == 0
     assert steps(repo) == steps(reference)
     assert "up to date" in dvc(repo, "status", "pretrain").stdout

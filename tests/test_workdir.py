@@ -29,7 +29,8 @@ def test_same_size_files_of_any_size_give_different_keys(tmp_path):
     assert content_key({}, [a]) == content_key({}, [a])
 
 
-def test_key_covers_params_inputs_and_code(tmp_path):
+def test_key_covers_params_inputs_and_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     data = tmp_path / "data"
     data.mkdir()
     (data / "x.txt").write_text("one")
@@ -46,6 +47,8 @@ def test_key_covers_params_inputs_and_code(tmp_path):
     (data / "x.txt").write_text("one")
     (data / "y.txt").write_text("")  # a new file in an input folder
     assert content_key({"lr": 1}, [data], [code]) != base
+    # an unset input ("") is not the current folder
+    assert content_key({}, [""]) != content_key({}, ["."]) and content_key({}, [""]) == content_key({}, [""])
 
 
 def test_code_files_are_the_stage_deps_dvc_lists():

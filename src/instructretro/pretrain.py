@@ -17,14 +17,14 @@ import torch
 
 from .errors import PipelineError
 from .pretrain_data import PretrainInputs, PretrainSamples, TrainOrder, all_eval_batches, eval_indices, load_split
-from .workdir import DigestCache, WorkDir, code_files, content_key
+from .workdir import DigestCache, WorkDir, code_files, content_key, library_versions, rank0_key
 
 
 def run_key(inputs: PretrainInputs, model_config, cfg, init_from: str, world: int, code=()) -> dict:
     """What the resume key of a training run hashes: params, input files, code (``workdir``)."""
     paths = [getattr(inputs, f.name) for f in dataclasses.fields(inputs)]
     return {"params": {"train": dataclasses.asdict(cfg), "model": model_config.to_dict(), "init_from": init_from,
-                       "world": world},
+                       "world": world, "versions": library_versions("torch", "deepspeed")},
             "inputs": [*paths, *([init_from] if init_from else [])],
             "code": code_files(__file__, *code)}
 
@@ -116,7 +116,7 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
         engine = model
     else:
         what = run_key(inputs, model_config, cfg, init_from, world, code)
-        key = content_key(what["params"], what["inputs"], what["code"], DigestCache(work_root, write=rank == 0))
+        key = rank0_key(lambda: content_key(what["params"], what["inputs"], what["code"], DigestCache(work_root)))
         work = WorkDir(work_root, key, lock=rank == 0)
         if rank == 0 and (T.latest_step(work.dir) or 0) >= cfg.steps:
             work.clear()  # a run of this key that had finished is never resumed: train afresh

@@ -429,8 +429,8 @@ def save_checkpoint(engine, work_dir: str | os.PathLike, step: int) -> None:
 def snapshot_live(live_dir: str | os.PathLike, work_dir: str | os.PathLike) -> None:
     """Copy the DVCLive folder next to the resume checkpoint (``work_dir/live``).
 
-    DVC deletes a stage's outputs before it reruns the stage, so a run that resumes (after a
-    kill, or at its last step) would otherwise lose the curves logged before the checkpoint;
+    DVC deletes a stage's outputs before it reruns the stage, so a run that resumes after a
+    kill would otherwise lose the curves logged before the checkpoint;
     :func:`restore_live` puts them back.
     """
     src, dst = Path(live_dir), Path(work_dir) / "live"

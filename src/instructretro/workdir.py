@@ -6,7 +6,8 @@ DVC lists as the stage's dependencies:
 - the code: the stage script and every ``instructretro`` module it imports, transitively
   (``code_files``; ``tests/test_pipeline_deps.py`` checks that dvc.yaml lists the same files);
 - the input files and folders, by content (``DigestCache``: a streaming hash in 1 MiB blocks);
-- the params and anything else the caller puts in ``params`` (e.g. the number of processes).
+- the params and anything else the caller puts in ``params`` (e.g. the number of processes,
+  ``library_versions``: a checkpoint of one DeepSpeed or torch version is not resumed by another).
 
 So a run resumes only a run of the same code, inputs and params; any change starts a fresh
 folder. Inputs are hashed by our own streaming hash, not by reusing the md5 that DVC computed:
@@ -79,6 +80,20 @@ def code_files(*scripts: str | os.PathLike) -> list[Path]:
     return sorted(files | {PACKAGE / f"{m}.py" for m in seen})
 
 
+def library_versions(*names: str) -> dict[str, str]:
+    """Python's and the given installed packages' versions (part of a training run's key)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Content hashes
 
@@ -93,14 +108,11 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 class DigestCache:
-    """File digests remembered under (size, mtime_ns, inode) in ``root/.digests.json``.
+    """File digests remembered under (size, mtime_ns, inode) in ``root/.digests.json``
+    (``root=None``: remembered by nothing)."""
 
-    ``root=None`` remembers nothing; ``write=False`` reads the file but never writes it (the
-    ranks other than 0 of a multi-process run, which share rank 0's file)."""
-
-    def __init__(self, root: str | os.PathLike | None, write: bool = True):
+    def __init__(self, root: str | os.PathLike | None):
         self.path = Path(root) / ".digests.json" if root is not None else None
-        self.write = write
         self.entries: dict[str, list] = {}
         if self.path is not None and self.path.is_file():
             try:
@@ -122,7 +134,7 @@ class DigestCache:
         return value
 
     def save(self) -> None:
-        if self.path is not None and self.write and self.changed:
+        if self.path is not None and self.changed:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.path) as tmp:
                 tmp.write_text(json.dumps(self.entries, sort_keys=True))
@@ -133,11 +145,14 @@ def content_key(params: dict, inputs: Iterable[str | os.PathLike] = (), code: It
                 cache: DigestCache | None = None) -> str:
     """A 16-hex-digit key of ``params`` (JSON), the input files/folders and the code files, all
     by content. A folder contributes each file's relative path and bytes; a missing path counts
-    as missing (so it appearing later changes the key)."""
+    as missing (so it appearing later changes the key); an empty path (an unset input) as none."""
     cache = cache or DigestCache(None)
     h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
     for group, paths in (("input", inputs), ("code", code)):
         for path in paths:
+            if str(path) == "":
+                h.update(f"\0{group}\0none".encode())
+                continue
             path = Path(path)
             h.update(f"\0{group}\0{path.name}\0".encode())
             if path.is_dir():
@@ -149,6 +164,18 @@ def content_key(params: dict, inputs: Iterable[str | os.PathLike] = (), code: It
                 h.update(b"missing")
     cache.save()
     return h.hexdigest()[:16]
+
+
+def rank0_key(compute) -> str:
+    """``compute()`` on rank 0, sent to every rank (one process: just ``compute()``), so all
+    ranks use one folder and only rank 0 reads the inputs."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return compute()
+    box = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # --------------------------------------------------------------------------------------------
