@@ -14,11 +14,25 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 install: $(STAMP)
 
+# Faiss: requirements.txt lists faiss-cpu; on a machine with an NVIDIA GPU (`nvidia-smi -L`
+# succeeds) or with GPU=1, the PyPI wheel faiss-gpu is installed instead (both provide the module
+# `faiss`, so only one of them; faiss-gpu also runs CPU indexes where no GPU is visible).
+GPU       ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+FAISS_GPU ?= faiss-gpu==1.15.1
+PIP       := $(BIN)/pip install -q --disable-pip-version-check
+
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check "$$(grep -E '^torch==' requirements.txt)"
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PIP) "$$(grep -E '^torch==' requirements.txt)"
+ifeq ($(GPU),1)
+	grep -v -E '^faiss-cpu' requirements.txt > $(VENV)/requirements-gpu.txt
+	echo '$(FAISS_GPU)' >> $(VENV)/requirements-gpu.txt
+	$(BIN)/pip uninstall -q -y faiss-cpu 2>/dev/null || true
+	$(PIP) -r $(VENV)/requirements-gpu.txt
+else
+	$(PIP) -r requirements.txt
+endif
+	$(PIP) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 repro: install
@@ -77,9 +91,13 @@ overlap: install
 # (fresh weights, output in a scratch folder) to prove the plumbing on any machine.
 SMOKE  ?=
 SFT_ENV := PATH=$(abspath $(BIN)):$$PATH
-.PHONY: sft
+.PHONY: sft generate
 sft: install
-ifeq ($(SMOKE),1)
+ifneq ($(GPUS),)
+	$(if $(MODEL),$(error with GPUS=, set model.name in params.yaml instead of MODEL=))
+	$(MAKE) pretrain GPUS=$(GPUS) HOSTFILE=$(HOSTFILE)
+	$(call launch_stages,sft)
+else ifeq ($(SMOKE),1)
 	$(SFT_ENV) $(DVC) repro tokenizer
 	$(SFT_ENV) python stages/sft.py --smoke $(if $(MODEL),--model $(MODEL))
 else ifneq ($(MODEL),)
@@ -91,9 +109,12 @@ else
 endif
 
 # Pretraining (stage pretrain, DeepSpeed). `make pretrain` runs `dvc repro pretrain`: one process
-# on CPU, or one GPU. `make pretrain GPUS=8` runs the same stage script under the `deepspeed`
-# launcher on 8 local GPUs (add HOSTFILE=path for several nodes: `deepspeed --hostfile`), after
-# building its inputs with DVC, then records the outputs in dvc.lock with `dvc commit`. The preset
+# on CPU, or one GPU. `make pretrain GPUS=8` runs the stage scripts of embed, query-neighbors and
+# pretrain under the `deepspeed` launcher on 8 local GPUs (add HOSTFILE=path for several nodes:
+# `deepspeed --hostfile`), the other stages with DVC, and records each launched stage's outputs
+# in dvc.lock with `dvc commit -f`; a stage DVC reports up to date is skipped. The commands are
+# the stages' own cmd lines from dvc.yaml (python -m instructretro.launch). `make sft GPUS=8` and
+# `make generate GPUS=8` do the same for their stage after the stages before it. The preset
 # is params.yaml `model.name`; `make pretrain MODEL=843m` runs it as a DVC experiment on one process.
 # `make eval-ppl CKPT=folder` is the reference's --skip-train: validation loss/perplexity of an
 # exported checkpoint on the pipeline's valid split, into metrics/eval_ppl.json (GPUS= works too).
@@ -101,13 +122,17 @@ HOSTFILE ?=
 CKPT     ?= data/checkpoints/pretrain
 PRETRAIN_ARGS := --out data/checkpoints/pretrain --work data/work/pretrain --live dvclive/pretrain --metrics metrics/pretrain.json
 LAUNCH = $(if $(GPUS),$(BIN)/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE)) --num_gpus $(GPUS),$(BIN)/python)
+# $(call launch_stages,GLOB): the dvc.yaml stages matching GLOB under $(LAUNCH), each then committed.
+launch_stages = plan="$$($(BIN)/python -m instructretro.launch '$(1)' '$(LAUNCH)' '$(DVC)')" && echo "$$plan" && eval "$$plan"
 .PHONY: pretrain eval-ppl
 pretrain: install
 ifneq ($(GPUS),)
 	$(if $(MODEL),$(error with GPUS=, set model.name in params.yaml instead of MODEL=))
-	$(SFT_ENV) $(DVC) repro query-neighbors
-	$(SFT_ENV) $(LAUNCH) stages/pretrain.py $(PRETRAIN_ARGS)
-	$(SFT_ENV) $(DVC) commit -f pretrain
+	$(SFT_ENV) $(DVC) repro tokenize@db tokenize@pretrain
+	$(call launch_stages,embed)
+	$(SFT_ENV) $(DVC) repro add-index
+	$(call launch_stages,query-neighbors)
+	$(call launch_stages,pretrain)
 else ifneq ($(MODEL),)
 	$(SFT_ENV) $(DVC) exp run -S model.name=$(MODEL) pretrain
 else
@@ -126,3 +151,15 @@ SEQ     ?=
 .PHONY: estimate
 estimate: install
 	$(BIN)/python -m instructretro.estimate --model $(or $(MODEL),43b) --gpus $(or $(GPUS),8) --gpu-mem $(GPU_MEM) $(if $(SEQ),--seq-length $(SEQ))
+
+# Zero-shot QA (stages generate@<task>). `make generate` runs `dvc repro` of every generate stage;
+# `make generate GPUS=8 [HOSTFILE=...]` brings sft up to date the same way (`make sft GPUS=8`),
+# then runs each task's generate script under the launcher (each rank decodes a share of the
+# questions on its GPU; rank 0 writes the answers in question order) and commits it.
+generate: install
+ifneq ($(GPUS),)
+	$(MAKE) sft GPUS=$(GPUS) HOSTFILE=$(HOSTFILE)
+	$(call launch_stages,generate@*)
+else
+	$(SFT_ENV) $(DVC) repro --glob 'generate@*'
+endif

@@ -13,6 +13,7 @@ params; see ``instructretro.generate``.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -25,7 +26,7 @@ from instructretro.generate import MODES, Settings, answer_questions, parse_task
 from instructretro.io import write_json, write_jsonl
 from instructretro.retrieval import Retriever
 from instructretro.tokenizer import Tokenizer
-from instructretro.train import load_model
+from instructretro.train import checkpoint_precision, init_distributed, load_model, local_device
 
 
 def read_settings(p: P.Params) -> Settings:
@@ -52,6 +53,7 @@ def main(argv=None):
     ap.add_argument("--index", default="data/index/populated.faiss")
     ap.add_argument("--out", required=True, help="answers, JSON lines")
     ap.add_argument("--metrics", required=True)
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = ap.parse_args(argv)
 
     p = P.load(args.params)
@@ -74,7 +76,12 @@ def main(argv=None):
     if max_questions > 0:
         records = records[:max_questions]
     torch.manual_seed(0)
-    model = load_model(checkpoint).eval()
+    # Under the launcher each rank decodes a share of the batches on its own accelerator
+    # (cuda:LOCAL_RANK), in the precision the checkpoint was trained in; rank 0 writes.
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = init_distributed() if multi else (0, 1)
+    dtype = torch.bfloat16 if checkpoint_precision(checkpoint) == "bf16" else torch.float32
+    model = load_model(checkpoint, device=local_device(), dtype=dtype).eval()
     config = model.config
     if config.chunk_length != chunk_length:
         raise PipelineError(f"{checkpoint}: model chunk_length {config.chunk_length} != param 'retro.chunk_length' {chunk_length}")
@@ -92,8 +99,10 @@ def main(argv=None):
             model, tok, records, settings, generate_fn=greedy_generate, retriever=retriever,
             seq_length=config.seq_length, chunk_length=chunk_length,
             num_neighbors=config.num_neighbors if config.retro else 0, style=task.style,
-            desc=f"generate {task.name}")
+            desc=f"generate {task.name}", rank=rank, world_size=world)
     seconds = time.time() - t0
+    if rank != 0:
+        return
     write_jsonl(args.out, answers)
     counts["seconds"] = round(seconds, 2)
     counts["new_tokens_per_s"] = round(counts["new_tokens"] / max(seconds, 1e-9), 1)

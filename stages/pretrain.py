@@ -18,7 +18,7 @@ import torch
 from instructretro import params as P, presets
 from instructretro.errors import PipelineError, cli
 from instructretro.io import write_json
-from instructretro.pretrain import is_main, preset_training, run_pretrain
+from instructretro.pretrain import check_global_batch, is_main, preset_training, run_pretrain
 from instructretro.pretrain_data import PretrainInputs
 from instructretro.tokenstore import TokenStore
 from instructretro.train import TrainConfig
@@ -76,8 +76,11 @@ def main(argv=None):
     p = P.load(args.params)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by the launcher; splits a preset's batch
     model_name = p.get("model.name", str)
-    recipe = presets.device_recipe(model_name, gpu=torch.cuda.is_available())  # for null params
-    cfg = TrainConfig.from_params(p, "pretrain", preset_training(presets.training(model_name), world, recipe))
+    preset = presets.training(model_name)
+    device_recipe = presets.device_recipe(model_name, gpu=torch.cuda.is_available())  # for null params
+    check_global_batch(p, model_name, preset, world, device_recipe.get("micro_batch"))
+    defaults = preset_training(preset, world, p.get("pretrain.micro_batch", (int, type(None))), device_recipe)
+    cfg = TrainConfig.from_params(p, "pretrain", {k: v for k, v in defaults.items() if v is not None})
     init_from = p.get("pretrain.init_from", str)
     skip_train = p.get("pretrain.skip_train", bool)
     if args.eval_only:

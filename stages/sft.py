@@ -205,7 +205,7 @@ def main(argv=None):
                            num_draws=cfg.steps * settings["global_batch"], retrieval=retrieval, retriever=retriever,
                            num_contexts=s["num_contexts"], num_neighbors=num_neighbors, system=s["system"],
                            valid_fraction=s["valid_fraction"], valid_samples=4 if args.smoke else s["valid_samples"],
-                           seed=s["seed"])
+                           seed=s["seed"], rank=rank, world_size=world)
     if rank == 0:
         print(sft.format_report(sdata.report))
     if not args.smoke and settings["steps"] * settings["global_batch"] * settings["seq_length"] > 5e7 \
@@ -229,7 +229,8 @@ def main(argv=None):
         return
     seconds = time.perf_counter() - t0
     export_config = dataclasses.replace(config, seq_length=max(config.seq_length, settings["seq_length"]))
-    train.export_checkpoint(engine, export_config, args.out, extra={"stage": "sft", "steps": cfg.steps})
+    train.export_checkpoint(engine, export_config, args.out,
+                            extra={"stage": "sft", "steps": cfg.steps, "precision": cfg.precision})
     if work is not None:
         train.barrier()
         if rank == 0:

@@ -264,11 +264,18 @@ def prompt_contexts(records: list[dict], retriever, settings: Settings) -> list[
 
 def answer_questions(model, tokenizer: Tokenizer, records: list[dict], settings: Settings, *,
                      generate_fn: Callable, retriever=None, seq_length: int, chunk_length: int,
-                     num_neighbors: int = 0, style: str = "short", desc: str = "generate") -> tuple[list[dict], dict]:
+                     num_neighbors: int = 0, style: str = "short", desc: str = "generate",
+                     rank: int = 0, world_size: int = 1) -> tuple[list[dict], dict]:
     """Answer ``records`` (from ``data.iter_qa``); return the answer records and counts.
 
     ``generate_fn(model, prompts, max_new_tokens, eod_id, neighbors_fn=None)`` is the greedy
     decoder (``decoding.greedy_generate``); it returns the new tokens of each prompt.
+
+    With several processes (torch.distributed started) every rank builds every prompt and the
+    same length-sorted batches as one process would, decodes batches ``rank, rank + world_size,
+    ...``, and the results are all-gathered: each question is decoded in the very batch one
+    process puts it in, so the answers are the bytes of one process. (The prompt retrieval, one
+    query per question, runs on every rank: the batches depend on every prompt's length.)
     """
     if settings.retrieval not in MODES:
         raise PipelineError(f"params.yaml: param 'generate.retrieval' is {settings.retrieval!r}; expected one of {list(MODES)}")
@@ -294,9 +301,10 @@ def answer_questions(model, tokenizer: Tokenizer, records: list[dict], settings:
     order = sorted(range(len(records)), key=lambda i: (len(prompts[i]), i))
     new_tokens: list = [None] * len(records)
     encoder_ids: list = [[] for _ in records]
-    bar = progress(total=len(records), desc=desc, unit="q")
-    for start in range(0, len(order), settings.batch_size):
-        batch = order[start : start + settings.batch_size]
+    batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+    mine = batches[rank::world_size]
+    bar = progress(total=sum(map(len, mine)), desc=desc, unit="q", disable=rank != 0)
+    for batch in mine:
         batch_prompts = [prompts[i] for i in batch]
         if encoder is not None:
             encoder.reset()
@@ -312,6 +320,9 @@ def answer_questions(model, tokenizer: Tokenizer, records: list[dict], settings:
                 encoder_ids[i] = [ids for _, ids in sorted(encoder.calls.get(b, []))]
         bar.update(len(batch))
     bar.close()
+    decoded = [sum(t is not None for t in new_tokens)]
+    if world_size > 1:
+        new_tokens, encoder_ids, decoded = _gather_answers(new_tokens, encoder_ids, world_size)
 
     answers = []
     for i, rec in enumerate(records):
@@ -338,5 +349,22 @@ def answer_questions(model, tokenizer: Tokenizer, records: list[dict], settings:
         "contexts_dropped": int(sum(len(c[0]) - u for c, u in zip(contexts, used))),
         "new_tokens": int(sum(len(t) for t in new_tokens)),
         "prompt_tokens": int(sum(len(p) for p in prompts)),
+        "decoded_by_rank": decoded,  # questions each process decoded
     }
     return answers, counts
+
+
+def _gather_answers(new_tokens: list, encoder_ids: list, world_size: int) -> tuple[list, list, list[int]]:
+    """Merge every rank's decoded questions (``None`` where another rank decoded it); also
+    return how many each rank decoded."""
+    import torch.distributed as dist
+
+    mine = {i: (t, encoder_ids[i]) for i, t in enumerate(new_tokens) if t is not None}
+    parts: list = [None] * world_size
+    dist.all_gather_object(parts, mine)  # on the current device, which init_distributed selected
+    for part in parts:
+        for i, (t, ids) in part.items():
+            new_tokens[i], encoder_ids[i] = t, ids
+    if any(t is None for t in new_tokens):
+        raise PipelineError("generate: a question was decoded by no rank")
+    return new_tokens, encoder_ids, [len(part) for part in parts]

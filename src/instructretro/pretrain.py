@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import PipelineError
-from .pretrain_data import PretrainInputs, PretrainSamples, TrainOrder, eval_indices, load_split
+from .pretrain_data import PretrainInputs, PretrainSamples, TrainOrder, all_eval_batches, eval_indices, load_split
 from .tokenstore import TokenStore
 from .workdir import DigestCache, WorkDir, code_files, content_key, library_versions, rank0_key
 
@@ -56,6 +56,11 @@ def validation_fn(model, valid: PretrainSamples, cfg, rank: int, world: int, dev
     from .train import evaluate, lm_loss
 
     batches = eval_indices(len(valid), cfg.eval_batches, cfg.micro_batch, world, rank)
+    # Ranks get unequal batch counts (e.g. 160 samples in batches of 8 on 8 ranks: 3 or 2 each);
+    # the short ones pad with a batch that counts zero tokens, so every rank runs as many
+    # forward passes (ZeRO-3 gathers parameters in each).
+    every = all_eval_batches(len(valid), cfg.eval_batches, cfg.micro_batch, world)
+    pad_to = -(-len(every) // world)
     controls = shuffled and valid.k > 0
     names = ("loss", "loss_facts") if valid.fact_flags is not None else ("loss",)
     names += ("loss_no_retrieval",) if controls else ()
@@ -67,9 +72,11 @@ def validation_fn(model, valid: PretrainSamples, cfg, rank: int, world: int, dev
         return out
 
     def run() -> dict:
-        out = evaluate(model, (valid.batch(b) for b in batches), loss_fn, device, names)
+        out = evaluate(model, (valid.batch(b) for b in batches), loss_fn, device, names,
+                       pad_to=pad_to, pad_batch=valid.batch(every[0]))
         if controls:
-            mixed = evaluate(model, (valid.batch(b, shuffled_neighbors=True) for b in batches), lm_loss, device, ("loss",))
+            mixed = evaluate(model, (valid.batch(b, shuffled_neighbors=True) for b in batches), lm_loss, device,
+                             ("loss",), pad_to=pad_to, pad_batch=valid.batch(every[0], shuffled_neighbors=True))
             out["loss_shuffled"] = mixed["loss"]
         return out
 
@@ -119,12 +126,8 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
 
     start, summary = 0, {}
     if skip_train:
-        from deepspeed.accelerator import get_accelerator
-
-        device = torch.device(get_accelerator().device_name())
-        model.to(device)
-        if cfg.precision == "bf16":
-            model.to(torch.bfloat16)
+        device = T.local_device()  # cuda:LOCAL_RANK (no engine to pick it)
+        model.to(device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
         final = validation_fn(model, valid, cfg, rank, world, device)()
         engine = model
     else:
@@ -163,7 +166,8 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
     }
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
     if out is not None:
-        T.export_checkpoint(engine, model_config, out, extra={"steps": metrics["steps"], "init_from": init_from})
+        T.export_checkpoint(engine, model_config, out, extra={"steps": metrics["steps"], "init_from": init_from,
+                                                                   "precision": cfg.precision})
     if not skip_train:
         T.barrier()
         if rank == 0:
@@ -175,20 +179,42 @@ def is_main() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def preset_training(preset: dict, world_size: int, recipe: dict | None = None) -> dict:
+def preset_training(preset: dict, world_size: int, micro_batch: int | None = None,
+                    recipe: dict | None = None) -> dict:
     """A preset's pretraining recipe (``presets.training``) as TrainConfig fields, for the
-    ``pretrain.*`` params left null: the global batch is split into micro batches per process.
-    ``recipe`` (``presets.device_recipe``) adds precision, ZeRO stage, checkpointing, offload
-    and (on a GPU) the micro batch."""
+    ``pretrain.*`` params left null: the global batch is split into micro batches per process
+    (of ``micro_batch``, ``pretrain.micro_batch``, or else the device recipe's, or else the
+    preset's). ``recipe`` (``presets.device_recipe``) adds precision, ZeRO stage,
+    checkpointing, offload and (on a GPU) the micro batch.
+
+    A global batch that the micro batch times the world size does not divide is an error, not
+    rounded down (48 GPUs at micro batch 1 cannot make 128); its ``grad_accum`` is then None
+    and :func:`check_global_batch` names the problem.
+    """
     recipe = dict(recipe or {})
     steps = int(preset["iterations"])
     micro = int(recipe.pop("micro_batch", preset["micro_batch"]))
+    per_step = (micro_batch or micro) * world_size
+    global_batch = int(preset["global_batch"])
     return {
         **recipe,
         "steps": steps, "micro_batch": micro,
-        "grad_accum": max(1, int(preset["global_batch"]) // (micro * world_size)),
+        "grad_accum": global_batch // per_step if global_batch % per_step == 0 else None,
         "lr": preset["lr"], "min_lr": preset["min_lr"],
         "warmup": int(round(preset.get("warmup_fraction", 0.0) * steps)),
         "weight_decay": preset["weight_decay"], "beta1": preset["betas"][0], "beta2": preset["betas"][1],
         "clip": preset["grad_clip"],
     }
+
+
+def check_global_batch(p, preset_name: str, preset: dict, world_size: int, recipe_micro: int | None = None) -> None:
+    """Refuse a ``pretrain.grad_accum: null`` run whose world size cannot make the preset's
+    global batch (one line naming the keys), as the sft stage does. The micro batch is
+    ``pretrain.micro_batch``, else the device recipe's (``recipe_micro``), else the preset's."""
+    if p.get("pretrain.grad_accum", (int, type(None))) is not None:
+        return
+    micro = p.get("pretrain.micro_batch", (int, type(None))) or recipe_micro or int(preset["micro_batch"])
+    if int(preset["global_batch"]) % (micro * world_size):
+        raise PipelineError(f"{p.source}: the {preset_name} preset's global batch {preset['global_batch']} is not a "
+                            f"multiple of micro_batch {micro} x {world_size} processes; set 'pretrain.grad_accum' "
+                            "(and 'pretrain.micro_batch') or use a world size that divides it")

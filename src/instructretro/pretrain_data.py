@@ -217,11 +217,17 @@ class TrainOrder:
 
 def eval_indices(num_samples: int, eval_batches: int, micro_batch: int, world_size: int, rank: int) -> list[np.ndarray]:
     """This rank's validation batches: a fixed, evenly spread subset of at most
-    ``eval_batches * micro_batch * world_size`` samples (all of them when the split is smaller)."""
+    ``eval_batches * micro_batch * world_size`` samples (all of them when the split is smaller),
+    batch ``b`` of :func:`all_eval_batches` going to rank ``b % world_size``. Ranks can get
+    unequal counts (160 samples in batches of 8 on 8 ranks: 3 or 2 each)."""
+    return all_eval_batches(num_samples, eval_batches, micro_batch, world_size)[rank::world_size]
+
+
+def all_eval_batches(num_samples: int, eval_batches: int, micro_batch: int, world_size: int) -> list[np.ndarray]:
+    """Every rank's validation batches together, in order (see :func:`eval_indices`)."""
     total = min(num_samples, eval_batches * micro_batch * world_size)
     chosen = np.unique(np.linspace(0, num_samples - 1, total).round().astype(np.int64)) if total else np.zeros(0, np.int64)
-    batches = [chosen[i : i + micro_batch] for i in range(0, len(chosen), micro_batch)]
-    return batches[rank::world_size]
+    return [chosen[i : i + micro_batch] for i in range(0, len(chosen), micro_batch)]
 
 
 # --------------------------------------------------------------------------------------------

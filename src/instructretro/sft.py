@@ -320,17 +320,41 @@ def last_user_turn(conv: dict) -> str:
     return [text for role, text in conv["turns"] if role == "user"][-1]
 
 
-def search_batched(retriever, texts: list[str], n: int, batch: int = 256, desc: str = "retrieve") -> np.ndarray:
-    """``retriever.search`` over ``texts`` in batches with a progress bar; empty texts get -1."""
+def search_batched(retriever, texts: list[str], n: int, batch: int = 256, desc: str = "retrieve",
+                   rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """``retriever.search`` over ``texts`` in batches with a progress bar; empty texts get -1.
+
+    With several processes each rank searches one contiguous share of the texts and the ids
+    are all-gathered, so every rank returns the whole table (searched once, not once per rank).
+    """
     from .progress import progress
 
+    share = -(-len(texts) // world_size)
+    lo, hi = min(len(texts), rank * share), min(len(texts), (rank + 1) * share)
     out = np.full((len(texts), n), -1, dtype=np.int64)
-    live = [i for i, t in enumerate(texts) if t.strip()]
-    for b in progress(range(0, len(live), batch), desc=desc, unit="batch"):
+    live = [i for i in range(lo, hi) if texts[i].strip()]
+    for b in progress(range(0, len(live), batch), desc=desc, unit="batch", disable=rank != 0):
         idx = live[b : b + batch]
         ids = np.asarray(retriever.search([texts[i] for i in idx], n), dtype=np.int64).reshape(len(idx), -1)
         out[idx, : ids.shape[1]] = ids[:, :n]
+    if world_size > 1:
+        out = _all_gather_rows(out, share, lo, hi)
     return out
+
+
+def _all_gather_rows(table: np.ndarray, share: int, lo: int, hi: int) -> np.ndarray:
+    """Every rank's rows ``[lo, hi)`` of ``table`` (``share`` rows per rank), all-gathered on
+    this process's device (the one the collective needs: NCCL refuses host tensors)."""
+    import torch
+
+    from .train import local_device
+
+    device = local_device()
+    mine = torch.full((share, table.shape[1]), -1, dtype=torch.int64, device=device)
+    mine[: hi - lo] = torch.from_numpy(table[lo:hi]).to(device)
+    parts = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, mine)
+    return torch.cat(parts).cpu().numpy()[: len(table)]
 
 
 def chunk_queries(tok, inputs: np.ndarray, chunk_length: int) -> list[str]:
@@ -395,8 +419,11 @@ class SFTData:
 def build_data(blend: list[BlendEntry], tok, *, seq_length: int, chunk_length: int, num_draws: int,
                retrieval: str = "none", retriever=None, num_contexts: int = 2, num_neighbors: int = 2,
                system: str = "", valid_fraction: float = 0.05, valid_samples: int = 200,
-               seed: int = 1234) -> SFTData:
-    """Load, split, format, retrieve, fit and draw: everything the SFT run trains and validates on."""
+               seed: int = 1234, rank: int = 0, world_size: int = 1) -> SFTData:
+    """Load, split, format, retrieve, fit and draw: everything the SFT run trains and validates on.
+
+    With several processes (``rank`` of ``world_size``, torch.distributed started) each rank
+    retrieves a share of the queries and every rank gets the whole data set."""
     if retrieval not in RETRIEVAL_MODES:
         raise PipelineError(f"params.yaml: param 'sft.retrieval' is {retrieval!r}; expected one of {list(RETRIEVAL_MODES)}")
     if retrieval != "none" and retriever is None:
@@ -416,7 +443,7 @@ def build_data(blend: list[BlendEntry], tok, *, seq_length: int, chunk_length: i
             contexts = None
             if retrieval == "prompt" and num_contexts > 0:
                 contexts = search_batched(retriever, [last_user_turn(c) for c in convs], num_contexts,
-                                          desc=f"retrieve {entry.name}/{name}")
+                                          desc=f"retrieve {entry.name}/{name}", rank=rank, world_size=world_size)
             samples, truncated, dropped = [], 0, 0
             for i, conv in enumerate(convs):
                 ctx_ids = [int(c) for c in contexts[i] if c >= 0] if contexts is not None else []
@@ -431,7 +458,8 @@ def build_data(blend: list[BlendEntry], tok, *, seq_length: int, chunk_length: i
                 s.contexts = ctx_ids
                 samples.append(s)
             if retrieval == "encoder" and samples:
-                attach_neighbors(samples, tok, retriever, chunk_length, num_neighbors, desc=f"neighbors {entry.name}/{name}")
+                attach_neighbors(samples, tok, retriever, chunk_length, num_neighbors,
+                                 desc=f"neighbors {entry.name}/{name}", rank=rank, world_size=world_size)
             counts[f"{name}_truncated"], counts[f"{name}_dropped"] = truncated, dropped
             fitted.append(samples)
         if not fitted[0]:
@@ -451,14 +479,16 @@ def build_data(blend: list[BlendEntry], tok, *, seq_length: int, chunk_length: i
     return SFTData([e.name for e in blend], probs, train, valid, which, index, report)
 
 
-def attach_neighbors(samples: list[Sample], tok, retriever, chunk_length: int, k: int, desc: str = "neighbors") -> None:
-    """Encoder mode: retrieve ``k`` neighbors for every chunk of every sample's inputs."""
+def attach_neighbors(samples: list[Sample], tok, retriever, chunk_length: int, k: int, desc: str = "neighbors",
+                     rank: int = 0, world_size: int = 1) -> None:
+    """Encoder mode: retrieve ``k`` neighbors for every chunk of every sample's inputs (split
+    over the ranks as in :func:`search_batched`)."""
     queries, owner = [], []
     for i, s in enumerate(samples):
         q = chunk_queries(tok, s.inputs, chunk_length)
         queries += q
         owner += [i] * len(q)
-    ids = search_batched(retriever, queries, k, desc=desc)
+    ids = search_batched(retriever, queries, k, desc=desc, rank=rank, world_size=world_size)
     owner = np.asarray(owner)
     for i, s in enumerate(samples):
         s.neighbors = ids[owner == i]
@@ -583,8 +613,13 @@ def finetune(engine, cfg, sdata: SFTData, *, chunk_length: int, retriever=None, 
         base = step * global_batch + (micro * world_size + rank) * cfg.micro_batch
         return collate([sdata.drawn(i) for i in range(base, base + cfg.micro_batch)], chunk_length, retriever)
 
-    valid = [(d, s) for d, samples in enumerate(sdata.valid) for s in samples][rank::world_size]
+    every = [(d, s) for d, samples in enumerate(sdata.valid) for s in samples]
+    valid = every[rank::world_size]
     valid.sort(key=lambda ds: len(ds[1].tokens))  # similar lengths together: less padding
+    # Every rank runs as many forward passes (the most any rank has; ZeRO-3 gathers parameters
+    # in each), a rank short of batches, or with no held-out sample at all, pads with one that
+    # counts zero tokens.
+    pad_to = -(-len(every[::world_size]) // eval_micro_batch)
 
     def eval_batches():
         for i in range(0, len(valid), eval_micro_batch):
@@ -592,6 +627,11 @@ def finetune(engine, cfg, sdata: SFTData, *, chunk_length: int, retriever=None, 
             yield collate([s for _, s in part], chunk_length, retriever, [d for d, _ in part])
 
     loss_fn = make_loss_fn(sdata.names)
-    eval_fn = (lambda: T.evaluate(engine, eval_batches(), loss_fn, engine.device)) if valid else None
+    names = ["loss", *(f"loss_{n}" for n in sdata.names)]
+    eval_fn = None
+    if every:
+        pad_batch = collate([every[0][1]], chunk_length, retriever, [every[0][0]])
+        eval_fn = lambda: T.evaluate(engine, eval_batches(), loss_fn, engine.device, names,  # noqa: E731
+                                     pad_to=pad_to, pad_batch=pad_batch)
     return T.train(engine, cfg, batch_fn, loss_fn, eval_fn=eval_fn, work_dir=work_dir, start_step=start_step,
                    live=live, progress=progress, stop_after=stop_after)

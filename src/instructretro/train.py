@@ -152,14 +152,17 @@ def lr_multiplier(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 def init_distributed() -> tuple[int, int]:
-    """Start torch.distributed through DeepSpeed and return ``(rank, world_size)``.
+    """Start torch.distributed through DeepSpeed, select this process's device, and return
+    ``(rank, world_size)``.
 
     Under the ``deepspeed`` launcher the environment is already set. A plain ``python script.py``
     is one process: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT get single-process
-    defaults (a free port, so two stages on one machine do not collide). On the CPU accelerator
-    DeepSpeed would JIT-compile a shared-memory all-reduce op (a C++ build of about 45 s) when
-    the communication backend starts; its only consumer is a compatibility table, so we mark
-    the op unavailable there and gloo does the collectives.
+    defaults (a free port, so two stages on one machine do not collide). Each process selects
+    the accelerator of its ``LOCAL_RANK`` (``set_device``) before the first collective, as NCCL
+    needs one GPU per process. On the CPU accelerator DeepSpeed would JIT-compile a shared-memory
+    all-reduce op (a C++ build of about 45 s) when the communication backend starts; its only
+    consumer is a compatibility table, so we mark the op unavailable there and gloo does the
+    collectives.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -175,9 +178,23 @@ def init_distributed() -> tuple[int, int]:
         # Setting the attribute directly skips DeepSpeed's probe of every op (which runs a compiler).
         ops_table = ds_ops.__dict__.setdefault("__compatible_ops__", {})
         ops_table["deepspeed_shm_comm"] = False
+    local_device()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def local_device() -> torch.device:
+    """This process's accelerator, ``<accelerator>:LOCAL_RANK`` (``cuda:3`` for local rank 3;
+    ``cpu`` on the CPU accelerator), selected as the current device. What the DeepSpeed engine
+    uses; code without an engine (evaluation only, generation) puts its model and every tensor
+    it hands to a collective here."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    accelerator.set_device(local_rank)
+    return torch.device(accelerator.device_name(local_rank))
 
 
 def _free_port() -> int:
@@ -389,26 +406,41 @@ def lm_loss(model, batch: Batch) -> dict:
     return out
 
 
+def without_loss(batch: Batch) -> Batch:
+    """``batch`` with every token out of the loss: a padding batch that counts zero tokens."""
+    return {**batch, "loss_mask": torch.zeros_like(batch["loss_mask"])}
+
+
 @torch.no_grad()
-def evaluate(model, batches: Iterable[Batch], loss_fn: LossFn, device=None, names: Iterable[str] = ()) -> dict:
+def evaluate(model, batches: Iterable[Batch], loss_fn: LossFn, device=None, names: Iterable[str] = (),
+             pad_to: int = 0, pad_batch: Batch | None = None) -> dict:
     """Token-weighted mean of every loss ``loss_fn`` returns, summed over all processes.
 
     Returns ``{name: mean loss}`` plus ``{name + "_count": tokens}``; a name with no tokens
-    anywhere has mean ``nan``. With several processes, pass every expected loss ``names`` so
-    that a process with no batch still takes part in the sum.
+    anywhere has mean ``nan``. With several processes every rank must make the same collective
+    calls: pass every expected loss ``names`` (a process with no batch still takes part in the
+    sum), and ``pad_to``, the most batches any rank has: a rank with fewer runs ``pad_batch``
+    with its loss mask zeroed until it has run ``pad_to`` forward passes (under ZeRO-3 every
+    forward gathers parameters from all ranks). The sums stay on ``device`` (the engine's), the
+    device the all-reduce needs (NCCL refuses host tensors).
     """
     was_training = model.training
     model.eval()
-    sums: dict[str, list[float]] = {name: [0.0, 0.0] for name in names}
+    names = sorted(set(names))
+    sums: dict[str, torch.Tensor] = {}
+    zero = torch.zeros(2, dtype=torch.float64, device=device)
+    n = 0
     for batch in batches:
-        if device is not None:
-            batch = to_device(batch, device)
-        for name, (loss_sum, count) in loss_fn(model, batch).items():
-            acc = sums.setdefault(name, [0.0, 0.0])
-            acc[0] += float(loss_sum)
-            acc[1] += float(count)
-    names = sorted(sums)
-    totals = torch.tensor([sums[n] for n in names], dtype=torch.float64).reshape(-1, 2)
+        n += 1
+        _accumulate(sums, loss_fn(model, to_device(batch, device) if device is not None else batch))
+    if n < pad_to:
+        if pad_batch is None:
+            raise PipelineError(f"evaluate: this rank has {n} of {pad_to} batches and no pad_batch")
+        padding = without_loss(to_device(pad_batch, device) if device is not None else pad_batch)
+        for _ in range(pad_to - n):
+            _accumulate(sums, loss_fn(model, padding))
+    names = sorted(set(names) | set(sums))
+    totals = torch.stack([sums.get(name, zero) for name in names]) if names else zero.reshape(0, 2)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         # every process must evaluate the same loss names
         torch.distributed.all_reduce(totals)
@@ -420,6 +452,13 @@ def evaluate(model, batches: Iterable[Batch], loss_fn: LossFn, device=None, name
     return out
 
 
+def _accumulate(sums: dict, losses: dict) -> None:
+    """Add ``{name: (loss_sum, count)}`` to the float64 ``sums`` on the losses' device."""
+    for name, (loss_sum, count) in losses.items():
+        value = torch.stack([loss_sum.detach().double(), torch.as_tensor(count).to(loss_sum.device).double()])
+        sums[name] = sums[name] + value if name in sums else value
+
+
 def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_fn: LossFn,
           eval_fn: Callable[[], dict] | None = None, work_dir: str | os.PathLike | None = None,
           start_step: int = 0, live=None, progress: bool = True, stop_after: int | None = None) -> dict:
@@ -429,7 +468,9 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
     run had been killed there; the learning-rate schedule still spans ``cfg.steps``.
 
     Each step runs ``cfg.grad_accum`` micro batches ``batch_fn(step, micro)`` through
-    ``loss_fn``; ``"loss"`` (sum / count) is what is minimised. ``eval_fn()`` runs every
+    ``loss_fn``; the mean of ``"loss"`` over every loss token (``loss_mask``) of the step's
+    global batch is what is minimised and logged as ``train/loss``, the same objective on one
+    process and on many. ``eval_fn()`` runs every
     ``eval_interval`` steps and at the end (its values are logged under ``val/``); a resume
     checkpoint is saved to ``work_dir`` every ``save_interval`` steps before the last one, and
     where ``stop_after`` stops the run.
@@ -447,17 +488,27 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
         t0 = time.perf_counter()
         losses, tokens = [], 0
         lr = engine.get_lr()[0]
-        for micro in range(cfg.grad_accum):
-            batch = to_device(batch_fn(step, micro), engine.device)
-            loss_sum, count = loss_fn(engine, batch)["loss"]
-            loss = loss_sum / count.clamp(min=1)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach())
-            tokens += int(batch["tokens"].numel()) if "tokens" in batch else 0
-        train_loss = float(torch.stack(losses).float().mean())
-        dt = time.perf_counter() - t0
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        batches = [to_device(batch_fn(step, micro), engine.device) for micro in range(cfg.grad_accum)]
+        # The step minimises the mean over every loss token of the global batch, whatever its
+        # split into ranks and micro batches: DeepSpeed averages the gradients of the
+        # world x grad_accum micro batches, so each loss sum is scaled by that number over the
+        # step's token count (all-reduced), not divided by its own micro batch's count.
+        step_tokens = torch.stack([b["loss_mask"].sum() for b in batches]).double().sum()
+        if world > 1:
+            torch.distributed.all_reduce(step_tokens)
+        scale = (world * cfg.grad_accum) / step_tokens.clamp(min=1)
+        for batch in batches:
+            loss_sum, _ = loss_fn(engine, batch)["loss"]
+            engine.backward(loss_sum * scale.to(loss_sum.dtype))
+            engine.step()
+            losses.append(loss_sum.detach().double())
+            tokens += int(batch["tokens"].numel()) if "tokens" in batch else 0
+        loss_total = torch.stack(losses).sum()
+        if world > 1:
+            torch.distributed.all_reduce(loss_total)
+        train_loss = float(loss_total / step_tokens.clamp(min=1))  # the global batch's token mean
+        dt = time.perf_counter() - t0
         tokens_done += tokens * world
         seconds += dt
         if not math.isfinite(train_loss):
@@ -708,8 +759,10 @@ def check_fits(config, source: str, bytes_per_param: int = 4, limit: int | None 
     return n
 
 
-def load_model(folder: str | os.PathLike):
-    """Build the model stored in an exported checkpoint and load its weights (fp32, CPU)."""
+def load_model(folder: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
+    """Build the model stored in an exported checkpoint and load its weights (fp32 on the CPU,
+    or on ``device`` in ``dtype``: the weights are cast after loading, so bf16 rounds the fp32
+    export once)."""
     from .model import Retro
 
     config = read_config(folder)
@@ -725,7 +778,21 @@ def load_model(folder: str | os.PathLike):
             raise PipelineError(f"{folder}: weight '{name}' has shape {tuple(tensor.shape)}, config.json gives "
                                 f"{tuple(expected[name].shape)}")
     model.load_state_dict(state)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
     return model
+
+
+def checkpoint_precision(folder: str | os.PathLike) -> str:
+    """The precision an exported checkpoint was trained in (``train.json``; fp32 if unrecorded)."""
+    path = Path(folder) / "train.json"
+    try:
+        precision = json.loads(path.read_text()).get("precision", "fp32") if path.is_file() else "fp32"
+    except (json.JSONDecodeError, AttributeError):
+        raise PipelineError(f"{path}: malformed JSON") from None
+    if precision not in PRECISIONS:
+        raise PipelineError(f"{path}: precision {precision!r}; expected one of {PRECISIONS}")
+    return precision
 
 
 def init_from_checkpoint(model: torch.nn.Module, folder: str | os.PathLike) -> list[str]:
