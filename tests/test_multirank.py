@@ -374,10 +374,11 @@ def _sft_params(path: Path, world_dir: Path, ckpt: Path, **sft_overrides) -> Pat
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["sft"].update({k: None for k in sft.TRAIN_KEYS})
     # one dataset, one held-out sample: rank 1 has none and pads its validation
-    params["sft"].update(init_from=str(ckpt), data=str(world_dir / "sft"), retrieval="none", valid_fraction=0.1,
+    params["sft"].update(init_from=str(ckpt), retrieval="none", valid_fraction=0.1,
                          valid_samples=1, eval_interval=2, save_interval=2, seed=5, seq_length=256, steps=4,
                          global_batch=4,
-                         blend=[{"name": "short_qa", "path": "short_qa.jsonl", "format": "conversation", "prob": 1}])
+                         blend={"short_qa": {"path": str(world_dir / "sft" / "short_qa.jsonl"), "format": "conversation",
+                                             "prob": 1}})
     params["sft"].update(sft_overrides)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -447,7 +448,7 @@ def test_generate_sharded_over_two_ranks_writes_the_bytes_of_one_process(pre, ze
     root, tok, _, _, _ = pre
     params = {"retro": {"chunk_length": CL}, "sft": {"system": "Be short."},
               "generate": {"checkpoint": str(zero0 / "ckpt_zero0"),
-                           "tasks": [{"name": "qa", "path": str(small_world / "qa.jsonl")}],
+                           "tasks": {"qa": {"path": str(small_world / "qa.jsonl"), "style": "short"}},
                            "retrieval": "none", "num_contexts": 0, "max_new_tokens": 12, "batch_size": 4,
                            "max_questions": 10, "system": None, "nprobe": 1, "efsearch": 1, "threads": 1}}
     (root / "gen.yaml").write_text(yaml.safe_dump(params))
