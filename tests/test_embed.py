@@ -14,6 +14,7 @@ from instructretro import tokenizer as T
 from instructretro.chunks import chunk_table
 from instructretro.data import document_id
 from instructretro.embed import Encoder, embed_database, resolve_encoder
+from instructretro.dbfile import DBFile
 from instructretro.errors import PipelineError
 from instructretro.tokenstore import TokenStore, TokenStoreWriter
 
@@ -133,17 +134,34 @@ def test_embed_database_contract(db, encoder, reference_h5):
     with h5py.File(path) as f:
         chunks, ids, emb = f["chunks"][:], f["doc_ids"][:], f["embeddings"][:]
         assert chunks.dtype == np.int64 and chunks.shape[1] == 3
-        assert ids.dtype == np.uint64 and emb.dtype == np.float32
+        assert ids.dtype == np.uint64 and emb.dtype == np.float16  # embed.dtype's default
         assert f.attrs["dim"] == encoder.dim == emb.shape[1] and f.attrs["chunk_length"] == 64
+        assert f.attrs["dtype"] == "float16" and len(f.attrs["fingerprint"]) == 32
+        fingerprint = f.attrs["fingerprint"]
+        assert all(f[n].chunks is None and f[n].compression is None for n in ("chunks", "doc_ids", "embeddings"))
     assert m["chunks_dropped_no_encoder_tokens"] >= 1  # the blank run
     assert m["chunks_embedded"] + m["chunks_dropped_no_encoder_tokens"] == len(table) == m["chunks_total"]
-    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    db_file = DBFile(path)  # contiguous datasets: memory-mapped, same values as h5py reads
+    assert isinstance(db_file.embeddings, np.memmap) and np.array_equal(db_file.embeddings[5:9], emb[5:9])
+    assert np.array_equal(db_file.chunks[[3, 1]], chunks[[3, 1]]) and db_file.fingerprint == fingerprint
     assert np.array_equal(ids, store.doc_ids[chunks[:, 0]])
     # the kept rows are the chunk table minus the dropped rows, in order
     full = {tuple(r) for r in np.stack([table["doc"], table["start"], table["length"]], 1).tolist()}
     assert {tuple(r) for r in chunks.tolist()} <= full
     assert np.all(np.diff(chunks[:, 0] * 10**6 + chunks[:, 1]) > 0)
     assert not any((path.parent / "work").iterdir())  # finished blocks are removed on success
+
+
+def test_float32_storage_keeps_the_encoder_output_and_changes_the_fingerprint(db, encoder, reference_h5, tmp_path):
+    tokens, tok = db
+    embed_database(tokens, tok, encoder, 64, 16, tmp_path / "f32.h5", tmp_path / "w", dtype="float32")
+    with h5py.File(tmp_path / "f32.h5") as f32, h5py.File(reference_h5[0]) as f16:
+        assert f32["embeddings"].dtype == np.float32
+        assert np.allclose(f32["embeddings"][:], f16["embeddings"][:].astype(np.float32), atol=1e-3)
+        assert f32.attrs["fingerprint"] != f16.attrs["fingerprint"]
+    with pytest.raises(PipelineError, match="embed.dtype"):
+        embed_database(tokens, tok, encoder, 64, 16, tmp_path / "x.h5", tmp_path / "w", dtype="int8")
 
 
 def test_resume_after_interruption_gives_identical_bytes(db, encoder, reference_h5, tmp_path, monkeypatch):

@@ -46,6 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run tim
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+STORAGE_DTYPES = ("float16", "float32")  # embed.dtype: how the embeddings file stores vectors
 EMBED_VERSION = "embed-v1"  # bump when the embedding computation changes, to retire old blocks
 
 
@@ -316,17 +317,17 @@ class BlockCache:
                     shutil.rmtree(stale, ignore_errors=True)
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def path(self, b: int) -> Path:
-        return self.dir / f"block_{b:06d}.npy"
+    def path(self, b: int, name: str = "block") -> Path:
+        return self.dir / f"{name}_{b:06d}.npy"
 
-    def has(self, b: int) -> bool:
-        return self.path(b).is_file()
+    def has(self, b: int, name: str = "block") -> bool:
+        return self.path(b, name).is_file()
 
-    def load(self, b: int) -> np.ndarray:
-        return np.load(self.path(b))
+    def load(self, b: int, name: str = "block") -> np.ndarray:
+        return np.load(self.path(b, name))
 
-    def save(self, b: int, array: np.ndarray) -> None:
-        with atomic_path(self.path(b)) as tmp:
+    def save(self, b: int, array: np.ndarray, name: str = "block") -> None:
+        with atomic_path(self.path(b, name)) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, array)
 
@@ -358,37 +359,51 @@ def embed_rows_blockwise(texts_of, n_rows: int, encoder: Encoder, block_size: in
             bar.update(hi - lo)
             continue
         t0 = time.perf_counter()
-        block = np.zeros((hi - lo, encoder.dim), dtype=np.float32)
-        todo = np.arange(hi - lo)
-        if known is not None:
-            k = known[lo:hi]
-            reuse = np.flatnonzero(k >= 0)
-            block[reuse] = known_embeddings[k[reuse]]
-            todo = np.flatnonzero(k == -1)
-        if len(todo):
-            texts = texts_of(lo, hi)
-            block[todo] = encoder.encode([texts[i] for i in todo])
+        block, n_encoded = embed_block(texts_of, lo, hi, encoder, None if known is None else known[lo:hi],
+                                       known_embeddings)
         cache.save(b, block)
         seconds += time.perf_counter() - t0
-        done += len(todo)
+        done += n_encoded
         bar.update(hi - lo)
         bar.set_postfix(chunks_per_s=f"{done / max(seconds, 1e-9):.0f}")
     bar.close()
     return done, seconds
 
 
+def embed_block(texts_of, lo: int, hi: int, encoder: Encoder, known: np.ndarray | None = None,
+                known_embeddings=None) -> tuple[np.ndarray, int]:
+    """float32 embeddings of rows ``[lo, hi)`` and how many texts were encoded (``known`` as above,
+    here for these rows only; ``known_embeddings`` may be a memory map: only the re-used rows are read)."""
+    block = np.zeros((hi - lo, encoder.dim), dtype=np.float32)
+    todo = np.arange(hi - lo)
+    if known is not None:
+        reuse = np.flatnonzero(known >= 0)
+        if len(reuse):
+            block[reuse] = known_embeddings[known[reuse]]
+        todo = np.flatnonzero(known == -1)
+    if len(todo):
+        texts = texts_of(lo, hi)
+        block[todo] = encoder.encode([texts[i] for i in todo])
+    return block, len(todo)
+
+
 def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, encoder: Encoder,
                    chunk_length: int, block_size: int, out: str | os.PathLike,
-                   work_dir: str | os.PathLike) -> dict | None:
+                   work_dir: str | os.PathLike, dtype: str = "float16") -> dict | None:
     """Embed every chunk of the DB corpus's train split into ``out`` (HDF5); return the metrics.
 
     ``out`` holds ``chunks`` (n, 3) int64 (doc index, start, length), ``doc_ids`` (n,) uint64 and
-    ``embeddings`` (n, dim) float32; the chunk id is the row. Chunks without encoder tokens are
-    dropped and counted. Under a launcher every rank embeds its blocks; rank 0 writes ``out`` and
-    returns the metrics, the other ranks return ``None``.
+    ``embeddings`` (n, dim) in ``dtype`` (float16 by default: half the bytes; unit vectors keep
+    about 3 decimal digits per component); the chunk id is the row. All three are contiguous
+    datasets, so readers memory-map them (``dbfile.DBFile``); the ``fingerprint`` attribute
+    hashes every input, so readers key their caches by it instead of hashing the file.
+    Chunks without encoder tokens are dropped and counted. Under a launcher every rank embeds
+    its blocks; rank 0 writes ``out`` and returns the metrics, the other ranks return ``None``.
     """
     if block_size <= 0:
         raise PipelineError(f"params.yaml: embed.block_size must be > 0, got {block_size}")
+    if dtype not in STORAGE_DTYPES:
+        raise PipelineError(f"params.yaml: embed.dtype is {dtype!r}; expected one of {list(STORAGE_DTYPES)}")
     store = TokenStore(db_tokens_dir, "train")
     tok = Tokenizer(tokenizer_path)
     table = chunk_table(store.doc_lengths(), chunk_length)
@@ -410,26 +425,32 @@ def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.Pa
         return None  # not rank 0: this rank's blocks are in the work folder
     embedded, seconds = done
     n_blocks = -(-len(table) // block_size)
-    keep_mask = np.concatenate([np.linalg.norm(cache.load(b), axis=1) > 0 for b in range(n_blocks)])
+    keep_mask = np.zeros(len(table), dtype=bool)  # one bool per chunk; blocks are read one at a time
+    for b in range(n_blocks):
+        keep_mask[b * block_size : (b + 1) * block_size] = np.linalg.norm(cache.load(b), axis=1) > 0
     kept = int(keep_mask.sum())
     if kept == 0:
         raise PipelineError(f"{db_tokens_dir}: no chunk of the database corpus has any encoder tokens")
-    rows = table[keep_mask]
     with atomic_path(out) as tmp:
         with h5py.File(tmp, "w", track_order=False) as f:
-            chunks = np.stack([rows["doc"], rows["start"], rows["length"]], axis=1).astype(np.int64)
-            f.create_dataset("chunks", data=chunks, track_times=False)
-            f.create_dataset("doc_ids", data=store.doc_ids[rows["doc"]].astype(np.uint64), track_times=False)
-            emb = f.create_dataset("embeddings", shape=(kept, encoder.dim), dtype=np.float32,
-                                   chunks=(min(kept, 1024), encoder.dim), track_times=False)
+            chunks = f.create_dataset("chunks", shape=(kept, 3), dtype=np.int64, track_times=False)
+            doc_ids = f.create_dataset("doc_ids", shape=(kept,), dtype=np.uint64, track_times=False)
+            emb = f.create_dataset("embeddings", shape=(kept, encoder.dim), dtype=np.dtype(dtype), track_times=False)
             at = 0
             for b in range(n_blocks):
-                block = cache.load(b)[keep_mask[b * block_size : (b + 1) * block_size]]
-                emb[at : at + len(block)] = block
+                lo, hi = b * block_size, min(len(table), (b + 1) * block_size)
+                keep = keep_mask[lo:hi]
+                rows = table[lo:hi][keep]
+                block = cache.load(b)[keep]
+                chunks[at : at + len(rows)] = np.stack([rows["doc"], rows["start"], rows["length"]], axis=1)
+                doc_ids[at : at + len(rows)] = store.doc_ids[rows["doc"]].astype(np.uint64)
+                emb[at : at + len(block)] = block.astype(dtype)
                 at += len(block)
             f.attrs["encoder"] = encoder.name
             f.attrs["chunk_length"] = chunk_length
             f.attrs["dim"] = encoder.dim
+            f.attrs["dtype"] = dtype
+            f.attrs["fingerprint"] = hashlib.blake2b(f"{key}|{dtype}|{EMBED_VERSION}".encode(), digest_size=16).hexdigest()
     cache.clear()
     end_ranks(world)
     return {
@@ -439,18 +460,6 @@ def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.Pa
         "chunks_per_s": round(embedded / seconds, 1) if seconds > 0 else None,
         "encoder": encoder.name,
         "dim": encoder.dim,
+        "dtype": dtype,
     }
 
-
-def read_embeddings(path: str | os.PathLike) -> dict:
-    """Load ``embeddings.h5`` fully: {'chunks', 'doc_ids', 'embeddings', 'attrs'}."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: embeddings file not found; run the embed stage")
-    with h5py.File(path, "r") as f:
-        return {
-            "chunks": f["chunks"][:],
-            "doc_ids": f["doc_ids"][:],
-            "embeddings": f["embeddings"][:],
-            "attrs": dict(f.attrs),
-        }
