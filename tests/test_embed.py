@@ -214,3 +214,42 @@ def test_encoder_path_that_does_not_exist_is_a_clear_error(tmp_path):
         Encoder(tmp_path / "empty")
     with pytest.raises(PipelineError, match="embed.precision"):
         Encoder("", precision="fp8")
+
+
+def test_prefetch_computes_the_next_item_while_the_caller_works():
+    """The consumer of item 0 waits for fn(1) to have started: without a worker thread this
+    would never happen (the wait times out and the test fails)."""
+    import threading
+
+    from instructretro.embed import prefetched
+
+    started = {i: threading.Event() for i in range(3)}
+
+    def fn(i):
+        started[i].set()
+        return i * 10
+
+    got = []
+    for item, result in prefetched(fn, range(3)):
+        if item + 1 < 3:
+            assert started[item + 1].wait(timeout=30), "the next item was not prefetched"
+        got.append((item, result))
+    assert got == [(0, 0), (1, 10), (2, 20)]
+
+
+def test_gpu_batch_size_applies_only_on_a_gpu():
+    enc = Encoder("", precision="float32", batch_size=8, gpu_batch_size=512, device="cpu")
+    assert enc.batch_size == 8
+
+
+@pytest.mark.gpu
+def test_gpu_encoder_matches_cpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    texts = make_texts(40, seed=9)
+    cpu = Encoder("", precision="float32", device="cpu").encode(texts)
+    gpu_enc = Encoder("", precision="float32", batch_size=8, gpu_batch_size=16, device="cuda:0")
+    assert gpu_enc.batch_size == 16
+    gpu = gpu_enc.encode(texts)
+    assert gpu.dtype == np.float32 and np.min(np.sum(cpu * gpu, axis=1)) > 0.999

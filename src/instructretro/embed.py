@@ -98,14 +98,15 @@ class Encoder:
     """
 
     def __init__(self, path: str | os.PathLike = "", precision: str = "auto", batch_size: int = 64,
-                 max_length: int = 256, device: str | None = None):
+                 max_length: int = 256, device: str | None = None, gpu_batch_size: int | None = None):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
         self.path = resolve_encoder(path)
         self.device = device or (f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
         self.precision = resolve_precision(precision, self.device)
-        self.batch_size = int(batch_size)
+        # on a GPU a batch of 64 short texts leaves the device idle: gpu_batch_size applies there
+        self.batch_size = int(gpu_batch_size if gpu_batch_size and self.device.startswith("cuda") else batch_size)
         self.max_length = int(max_length)
         if self.batch_size <= 0 or self.max_length < 3:
             raise PipelineError(f"embed: batch_size must be > 0 and max_length >= 3 (got {batch_size}, {max_length})")
@@ -174,6 +175,8 @@ class Encoder:
         order = np.argsort(-lengths, kind="stable")  # longest first: similar lengths share a batch
         n_special = self._num_special
         bar = tqdm(total=len(texts), desc="encode", unit="text", disable=not progress, mininterval=2.0)
+        cuda = self.device.startswith("cuda")
+        done = []  # on a GPU results stay on the device until the end: one copy back, no sync per batch
         with torch.inference_mode():
             for b in range(0, len(texts), self.batch_size):
                 idx = order[b : b + self.batch_size]
@@ -183,19 +186,28 @@ class Encoder:
                 for r, i in enumerate(idx):
                     ids[r, : lengths[i]] = pieces[i]
                     mask[r, : lengths[i]] = 1
-                ids_t = torch.from_numpy(ids).to(self.device)
-                mask_t = torch.from_numpy(mask).to(self.device)
+                ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+                if cuda:  # pinned host memory: the copies overlap with the previous batch's kernels
+                    ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
+                ids_t = ids_t.to(self.device, non_blocking=cuda)
+                mask_t = mask_t.to(self.device, non_blocking=cuda)
                 hidden = self.model(input_ids=ids_t, attention_mask=mask_t).last_hidden_state.float()
                 pool = mask_t.clone()
                 if n_special:  # drop CLS (first) and SEP (last real token) from the mean
                     pool[:, 0] = 0
-                    pool[torch.arange(len(idx)), torch.from_numpy(lengths[idx] - 1).to(self.device)] = 0
+                    pool[torch.arange(len(idx), device=self.device),
+                         torch.from_numpy(lengths[idx] - 1).to(self.device, non_blocking=cuda)] = 0
                 pool = pool.unsqueeze(-1).float()
                 summed = (hidden * pool).sum(1)
                 counts = pool.sum(1).clamp(min=1.0)
                 emb = torch.nn.functional.normalize(summed / counts, dim=-1)
-                out[idx] = emb.cpu().numpy()
+                if cuda:
+                    done.append((idx, emb))
+                else:
+                    out[idx] = emb.numpy()
                 bar.update(len(idx))
+            if done:
+                out[np.concatenate([i for i, _ in done])] = torch.cat([e for _, e in done]).cpu().numpy()
         bar.close()
         out[lengths - n_special <= 0] = 0.0
         return out
@@ -272,8 +284,11 @@ def encoder_from_params(p) -> Encoder:
         raise PipelineError(f"{p.source}: param 'embed.batch_size' must be > 0, got {batch_size}")
     if max_length < 3:
         raise PipelineError(f"{p.source}: param 'embed.max_length' must be >= 3, got {max_length}")
+    gpu_batch_size = p.get("embed.gpu_batch_size", int)
+    if gpu_batch_size <= 0:
+        raise PipelineError(f"{p.source}: param 'embed.gpu_batch_size' must be > 0, got {gpu_batch_size}")
     return Encoder(p.get("embed.encoder", str), precision=p.get("embed.precision", str, choices=PRECISIONS),
-                   batch_size=batch_size, max_length=max_length)
+                   batch_size=batch_size, max_length=max_length, gpu_batch_size=gpu_batch_size)
 
 
 def _file_digest(path: Path) -> bytes:
@@ -335,6 +350,23 @@ class BlockCache:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def prefetched(fn, items):
+    """Yield ``(item, fn(item))`` in order, computing ``fn`` of the next item in a worker thread
+    while the caller works on the current one (detokenising ahead of the encoder)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = list(items)
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        ahead = pool.submit(fn, items[0])
+        for i, item in enumerate(items):
+            result = ahead.result()
+            if i + 1 < len(items):
+                ahead = pool.submit(fn, items[i + 1])
+            yield item, result
+
+
 def embed_rows_blockwise(texts_of, n_rows: int, encoder: Encoder, block_size: int, cache: BlockCache,
                          desc: str, known: np.ndarray | None = None,
                          known_embeddings: np.ndarray | None = None, rank: int = 0,
@@ -353,14 +385,24 @@ def embed_rows_blockwise(texts_of, n_rows: int, encoder: Encoder, block_size: in
     bar = tqdm(total=sum(min(n_rows, (b + 1) * block_size) - b * block_size for b in mine),
                desc=desc if world == 1 else f"{desc} [rank {rank}/{world}]", unit="chunk", mininterval=2.0,
                disable=None)
+    todo_blocks = []
     for b in mine:
-        lo, hi = b * block_size, min(n_rows, (b + 1) * block_size)
         if cache.has(b):
-            bar.update(hi - lo)
-            continue
+            bar.update(min(n_rows, (b + 1) * block_size) - b * block_size)
+        else:
+            todo_blocks.append(b)
+
+    def texts_of_block(b):
+        k = None if known is None else known[b * block_size : (b + 1) * block_size]
+        if k is not None and not (k == -1).any():
+            return None  # nothing to encode in this block
+        return texts_of(b * block_size, min(n_rows, (b + 1) * block_size))
+
+    for b, texts in prefetched(texts_of_block, todo_blocks):
+        lo, hi = b * block_size, min(n_rows, (b + 1) * block_size)
         t0 = time.perf_counter()
-        block, n_encoded = embed_block(texts_of, lo, hi, encoder, None if known is None else known[lo:hi],
-                                       known_embeddings)
+        block, n_encoded = embed_block(lambda lo, hi, texts=texts: texts, lo, hi, encoder,
+                                       None if known is None else known[lo:hi], known_embeddings)
         cache.save(b, block)
         seconds += time.perf_counter() - t0
         done += n_encoded
