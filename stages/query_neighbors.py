@@ -42,6 +42,9 @@ def main(argv=None):
     efsearch = P.positive("query.efsearch", p.get("query.efsearch", int))
     block_size = P.positive("query.block_size", p.get("query.block_size", int))
     recall_sample = p.get("query.recall_sample", int)
+    recall_nprobe_max = p.get("query.recall_nprobe_max", int)
+    if recall_nprobe_max < 0:
+        raise PipelineError(f"{p.source}: param 'query.recall_nprobe_max' must be >= 0, got {recall_nprobe_max}")
     if recall_sample < 0:
         raise PipelineError(f"{p.source}: param 'query.recall_sample' must be >= 0, got {recall_sample}")
     if not Path(args.index).is_file():
@@ -54,7 +57,8 @@ def main(argv=None):
 
     metrics = query_neighbors(args.pretrain, args.tokenizer, encoder_from_params(p), open_index, args.embeddings,
                               chunk_length, seq_length, n_query, n_save, block_size, recall_sample,
-                              p.get("query.seed", int), args.out, args.work, index_key=file_key(args.index))
+                              p.get("query.seed", int), args.out, args.work, index_key=file_key(args.index),
+                              recall_nprobe_max=recall_nprobe_max)
     if metrics is None:
         return  # a rank other than 0: its blocks are written, rank 0 writes the outputs
     curve = metrics.pop("recall_nprobe")

@@ -175,6 +175,8 @@ def test_query_neighbors_reads_the_database_block_by_block(world, factory, monke
             assert np.array_equal(a[split][:], b[split][:])
     for key in ("recall_at_k", "recall_at_k_same_ids", "train", "valid", "recall_nprobe"):
         assert m[key] == reference[key], key
+    if factory != "Flat":  # nprobe 1, 2, then every list: exact
+        assert [n for n, _ in m["recall_nprobe"]] == [1, 2, 3] and m["recall_nprobe"][-1][1] == 1.0
 
 
 def test_join_of_query_chunks_to_db_chunks_matches_a_dict(tmp_path):

@@ -2,9 +2,9 @@
 
 The embed stage writes three contiguous, uncompressed HDF5 datasets: ``chunks`` (n, 3) int64
 (doc index, start, length), ``doc_ids`` (n,) uint64 and ``embeddings`` (n, dim) float16 or
-float32 (``embed.dtype``). ``DBFile`` maps each of them into memory (``np.memmap`` at the
-dataset's byte offset), so a stage reads only the rows it touches: a block ``x[lo:hi]`` or the
-rows ``x[ids]`` of a search result. A dataset that is chunked or compressed (a file written by
+float32 (``embed.dtype``). ``DBFile`` reads each of them at the dataset's byte offset, so a stage reads
+only the rows it touches: a block ``x[lo:hi]`` (one ``pread``) or the rows ``x[ids]`` of a
+search result (through a memory map). A dataset that is chunked or compressed (a file written by
 some other tool) is read through h5py instead, with the same slicing. Nothing here reads a
 whole dataset; callers iterate ``blocks``.
 
@@ -46,6 +46,49 @@ class _H5Rows:
         return self.ds[key]
 
 
+class _FileRows:
+    """Row access to a contiguous dataset at byte ``offset`` of a file.
+
+    A slice ``x[lo:hi]`` is read with ``os.pread`` into a fresh array, so a stage streaming
+    through a file of many GB does not keep its pages mapped (they would count in its resident
+    memory); rows by index ``x[ids]`` (search results) go through a memory map, touching only
+    the pages of those rows.
+    """
+
+    def __init__(self, path: Path, offset: int, shape, dtype):
+        self.path, self.offset, self.shape, self.dtype = path, int(offset), tuple(shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._map = None
+        self._fd = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def mapped(self) -> np.memmap:
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
+        return self._map
+
+    def __getitem__(self, key):
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(first, slice) and first.step in (None, 1):
+            lo, hi, _ = first.indices(self.shape[0])
+            hi = max(lo, hi)
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            buf = os.pread(self._fd, (hi - lo) * self.row_bytes, self.offset + lo * self.row_bytes)
+            rows = np.frombuffer(buf, dtype=self.dtype).reshape((hi - lo,) + self.shape[1:]).copy()
+            return rows[(slice(None),) + rest] if rest else rows
+        return np.asarray(self.mapped[key])
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._map = None
+
+
 def file_digest(path: str | os.PathLike) -> bytes:
     """blake2b-128 of a file's bytes, read in 4 MiB pieces."""
     h = hashlib.blake2b(digest_size=16)
@@ -56,7 +99,7 @@ def file_digest(path: str | os.PathLike) -> bytes:
 
 
 class DBFile:
-    """``DBFile(path)``: ``.chunks``, ``.doc_ids``, ``.embeddings`` as memory maps, ``.attrs``."""
+    """``DBFile(path)``: ``.chunks``, ``.doc_ids``, ``.embeddings`` as row readers, ``.attrs``."""
 
     def __init__(self, path: str | os.PathLike, need_embeddings: bool = True):
         self.path = Path(path)
@@ -80,13 +123,21 @@ class DBFile:
         if shape[0] == 0:
             return np.zeros(shape, dtype)
         if plain and offset is not None:
-            return np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
+            return _FileRows(self.path, offset, shape, dtype)
         if self._h5 is None:
             self._h5 = h5py.File(self.path, "r")
         return _H5Rows(self._h5[name])
 
     def __len__(self) -> int:
         return self.n
+
+    def as_array(self, name: str):
+        """Dataset ``name`` as an ndarray-like: the memory map of a contiguous dataset (pages are
+        read when touched), else the dataset read whole."""
+        rows = getattr(self, name)
+        if isinstance(rows, _FileRows):
+            return rows.mapped
+        return rows[:] if isinstance(rows, _H5Rows) else rows
 
     def blocks(self, block_size: int):
         """``(lo, hi)`` row ranges of at most ``block_size`` rows covering the file."""
@@ -110,6 +161,9 @@ class DBFile:
         return file_digest(self.path).hex()
 
     def close(self) -> None:
+        for name in DATASETS:
+            if isinstance(getattr(self, name, None), _FileRows):
+                getattr(self, name).close()
         if self._h5 is not None:
             self._h5.close()
             self._h5 = None

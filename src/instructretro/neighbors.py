@@ -264,8 +264,9 @@ def _exclude_blockwise(cand, db: DBFile, banned, valid, k: int, block_size: int)
 
 
 def recall_check(index, queries: np.ndarray, approx: np.ndarray, rows: np.ndarray, split: QuerySplit, db: DBFile,
-                 n_query: int, n_save: int, block_size: int) -> tuple[dict, list[tuple[int, float]]]:
-    """``recall_at_k`` of the stored neighbors, and (nprobe, recall_at_k) at nprobe 1, 2, 4, ... nlist.
+                 n_query: int, n_save: int, block_size: int, nprobe_max: int = 0) -> tuple[dict, list[tuple[int, float]]]:
+    """``recall_at_k`` of the stored neighbors, and (nprobe, recall_at_k) at nprobe 1, 2, 4, ... nlist
+    (or up to ``nprobe_max`` when > 0: probing every list of a big index is a full scan).
 
     A non-IVF index gets one row, at nprobe 0 (nothing to probe).
     """
@@ -277,12 +278,13 @@ def recall_check(index, queries: np.ndarray, approx: np.ndarray, rows: np.ndarra
     if ivf is None:
         return metrics, [(0, metrics["recall_at_k"])]
     curve, nprobe, was = [], 1, ivf.nprobe
+    top = min(ivf.nlist, nprobe_max) if nprobe_max > 0 else ivf.nlist
     while True:
-        ivf.nprobe = min(nprobe, ivf.nlist)
+        ivf.nprobe = min(nprobe, top)
         _, c = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(n_query, db.n))
         got = _exclude_blockwise(c, db, banned, valid, n_save, block_size)
         curve.append((int(ivf.nprobe), recall_at_k(queries, got, exact, db, block_size)["recall_at_k"]))
-        if ivf.nprobe >= ivf.nlist:
+        if ivf.nprobe >= top:
             break
         nprobe *= 2
     ivf.nprobe = was
@@ -305,7 +307,8 @@ def _search_settings(index) -> str:
 def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, encoder: Encoder,
                     index, embeddings_h5: str | os.PathLike, chunk_length: int, seq_length: int,
                     n_query: int, n_save: int, block_size: int, recall_sample: int, seed: int,
-                    out: str | os.PathLike, work_dir: str | os.PathLike, index_key: str | None = None) -> dict | None:
+                    out: str | os.PathLike, work_dir: str | os.PathLike, index_key: str | None = None,
+                    recall_nprobe_max: int = 0) -> dict | None:
     """Neighbors of every pretraining query chunk (train and valid) into ``out``; return metrics.
 
     ``index`` is the populated index (search settings applied), or a function that opens it,
@@ -335,7 +338,8 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
         raise PipelineError(f"populated index holds {index.ntotal} vectors but {db.path} has {db.n} chunks; rerun add-index")
     documents = DBDocuments(db, block_size)
     splits = {}
-    embedded = seconds = 0.0
+    embedded = seconds = search_seconds = 0.0
+    searched = 0
     for name in ("train", "valid"):  # every rank embeds and searches its blocks of both splits
         split = QuerySplit(pretrain_tokens_dir, name, chunk_length, seq_length)
         emb_key = hashlib.blake2b(
@@ -372,7 +376,10 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
                 seconds += time.perf_counter() - t0
                 embedded += n_enc
             searchable = np.linalg.norm(emb, axis=1) > 0
+            t0 = time.perf_counter()
             nb_cache.save(b, search_block(index, emb, np.arange(lo, hi), split, db, n_query, n_save))
+            search_seconds += time.perf_counter() - t0
+            searched += int(searchable.sum())
             nb_cache.save(b, ((known >= 0) * REUSED + searchable * SEARCHABLE).astype(np.uint8), "flags")
             bar.update(1)
         bar.close()
@@ -413,8 +420,11 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
                     blocks = pick // block_size
                     q_emb = np.concatenate([emb_cache.load(b)[pick[blocks == b] - b * block_size] for b in np.unique(blocks)])
                     approx = np.concatenate([nb_cache.load(b)[pick[blocks == b] - b * block_size] for b in np.unique(blocks)])
-                    recall, curve = recall_check(index, q_emb, approx, pick, split, db, n_query, n_save, block_size)
+                    t_recall = time.perf_counter()
+                    recall, curve = recall_check(index, q_emb, approx, pick, split, db, n_query, n_save, block_size,
+                                                 recall_nprobe_max)
                     metrics.update(recall)
+                    metrics["recall_seconds"] = round(time.perf_counter() - t_recall, 2)
                 del searchable
             f.attrs["num_neighbors_save"] = n_save
             f.attrs["chunk_length"] = chunk_length
@@ -431,5 +441,7 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
          + metrics["valid"]["fraction_fewer_than_k"] * metrics["valid"]["query_chunks"]) / max(total_real, 1), 4)
     metrics["query_chunks_per_s"] = round(embedded / seconds, 1) if seconds > 0 else None
     metrics["seconds"] = round(time.perf_counter() - t_start, 2)
+    # this rank's own search (search + exclusion; with several ranks, rank 0's share)
+    metrics["search_ms_per_query_chunk"] = round(1000 * search_seconds / searched, 4) if searched else None
     metrics["recall_nprobe"] = curve
     return metrics

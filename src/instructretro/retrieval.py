@@ -31,7 +31,7 @@ class Retriever:
                  nprobe: int | None = None, efsearch: int | None = None, precision: str = "auto"):
         self.encoder = encoder if isinstance(encoder, Encoder) else Encoder(encoder, precision=precision)
         self.neighbors = NeighborTokens(db_tokens_dir, embeddings_h5, chunk_length)
-        self.doc_ids = self.neighbors.db.doc_ids  # memory-mapped: only the candidates' rows are read
+        self.doc_ids = self.neighbors.db.as_array("doc_ids")  # memory-mapped: only the candidates' rows are read
         dim = int(self.neighbors.db.attrs.get("dim", 0))
         built_with = str(self.neighbors.db.attrs.get("encoder", ""))
         if dim != self.encoder.dim or built_with.split(" (")[0] != self.encoder.model_name:
