@@ -165,6 +165,8 @@ def worker(args) -> None:
     out = {"make": lambda: make(d, n, args.queries), "train": lambda: train(d, n, args),
            "add": lambda: add(d, n, args), "query": lambda: query(d, n, args)}[args.worker]()
     out["wall_s"] = round(time.perf_counter() - t0, 2)
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    out["proc_status"] = {k: status[k].strip() for k in ("VmHWM", "RssAnon", "RssFile") if k in status}
     (d / f"{args.worker}.json").write_text(json.dumps(out))
 
 
@@ -187,7 +189,8 @@ def run_stage(stage: str, n: int, args) -> dict:
     result = json.loads((Path(args.dir) / f"n{n}" / f"{stage}.json").read_text())
     result["rss_mib"] = round(usage.ru_maxrss / 1024, 1)
     result["process_s"] = round(time.perf_counter() - t0, 1)
-    print(f"  {stage:6s} n={n:>10,}: {result['process_s']:8.1f} s, peak RSS {result['rss_mib']:8.1f} MiB", flush=True)
+    print(f"  {stage:6s} n={n:>10,}: {result['process_s']:8.1f} s, peak RSS {result['rss_mib']:8.1f} MiB "
+          f"{result.get('proc_status', '')}", flush=True)
     return result
 
 
@@ -201,7 +204,8 @@ def main():
     ap.add_argument("--ondisk-above", type=int, default=8_000_000_000, help="index.ondisk_above (bytes)")
     ap.add_argument("--train-points", type=int, default=0, help="0: 40 x 4*sqrt(N), what auto's nlist rule needs")
     ap.add_argument("--dir", default="/work/tmp-scale")
-    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the data (and re-use it with --stages)")
+    ap.add_argument("--stages", nargs="+", default=["make", "train", "add", "query"], help="stages to run (others are read)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -213,10 +217,15 @@ def main():
           f"nprobe={args.nprobe}, recall sample {args.recall_sample}", flush=True)
     rows = []
     for n in args.sizes:
-        shutil.rmtree(Path(args.dir) / f"n{n}", ignore_errors=True)
+        if "make" in args.stages:
+            shutil.rmtree(Path(args.dir) / f"n{n}", ignore_errors=True)
         r = {"n": n}
         for stage in ("make", "train", "add", "query"):
-            r[stage] = run_stage(stage, n, args)
+            if stage in args.stages:
+                r[stage] = run_stage(stage, n, args)
+                (Path(args.dir) / f"n{n}" / f"{stage}.result.json").write_text(json.dumps(r[stage]))
+            else:
+                r[stage] = json.loads((Path(args.dir) / f"n{n}" / f"{stage}.result.json").read_text())
         curve = dict((int(a), b) for a, b in r["query"]["recall_nprobe"])
         r["recall"] = curve
         rows.append(r)

@@ -289,6 +289,10 @@ def populate(trained, embeddings_h5: str | os.PathLike, block_size: int, ondisk_
     if shard_dir is not None:
         shutil.rmtree(shard_dir, ignore_errors=True)
         shard_dir.mkdir(parents=True)
+    ivf_top = isinstance(faiss.downcast_index(index), faiss.IndexIVF)
+    assign = None
+    if ivf_top and not ondisk:
+        assign = _presize_lists(faiss.downcast_index(index), db, block_size)
     bar = tqdm(total=n, desc="add-index" + (" (on-disk shards)" if ondisk else ""), unit="vec", mininterval=2.0,
                disable=None)
     for b, (lo, hi) in enumerate(db.blocks(block_size)):
@@ -297,7 +301,13 @@ def populate(trained, embeddings_h5: str | os.PathLike, block_size: int, ondisk_
             if shard is None:
                 shard = faiss.clone_index(trained)
             target = shard
-        target.add_with_ids(np.ascontiguousarray(db.embeddings[lo:hi], dtype=np.float32), np.arange(lo, hi, dtype=np.int64))
+        x = np.ascontiguousarray(db.embeddings[lo:hi], dtype=np.float32)
+        ids = np.arange(lo, hi, dtype=np.int64)
+        if assign is not None:  # lists already sized: no vector growth, no second assignment
+            a = np.ascontiguousarray(assign[lo:hi], dtype=np.int64)
+            faiss.downcast_index(index).add_core(hi - lo, faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(a))
+        else:
+            target.add_with_ids(x, ids)
         if ondisk and ((b + 1) % shard_blocks == 0 or hi == n):
             shards.append(str(shard_dir / f"shard_{len(shards):06d}.faiss"))
             faiss.write_index(shard, shards[-1])
@@ -318,6 +328,25 @@ def populate(trained, embeddings_h5: str | os.PathLike, block_size: int, ondisk_
     if index.ntotal != n:
         raise PipelineError(f"add-index: index holds {index.ntotal} vectors but {embeddings_h5} has {n} chunks")
     return index
+
+
+def _presize_lists(ivf, db: DBFile, block_size: int) -> np.ndarray:
+    """Assign every DB vector to its list (one pass over blocks), then reserve each inverted
+    list's exact size, so adding never grows a list by reallocation (which holds the old and
+    the new copy: up to about 2x the index at the peak). Returns the assignments (int32, 4
+    bytes per vector, about 1% of an SQ8 index of 384-d vectors)."""
+    assign = np.empty(db.n, dtype=np.int32)
+    for lo, hi in tqdm(list(db.blocks(block_size)), desc="add-index (assign)", unit="block", mininterval=2.0, disable=None):
+        x = np.ascontiguousarray(db.embeddings[lo:hi], dtype=np.float32)
+        _, a = ivf.quantizer.search(x, 1)
+        assign[lo:hi] = a[:, 0]
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    if isinstance(lists, faiss.ArrayInvertedLists):
+        counts = np.bincount(assign, minlength=ivf.nlist)
+        for list_no in np.flatnonzero(counts):
+            lists.resize(int(list_no), int(counts[list_no]))  # allocates exactly ...
+            lists.resize(int(list_no), 0)  # ... and keeps the capacity
+    return assign
 
 
 def set_search_params(index, nprobe: int | None = None, efsearch: int | None = None) -> dict:

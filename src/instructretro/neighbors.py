@@ -123,7 +123,7 @@ class DBDocuments:
     """The DB's documents as a sorted table: stable id -> (first DB row, number of rows).
 
     Built in one streaming pass over ``doc_ids`` (a document's chunks are consecutive rows); one
-    row per DB *document*, 24 bytes each. ``rows_of`` joins query chunks to DB chunks with
+    row per DB *document*, 40 bytes each (the table sorted by id, and by row). ``rows_of`` joins query chunks to DB chunks with
     ``np.searchsorted`` on the document id, then a vectorised binary search on the chunk start
     inside the document's rows (read from the memory-mapped chunk table).
     """
@@ -143,8 +143,15 @@ class DBDocuments:
         first = np.concatenate(firsts) if firsts else np.zeros(0, np.int64)
         doc_ids = np.concatenate(ids) if ids else np.zeros(0, np.uint64)
         count = np.diff(np.append(first, db.n))
+        self.first_by_row, self.id_by_row = first, doc_ids  # row order: the document of a DB row
         order = np.argsort(doc_ids, kind="stable")
         self.doc_ids, self.first, self.count = doc_ids[order], first[order], count[order]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        """Stable document id of DB rows ``rows`` (any shape): a search in the in-RAM table, so
+        excluding candidates reads nothing from the DB file."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return self.id_by_row[np.searchsorted(self.first_by_row, rows, side="right") - 1]
 
     def rows_of(self, doc_ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """For each query chunk (stable doc id, start, length), the DB row of the same chunk or -1."""
@@ -204,14 +211,14 @@ class QuerySplit:
 
 
 def search_block(index, emb: np.ndarray, rows: np.ndarray, split: QuerySplit, db: DBFile,
-                 n_query: int, n_save: int) -> np.ndarray:
+                 n_query: int, n_save: int, documents: "DBDocuments") -> np.ndarray:
     """Neighbors (len(rows), n_save) of query ``rows`` with embeddings ``emb``, sample documents excluded."""
     out = np.full((len(rows), n_save), -1, dtype=np.int64)
     live = np.flatnonzero(np.linalg.norm(emb, axis=1) > 0)
     if len(live):
         _, cand = index.search(np.ascontiguousarray(emb[live], dtype=np.float32), min(n_query, max(db.n, 1)))
         banned, valid = split.bans(rows[live])
-        out[live] = exclude_and_keep(cand, db.doc_ids, banned, valid, n_save)
+        out[live] = exclude_and_keep(cand, documents, banned, valid, n_save)
     return out
 
 
@@ -256,15 +263,15 @@ def recall_at_k(queries: np.ndarray, approx: np.ndarray, exact: np.ndarray, db: 
             "recall_queries": int(len(queries))}
 
 
-def _exclude_blockwise(cand, db: DBFile, banned, valid, k: int, block_size: int) -> np.ndarray:
-    """``exclude_and_keep`` on ``block_size`` queries at a time (bounded reads of ``doc_ids``)."""
-    return np.concatenate([exclude_and_keep(cand[lo : lo + block_size], db.doc_ids, banned[lo : lo + block_size],
+def _exclude_blockwise(cand, documents, banned, valid, k: int, block_size: int) -> np.ndarray:
+    """``exclude_and_keep`` on ``block_size`` queries at a time."""
+    return np.concatenate([exclude_and_keep(cand[lo : lo + block_size], documents, banned[lo : lo + block_size],
                                             valid[lo : lo + block_size], k)
                            for lo in range(0, len(cand), block_size)] or [np.zeros((0, k), np.int64)])
 
 
 def recall_check(index, queries: np.ndarray, approx: np.ndarray, rows: np.ndarray, split: QuerySplit, db: DBFile,
-                 n_query: int, n_save: int, block_size: int, nprobe_max: int = 0) -> tuple[dict, list[tuple[int, float]]]:
+                 documents: "DBDocuments", n_query: int, n_save: int, block_size: int, nprobe_max: int = 0) -> tuple[dict, list[tuple[int, float]]]:
     """``recall_at_k`` of the stored neighbors, and (nprobe, recall_at_k) at nprobe 1, 2, 4, ... nlist
     (or up to ``nprobe_max`` when > 0: probing every list of a big index is a full scan).
 
@@ -272,7 +279,7 @@ def recall_check(index, queries: np.ndarray, approx: np.ndarray, rows: np.ndarra
     """
     banned, valid = split.bans(rows)
     _, cand = exact_candidates(queries, db, min(n_query, db.n), block_size)
-    exact = _exclude_blockwise(cand, db, banned, valid, n_save, block_size)
+    exact = _exclude_blockwise(cand, documents, banned, valid, n_save, block_size)
     metrics = recall_at_k(queries, approx, exact, db, block_size)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
@@ -282,7 +289,7 @@ def recall_check(index, queries: np.ndarray, approx: np.ndarray, rows: np.ndarra
     while True:
         ivf.nprobe = min(nprobe, top)
         _, c = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(n_query, db.n))
-        got = _exclude_blockwise(c, db, banned, valid, n_save, block_size)
+        got = _exclude_blockwise(c, documents, banned, valid, n_save, block_size)
         curve.append((int(ivf.nprobe), recall_at_k(queries, got, exact, db, block_size)["recall_at_k"]))
         if ivf.nprobe >= top:
             break
@@ -377,7 +384,7 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
                 embedded += n_enc
             searchable = np.linalg.norm(emb, axis=1) > 0
             t0 = time.perf_counter()
-            nb_cache.save(b, search_block(index, emb, np.arange(lo, hi), split, db, n_query, n_save))
+            nb_cache.save(b, search_block(index, emb, np.arange(lo, hi), split, db, n_query, n_save, documents))
             search_seconds += time.perf_counter() - t0
             searched += int(searchable.sum())
             nb_cache.save(b, ((known >= 0) * REUSED + searchable * SEARCHABLE).astype(np.uint8), "flags")
@@ -421,7 +428,7 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
                     q_emb = np.concatenate([emb_cache.load(b)[pick[blocks == b] - b * block_size] for b in np.unique(blocks)])
                     approx = np.concatenate([nb_cache.load(b)[pick[blocks == b] - b * block_size] for b in np.unique(blocks)])
                     t_recall = time.perf_counter()
-                    recall, curve = recall_check(index, q_emb, approx, pick, split, db, n_query, n_save, block_size,
+                    recall, curve = recall_check(index, q_emb, approx, pick, split, db, documents, n_query, n_save, block_size,
                                                  recall_nprobe_max)
                     metrics.update(recall)
                     metrics["recall_seconds"] = round(time.perf_counter() - t_recall, 2)
