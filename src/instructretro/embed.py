@@ -437,7 +437,7 @@ def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.Pa
     ``out`` holds ``chunks`` (n, 3) int64 (doc index, start, length), ``doc_ids`` (n,) uint64 and
     ``embeddings`` (n, dim) in ``dtype`` (float16 by default: half the bytes; unit vectors keep
     about 3 decimal digits per component); the chunk id is the row. All three are contiguous
-    datasets, so readers memory-map them (``dbfile.DBFile``); the ``fingerprint`` attribute
+    datasets, so readers read rows by file offset (``dbfile.DBFile``); the ``fingerprint`` attribute
     hashes every input, so readers key their caches by it instead of hashing the file.
     Chunks without encoder tokens are dropped and counted. Under a launcher every rank embeds
     its blocks; rank 0 writes ``out`` and returns the metrics, the other ranks return ``None``.

@@ -135,7 +135,7 @@ def sample_training_points(embeddings_h5: str | os.PathLike, train_points: int, 
                            block_size: int = 65536) -> np.ndarray:
     """A seeded random sample of ``train_points`` DB embeddings (all of them when fewer), float32.
 
-    One pass in row order over the memory-mapped file, at most ``block_size`` rows read at a
+    One pass in row order over the file (preads), at most ``block_size`` rows read at a
     time; only the sample itself is held (the index needs it in RAM to train).
     """
     db = DBFile(embeddings_h5)

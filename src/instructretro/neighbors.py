@@ -8,13 +8,14 @@ index returns ``num_neighbors_query`` candidates. Every candidate from a documen
 corpora are one), the first ``num_neighbors_save`` are kept and the rest is padded with -1.
 
 Memory is bounded by ``block_size``, the index and the encoder, not by the database: the DB
-file is memory-mapped (``dbfile.DBFile``) and read a block or a search result at a time; the
-query-to-DB-chunk join is a sorted table of the DB's documents (one row per document, built
-in one streaming pass) searched with ``np.searchsorted``; the exclusion is one vectorised
-comparison per block; every output is written block by block.
+file is read a block or a search result at a time (``dbfile.DBFile``, by file offset); the
+query-to-DB-chunk join and the document id of a candidate come from a sorted table of the
+DB's documents (one row per document, built in one streaming pass) searched with
+``np.searchsorted``; the exclusion is one vectorised comparison per block; every output is
+written block by block.
 
 Quality is measured, not assumed: ``recall_at_k`` compares the stored neighbors of a random
-sample of query chunks with exact inner-product search (block by block over the memory-mapped
+sample of query chunks with exact inner-product search (block by block over the
 DB embeddings) under the same exclusion. It is tie-aware: a stored neighbor counts as a hit
 when its true score reaches the exact k-th score (duplicate chunks score equally, and either
 copy is a correct answer). For an IVF index the same sample is searched again at nprobe 1, 2,
@@ -59,7 +60,7 @@ class NeighborTokens:
 
     ``ids`` int64 (..., k) DB chunk ids (-1 = none) -> ``tokens`` int64 (..., k, 2*chunk_length)
     and ``mask`` bool of the same shape. Vectorised: the rows of the asked chunks are read from
-    the memory-mapped chunk table, then one gather from the memory-mapped token store.
+    the chunk table (by offset), then one gather from the memory-mapped token store.
     """
 
     def __init__(self, db_tokens_dir: str | os.PathLike, embeddings_h5: str | os.PathLike, chunk_length: int):
@@ -74,7 +75,7 @@ class NeighborTokens:
 
     @property
     def chunks(self):
-        """The DB chunk table (n, 3) (doc index, start, length), memory-mapped."""
+        """The DB chunk table (n, 3) (doc index, start, length), read by row on demand."""
         return self.db.chunks
 
     def __len__(self) -> int:
@@ -123,9 +124,9 @@ class DBDocuments:
     """The DB's documents as a sorted table: stable id -> (first DB row, number of rows).
 
     Built in one streaming pass over ``doc_ids`` (a document's chunks are consecutive rows); one
-    row per DB *document*, 40 bytes each (the table sorted by id, and by row). ``rows_of`` joins query chunks to DB chunks with
-    ``np.searchsorted`` on the document id, then a vectorised binary search on the chunk start
-    inside the document's rows (read from the memory-mapped chunk table).
+    row per DB *document*, 40 bytes each (the table sorted by id, and by row). ``rows_of`` joins
+    query chunks to DB chunks with ``np.searchsorted`` on the document id, then a vectorised binary search on the chunk start
+    inside the document's rows (read from the chunk table by row).
     """
 
     def __init__(self, db: DBFile, block_size: int):
