@@ -2,7 +2,7 @@
 synthetic databases of 10^5, 10^6 and 10^7 chunks, with the index string ``auto`` picks.
 
     .venv/bin/python bench/scale_db.py                          # 10^5 and 10^6
-    nice -n 10 .venv/bin/python bench/scale_db.py --sizes 10000000 --dir /work/tmp-scale
+    nice -n 10 .venv/bin/python bench/scale_db.py --sizes 10000000 --dir /work/tmp-scale  # ~8 GB + 4 GB
     .venv/bin/python bench/scale_db.py --sizes 100000 --queries 1000000   # more query chunks
 
 No encoder runs: the database is synthetic clustered unit vectors of the encoder's dimension
@@ -34,6 +34,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -203,7 +204,7 @@ def main():
     ap.add_argument("--recall-nprobe-max", type=int, default=256)
     ap.add_argument("--ondisk-above", type=int, default=8_000_000_000, help="index.ondisk_above (bytes)")
     ap.add_argument("--train-points", type=int, default=0, help="0: 40 x 4*sqrt(N), what auto's nlist rule needs")
-    ap.add_argument("--dir", default="/work/tmp-scale")
+    ap.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "scale_db"), help="where the synthetic data goes")
     ap.add_argument("--keep", action="store_true", help="keep the data (and re-use it with --stages)")
     ap.add_argument("--stages", nargs="+", default=["make", "train", "add", "query"], help="stages to run (others are read)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
