@@ -1,6 +1,6 @@
 """Stage embed: cut the database corpus (train split) into chunks and embed each chunk's text.
 
-Writes ``data/db/embeddings.h5`` (chunk table, stable document ids, L2-normalised embeddings;
+Writes ``data/db/embeddings.h5`` (chunk table, stable document ids, L2-normalised embeddings in ``embed.dtype``;
 chunk id = row) and the metrics. Finished blocks live in ``--work`` until the file is complete,
 so a killed run restarted resumes where it stopped.
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from instructretro import params as P
-from instructretro.embed import embed_database, encoder_from_params
+from instructretro.embed import STORAGE_DTYPES, embed_database, encoder_from_params
 from instructretro.errors import cli
 from instructretro.io import write_json
 
@@ -32,8 +32,9 @@ def main(argv=None):
     p = P.load(args.params)
     chunk_length = P.positive("retro.chunk_length", p.get("retro.chunk_length", int))
     block_size = P.positive("embed.block_size", p.get("embed.block_size", int))
+    dtype = p.get("embed.dtype", str, choices=STORAGE_DTYPES)
     encoder = encoder_from_params(p)
-    metrics = embed_database(args.db, args.tokenizer, encoder, chunk_length, block_size, args.out, args.work)
+    metrics = embed_database(args.db, args.tokenizer, encoder, chunk_length, block_size, args.out, args.work, dtype)
     if metrics is None:
         return  # a rank other than 0: its blocks are written, rank 0 writes the outputs
     write_json(args.metrics, metrics)

@@ -1,4 +1,5 @@
-"""Past one machine: embed and query-neighbors split over ranks give the bytes of one process.
+"""Past one machine: embed and query-neighbors split over ranks give the bytes of one process
+(query-neighbors: every rank embeds and searches its own query blocks, rank 0 assembles).
 
 The unit test checks the block assignment in-process (block b -> rank b % world). The slow test
 runs both stage scripts once as one process and once under ``deepspeed --num_gpus 2`` (two CPU
@@ -95,7 +96,7 @@ def inputs(small_tokenizer, tmp_path_factory):
     params["tokenize"].update(pretrain_valid_fraction=0.25)
     params["retro"].update(chunk_length=64, seq_length=128)
     params["embed"].update(precision="float32", block_size=BLOCK_SIZE)
-    params["index"].update(factory="Flat")
+    params["index"].update(factory="IVF2,Flat")  # an IVF: the recall-per-nprobe curve has rows
     params["query"].update(block_size=BLOCK_SIZE, num_neighbors_query=20, num_neighbors_save=4, recall_sample=50)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     for which in ("db", "pretrain"):
@@ -106,7 +107,7 @@ def inputs(small_tokenizer, tmp_path_factory):
 
 def _metrics_without_timing(path: Path) -> dict:
     m = json.loads(path.read_text())
-    for key in ("chunks_per_s", "query_chunks_per_s", "seconds"):
+    for key in ("chunks_per_s", "query_chunks_per_s", "seconds", "recall_seconds", "search_ms_per_query_chunk"):
         m.pop(key, None)
     return m
 
@@ -137,9 +138,15 @@ def test_two_ranks_write_the_bytes_of_one_process(inputs):
     for mode, d in outs.items():
         args = [*common, "--pretrain", root / "tokens" / "pretrain", "--embeddings", emb,
                 "--index", root / "populated.faiss", "--out", d / "neighbors" / "neighbors.h5",
-                "--work", d / "work" / "query", "--metrics", d / "query_neighbors.json"]
+                "--work", d / "work" / "query", "--metrics", d / "query_neighbors.json",
+                "--recall-nprobe", d / "recall_nprobe.csv"]
         _ok(run_stage("query_neighbors.py", *args) if mode == "one" else run_two_ranks("query_neighbors.py", *args, cwd=root))
     q = json.loads((one / "query_neighbors.json").read_text())
     assert q["train"]["query_chunks"] + q["train"]["query_chunks_padding"] > 2 * BLOCK_SIZE
     assert (one / "neighbors" / "neighbors.h5").read_bytes() == (two / "neighbors" / "neighbors.h5").read_bytes()
     assert _metrics_without_timing(one / "query_neighbors.json") == _metrics_without_timing(two / "query_neighbors.json")
+    curve = (one / "recall_nprobe.csv").read_text()
+    assert curve == (two / "recall_nprobe.csv").read_text()
+    assert curve.splitlines()[0] == "nprobe,recall_at_k" and [r.split(",")[0] for r in curve.splitlines()[1:]] == ["1", "2"]
+    assert float(curve.splitlines()[-1].split(",")[1]) == 1.0  # probing every list is exact search
+    assert not any((two / "work" / "query").rglob("*.npy"))  # every rank's blocks were cleared

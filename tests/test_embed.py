@@ -14,6 +14,7 @@ from instructretro import tokenizer as T
 from instructretro.chunks import chunk_table
 from instructretro.data import document_id
 from instructretro.embed import Encoder, embed_database, resolve_encoder
+from instructretro.dbfile import DBFile
 from instructretro.errors import PipelineError
 from instructretro.tokenstore import TokenStore, TokenStoreWriter
 
@@ -133,17 +134,35 @@ def test_embed_database_contract(db, encoder, reference_h5):
     with h5py.File(path) as f:
         chunks, ids, emb = f["chunks"][:], f["doc_ids"][:], f["embeddings"][:]
         assert chunks.dtype == np.int64 and chunks.shape[1] == 3
-        assert ids.dtype == np.uint64 and emb.dtype == np.float32
+        assert ids.dtype == np.uint64 and emb.dtype == np.float16  # embed.dtype's default
         assert f.attrs["dim"] == encoder.dim == emb.shape[1] and f.attrs["chunk_length"] == 64
+        assert f.attrs["dtype"] == "float16" and len(f.attrs["fingerprint"]) == 32
+        fingerprint = f.attrs["fingerprint"]
+        assert all(f[n].chunks is None and f[n].compression is None for n in ("chunks", "doc_ids", "embeddings"))
     assert m["chunks_dropped_no_encoder_tokens"] >= 1  # the blank run
     assert m["chunks_embedded"] + m["chunks_dropped_no_encoder_tokens"] == len(table) == m["chunks_total"]
-    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    db_file = DBFile(path)  # contiguous datasets: read at their offsets, same values as h5py reads
+    assert type(db_file.embeddings).__name__ == "_FileRows" and np.array_equal(db_file.embeddings[5:9], emb[5:9])
+    assert np.array_equal(db_file.embeddings[[7, 2, 7]], emb[[7, 2, 7]]) and np.array_equal(db_file.doc_ids[60:], ids[60:])
+    assert np.array_equal(db_file.chunks[[3, 1]], chunks[[3, 1]]) and db_file.fingerprint == fingerprint
     assert np.array_equal(ids, store.doc_ids[chunks[:, 0]])
     # the kept rows are the chunk table minus the dropped rows, in order
     full = {tuple(r) for r in np.stack([table["doc"], table["start"], table["length"]], 1).tolist()}
     assert {tuple(r) for r in chunks.tolist()} <= full
     assert np.all(np.diff(chunks[:, 0] * 10**6 + chunks[:, 1]) > 0)
     assert not any((path.parent / "work").iterdir())  # finished blocks are removed on success
+
+
+def test_float32_storage_keeps_the_encoder_output_and_changes_the_fingerprint(db, encoder, reference_h5, tmp_path):
+    tokens, tok = db
+    embed_database(tokens, tok, encoder, 64, 16, tmp_path / "f32.h5", tmp_path / "w", dtype="float32")
+    with h5py.File(tmp_path / "f32.h5") as f32, h5py.File(reference_h5[0]) as f16:
+        assert f32["embeddings"].dtype == np.float32
+        assert np.allclose(f32["embeddings"][:], f16["embeddings"][:].astype(np.float32), atol=1e-3)
+        assert f32.attrs["fingerprint"] != f16.attrs["fingerprint"]
+    with pytest.raises(PipelineError, match="embed.dtype"):
+        embed_database(tokens, tok, encoder, 64, 16, tmp_path / "x.h5", tmp_path / "w", dtype="int8")
 
 
 def test_resume_after_interruption_gives_identical_bytes(db, encoder, reference_h5, tmp_path, monkeypatch):
@@ -196,3 +215,42 @@ def test_encoder_path_that_does_not_exist_is_a_clear_error(tmp_path):
         Encoder(tmp_path / "empty")
     with pytest.raises(PipelineError, match="embed.precision"):
         Encoder("", precision="fp8")
+
+
+def test_prefetch_computes_the_next_item_while_the_caller_works():
+    """The consumer of item 0 waits for fn(1) to have started: without a worker thread this
+    would never happen (the wait times out and the test fails)."""
+    import threading
+
+    from instructretro.embed import prefetched
+
+    started = {i: threading.Event() for i in range(3)}
+
+    def fn(i):
+        started[i].set()
+        return i * 10
+
+    got = []
+    for item, result in prefetched(fn, range(3)):
+        if item + 1 < 3:
+            assert started[item + 1].wait(timeout=30), "the next item was not prefetched"
+        got.append((item, result))
+    assert got == [(0, 0), (1, 10), (2, 20)]
+
+
+def test_gpu_batch_size_applies_only_on_a_gpu():
+    enc = Encoder("", precision="float32", batch_size=8, gpu_batch_size=512, device="cpu")
+    assert enc.batch_size == 8
+
+
+@pytest.mark.gpu
+def test_gpu_encoder_matches_cpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    texts = make_texts(40, seed=9)
+    cpu = Encoder("", precision="float32", device="cpu").encode(texts)
+    gpu_enc = Encoder("", precision="float32", batch_size=8, gpu_batch_size=16, device="cuda:0")
+    assert gpu_enc.batch_size == 16
+    gpu = gpu_enc.encode(texts)
+    assert gpu.dtype == np.float32 and np.min(np.sum(cpu * gpu, axis=1)) > 0.999

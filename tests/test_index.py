@@ -120,3 +120,99 @@ def test_auto_on_the_default_corpus(tmp_path):
     h5 = write_embeddings(tmp_path / "emb.h5", x)
     index, m = train_index(h5, p.get("index.factory"), p.get("index.train_points"), p.get("index.seed"))
     assert m["factory"] == factory and populate(index, h5, 256).ntotal == n
+
+
+def _has_faiss_gpu() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def test_training_sample_is_capped_by_what_the_index_uses_and_read_in_blocks(tmp_path, monkeypatch):
+    from test_neighbors import counting_db
+
+    x = clustered(6000, dim=32, seed=5)
+    h5 = write_embeddings(tmp_path / "emb.h5", x)
+    log = counting_db(monkeypatch)
+    index, m = train_index(h5, "IVF16,Flat", 100_000, seed=0, block_size=500)
+    assert m["training_points"] == 256 * 16 < 6000  # k-means keeps 256 points per list
+    assert "256 points per list" in m["training_points_bound"]
+    assert log["embeddings"]["fancy"] <= 500 and log["embeddings"]["slice"] <= 500
+    _, m = train_index(h5, "IVF16,Flat", 1000, seed=0, block_size=500)
+    assert m["training_points"] == 1000 and m["training_points_bound"] == "index.train_points"
+    assert m["devices"] == {"ivf_kmeans": "cpu", "coarse_quantizer": "cpu (flat over the centroids)"}
+    full = populate(index, h5, block_size=700)
+    assert full.ntotal == 6000 and log["embeddings"]["slice"] <= 700
+
+
+def test_hnsw_quantizer_is_built_on_cpu_over_the_centroids(tmp_path):
+    x = clustered(4000, dim=32, seed=6)
+    h5 = write_embeddings(tmp_path / "emb.h5", x)
+    index, m = train_index(h5, "IVF64_HNSW16,SQ8", 100_000, seed=0, gpus=0)
+    assert m["devices"] == {"ivf_kmeans": "cpu", "coarse_quantizer": "cpu (HNSW over the centroids)", "codes": "cpu"}
+    import faiss
+
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    assert quantizer.ntotal == 64 and hasattr(quantizer, "hnsw")
+
+
+@pytest.mark.skipif(_has_faiss_gpu(), reason="checks the error when no GPU Faiss is there")
+def test_asking_for_gpus_without_faiss_gpu_is_an_error_not_a_cpu_fallback(tmp_path):
+    h5 = write_embeddings(tmp_path / "emb.h5", clustered(3000, dim=32))
+    with pytest.raises(PipelineError, match="GPU.*faiss-gpu"):
+        train_index(h5, "IVF16,Flat", 100_000, seed=0, gpus=1)
+
+
+def test_training_failure_is_an_error(tmp_path, monkeypatch):
+    import faiss
+
+    h5 = write_embeddings(tmp_path / "emb.h5", clustered(3000, dim=32))
+
+    def broken(self, x):
+        raise RuntimeError("Error in train at IndexIVF.cpp:1: training broke")
+
+    monkeypatch.setattr(faiss.IndexIVFFlat, "train", broken)
+    with pytest.raises(PipelineError, match="training failed.*training broke"):
+        train_index(h5, "IVF16,Flat", 100_000, seed=0)
+
+
+def test_ondisk_inverted_lists_give_the_in_ram_results(tmp_path):
+    import faiss
+
+    x = clustered(5000, dim=32, seed=7)
+    h5 = write_embeddings(tmp_path / "emb.h5", x)
+    trained, _ = train_index(h5, "IVF32,SQ8", 100_000, seed=0)
+    in_ram = populate(trained, h5, block_size=300)
+    ondisk = populate(trained, h5, block_size=300, ondisk_above=1000, ivfdata=tmp_path / "pop.faiss.ivfdata",
+                      shard_blocks=4)
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(ondisk).invlists)
+    assert isinstance(lists, faiss.OnDiskInvertedLists) and (tmp_path / "pop.faiss.ivfdata").is_file()
+    assert not (tmp_path / "pop.faiss.ivfdata.shards").exists()  # shards are merged, then removed
+    write_index(ondisk, tmp_path / "pop.faiss")
+    reread = read_index(tmp_path / "pop.faiss")
+    for index in (in_ram, ondisk, reread):
+        set_search_params(index, nprobe=4)
+    want = in_ram.search(x[:200], 10)
+    for index in (ondisk, reread):
+        got = index.search(x[:200], 10)
+        assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+    assert populate(trained, h5, 300, ondisk_above=10**12, ivfdata=tmp_path / "x.ivfdata").ntotal == 5000
+    assert not (tmp_path / "x.ivfdata").exists()  # below the threshold: in RAM
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_faiss_gpu(), reason="needs faiss-gpu and a CUDA device")
+def test_gpu_kmeans_trains_ivf_centroids_with_cpu_recall(tmp_path):
+    x = clustered(20000, dim=64, seed=8)
+    h5 = write_embeddings(tmp_path / "emb.h5", x)
+    recalls = {}
+    for gpus in (0, None):
+        index, m = train_index(h5, "IVF64_HNSW16,Flat", 100_000, seed=0, gpus=gpus)
+        if gpus is None:
+            assert m["devices"]["ivf_kmeans"].startswith("gpu") and m["train_device"] == "gpu"
+            assert m["devices"]["coarse_quantizer"] == "cpu (HNSW over the centroids)"
+        full = populate(index, h5, 5000)
+        set_search_params(full, nprobe=8, efsearch=64)
+        _, ids = full.search(x[:500], 1)
+        recalls[gpus] = float(np.mean(ids[:, 0] == np.arange(500)))
+    assert recalls[None] >= recalls[0] - 0.02 and recalls[None] > 0.9

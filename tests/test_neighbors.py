@@ -116,6 +116,120 @@ def test_query_neighbors_is_deterministic_and_checks_the_encoder(world):
                         root / "c.h5", root / "wq3")
 
 
+class CountingRows:
+    """Wraps a DB array: records the largest contiguous slice and the largest fancy read."""
+
+    def __init__(self, array, log: dict, name: str):
+        self.array, self.log, self.name = array, log, name
+        self.shape, self.dtype = array.shape, array.dtype
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        first = key[0] if isinstance(key, tuple) else key
+        kind = "slice" if isinstance(first, slice) else "fancy"
+        n = len(range(*first.indices(self.shape[0]))) if kind == "slice" else int(np.size(first))
+        entry = self.log.setdefault(self.name, {"slice": 0, "fancy": 0})
+        entry[kind] = max(entry[kind], n)
+        return np.asarray(self.array[key])
+
+
+def counting_db(monkeypatch) -> dict:
+    from instructretro import dbfile
+
+    log: dict = {}
+    real = dbfile.DBFile._array
+
+    def wrapped(self, name, *args):
+        return CountingRows(real(self, name, *args), log, name)
+
+    monkeypatch.setattr(dbfile.DBFile, "_array", wrapped)
+    return log
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF3,Flat"])
+def test_query_neighbors_reads_the_database_block_by_block(world, factory, monkeypatch):
+    """Every read of the DB file is a block (<= block_size rows) or one block's search result;
+    replacing any of them by a whole-array read fails here."""
+    root, tok, encoder = world
+    trained, _ = train_index(root / "emb.h5", factory, 10_000, seed=0)
+    index = populate(trained, root / "emb.h5", 100)
+    set_search_params(index, nprobe=2)
+    reference = query_neighbors(root / "pretrain", tok, encoder, index, root / "emb.h5", 32, 128, 50, 6, 40, 60, 0,
+                                root / "plain.h5", root / "wc0")
+    log = counting_db(monkeypatch)
+    block, n_query = 16, 50
+    m = query_neighbors(root / "pretrain", tok, encoder, index, root / "emb.h5", 32, 128, n_query, 6, block, 60, 0,
+                        root / "counted.h5", root / "wc")
+    with h5py.File(root / "emb.h5") as f:
+        n_db = len(f["doc_ids"])
+    assert n_db > 4 * block  # a whole-array read would exceed every bound below
+    assert set(log) == {"chunks", "doc_ids", "embeddings"}
+    for name, seen in log.items():
+        assert seen["slice"] <= block and max(seen.values()) > 0, (name, seen)
+        assert seen["fancy"] <= block * n_query, (name, seen)
+    assert log["embeddings"]["fancy"] <= block  # re-used DB rows and recall scores: one block at a time
+    with h5py.File(root / "counted.h5") as a, h5py.File(root / "plain.h5") as b:
+        for split in ("train", "valid"):  # the block size changes nothing but the reads
+            assert np.array_equal(a[split][:], b[split][:])
+    for key in ("recall_at_k", "recall_at_k_same_ids", "train", "valid", "recall_nprobe"):
+        assert m[key] == reference[key], key
+    if factory != "Flat":  # nprobe 1, 2, then every list: exact
+        assert [n for n, _ in m["recall_nprobe"]] == [1, 2, 3] and m["recall_nprobe"][-1][1] == 1.0
+
+
+def test_join_of_query_chunks_to_db_chunks_matches_a_dict(tmp_path):
+    """The vectorised join (sorted documents + searchsorted) against the obvious dict."""
+    from instructretro.dbfile import DBFile
+    from instructretro.neighbors import DBDocuments
+
+    rng = np.random.default_rng(0)
+    rows, ids = [], []
+    for d in range(60):  # documents of 1-9 chunks, some chunks dropped (no encoder tokens)
+        doc_id = int(rng.integers(1, 2**63))
+        n = int(rng.integers(1, 10))
+        for c in range(n):
+            if rng.random() < 0.2:
+                continue
+            rows.append((d, 8 * c, 8 if c < n - 1 else int(rng.integers(1, 9))))
+            ids.append(doc_id)
+    chunks = np.array(rows, dtype=np.int64)
+    doc_ids = np.array(ids, dtype=np.uint64)
+    with h5py.File(tmp_path / "emb.h5", "w") as f:
+        f["chunks"], f["doc_ids"] = chunks, doc_ids
+        f["embeddings"] = np.zeros((len(chunks), 4), np.float16)
+    where = {(int(d), int(s)): (r, int(l)) for r, (d, s, l) in enumerate(zip(doc_ids, chunks[:, 1], chunks[:, 2]))}
+    q_doc = np.concatenate([doc_ids[rng.integers(0, len(doc_ids), 300)], rng.integers(1, 2**63, 50).astype(np.uint64)])
+    q_start = 8 * rng.integers(0, 10, len(q_doc))
+    q_len = np.where(rng.random(len(q_doc)) < 0.8, 8, rng.integers(1, 9, len(q_doc)))
+    q_len = np.where(rng.random(len(q_doc)) < 0.5, [where.get((int(d), int(s)), (0, l))[1] for d, s, l in zip(q_doc, q_start, q_len)], q_len)
+    want = np.array([where[(int(d), int(s))][0] if where.get((int(d), int(s)), (0, -1))[1] == l else -1
+                     for d, s, l in zip(q_doc, q_start, q_len)])
+    got = DBDocuments(DBFile(tmp_path / "emb.h5"), block_size=7).rows_of(q_doc, q_start, q_len)
+    assert (want >= 0).sum() > 100 and np.array_equal(got, want)
+
+
+def test_exact_search_block_by_block_equals_a_flat_index(tmp_path):
+    import faiss
+
+    from instructretro.dbfile import DBFile
+    from instructretro.neighbors import exact_candidates
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    with h5py.File(tmp_path / "emb.h5", "w") as f:
+        f["chunks"] = np.zeros((500, 3), np.int64)
+        f["doc_ids"] = np.arange(500, dtype=np.uint64)
+        f["embeddings"] = x
+    flat = faiss.IndexFlatIP(16)
+    flat.add(x)
+    want_s, want_i = flat.search(x[:30], 25)
+    got_s, got_i = exact_candidates(x[:30], DBFile(tmp_path / "emb.h5"), 25, block_size=37)
+    assert np.array_equal(got_i, want_i) and np.allclose(got_s, want_s, atol=1e-5)
+
+
 # --- invalidation: dvc status on a copy of the repo built up to query-neighbors on a tiny world ---
 
 RETRIEVAL = ["tokenizer", "tokenize@db", "tokenize@pretrain", "embed", "train-index", "add-index", "query-neighbors"]

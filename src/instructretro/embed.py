@@ -48,6 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run tim
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+STORAGE_DTYPES = ("float16", "float32")  # embed.dtype: how the embeddings file stores vectors
 EMBED_VERSION = "embed-v2"  # bump when the embedding computation changes, to retire old blocks
 
 
@@ -99,14 +100,15 @@ class Encoder:
     """
 
     def __init__(self, path: str | os.PathLike = "", precision: str = "float32", batch_size: int = 64,
-                 max_length: int = 256, device: str | None = None):
+                 max_length: int = 256, device: str | None = None, gpu_batch_size: int | None = None):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
         self.path = resolve_encoder(path)
         self.device = device or (f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
         self.precision = resolve_precision(precision, self.device)
-        self.batch_size = int(batch_size)
+        # on a GPU a batch of 64 short texts leaves the device idle: gpu_batch_size applies there
+        self.batch_size = int(gpu_batch_size if gpu_batch_size and self.device.startswith("cuda") else batch_size)
         self.max_length = int(max_length)
         if self.batch_size <= 0 or self.max_length < 3:
             raise PipelineError(f"embed: batch_size must be > 0 and max_length >= 3 (got {batch_size}, {max_length})")
@@ -192,6 +194,8 @@ class Encoder:
         order = np.argsort(-lengths, kind="stable")  # longest first: similar lengths share a batch
         n_special = self._num_special
         bar = progress_bar(total=len(texts), desc="encode", unit="text", disable=not progress)
+        cuda = self.device.startswith("cuda")
+        done = []  # on a GPU results stay on the device until the end: one copy back, no sync per batch
         with torch.inference_mode():
             for b in range(0, len(texts), self.batch_size):
                 idx = order[b : b + self.batch_size]
@@ -201,19 +205,28 @@ class Encoder:
                 for r, i in enumerate(idx):
                     ids[r, : lengths[i]] = pieces[i]
                     mask[r, : lengths[i]] = 1
-                ids_t = torch.from_numpy(ids).to(self.device)
-                mask_t = torch.from_numpy(mask).to(self.device)
+                ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+                if cuda:  # pinned host memory: the copies overlap with the previous batch's kernels
+                    ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
+                ids_t = ids_t.to(self.device, non_blocking=cuda)
+                mask_t = mask_t.to(self.device, non_blocking=cuda)
                 hidden = self.model(input_ids=ids_t, attention_mask=mask_t).last_hidden_state.float()
                 pool = mask_t.clone()
                 if n_special:  # drop CLS (first) and SEP (last real token) from the mean
                     pool[:, 0] = 0
-                    pool[torch.arange(len(idx)), torch.from_numpy(lengths[idx] - 1).to(self.device)] = 0
+                    pool[torch.arange(len(idx), device=self.device),
+                         torch.from_numpy(lengths[idx] - 1).to(self.device, non_blocking=cuda)] = 0
                 pool = pool.unsqueeze(-1).float()
                 summed = (hidden * pool).sum(1)
                 counts = pool.sum(1).clamp(min=1.0)
                 emb = torch.nn.functional.normalize(summed / counts, dim=-1)
-                out[idx] = emb.cpu().numpy()
+                if cuda:
+                    done.append((idx, emb))
+                else:
+                    out[idx] = emb.numpy()
                 bar.update(len(idx))
+            if done:
+                out[np.concatenate([i for i, _ in done])] = torch.cat([e for _, e in done]).cpu().numpy()
         bar.close()
         out[lengths - n_special <= 0] = 0.0
         out[self._only_unknown(pieces)] = 0.0
@@ -291,8 +304,11 @@ def encoder_from_params(p) -> Encoder:
         raise PipelineError(f"{p.source}: param 'embed.batch_size' must be > 0, got {batch_size}")
     if max_length < 3:
         raise PipelineError(f"{p.source}: param 'embed.max_length' must be >= 3, got {max_length}")
+    gpu_batch_size = p.get("embed.gpu_batch_size", int)
+    if gpu_batch_size <= 0:
+        raise PipelineError(f"{p.source}: param 'embed.gpu_batch_size' must be > 0, got {gpu_batch_size}")
     return Encoder(p.get("embed.encoder", str), precision=p.get("embed.precision", str, choices=PRECISIONS),
-                   batch_size=batch_size, max_length=max_length)
+                   batch_size=batch_size, max_length=max_length, gpu_batch_size=gpu_batch_size)
 
 
 def _file_digest(path: Path) -> bytes:
@@ -350,22 +366,39 @@ class BlockCache:
             self.work.remove_others()
         self.root, self.dir = self.work.root, self.work.dir
 
-    def path(self, b: int) -> Path:
-        return self.dir / f"block_{b:06d}.npy"
+    def path(self, b: int, name: str = "block") -> Path:
+        return self.dir / f"{name}_{b:06d}.npy"
 
-    def has(self, b: int) -> bool:
-        return self.path(b).is_file()
+    def has(self, b: int, name: str = "block") -> bool:
+        return self.path(b, name).is_file()
 
-    def load(self, b: int) -> np.ndarray:
-        return np.load(self.path(b))
+    def load(self, b: int, name: str = "block") -> np.ndarray:
+        return np.load(self.path(b, name))
 
-    def save(self, b: int, array: np.ndarray) -> None:
-        with atomic_path(self.path(b)) as tmp:
+    def save(self, b: int, array: np.ndarray, name: str = "block") -> None:
+        with atomic_path(self.path(b, name)) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, array)
 
     def clear(self) -> None:
         self.work.finish()
+
+
+def prefetched(fn, items):
+    """Yield ``(item, fn(item))`` in order, computing ``fn`` of the next item in a worker thread
+    while the caller works on the current one (detokenising ahead of the encoder)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = list(items)
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        ahead = pool.submit(fn, items[0])
+        for i, item in enumerate(items):
+            result = ahead.result()
+            if i + 1 < len(items):
+                ahead = pool.submit(fn, items[i + 1])
+            yield item, result
 
 
 def embed_rows_blockwise(texts_of, n_rows: int, encoder: Encoder, block_size: int, cache: BlockCache,
@@ -385,43 +418,67 @@ def embed_rows_blockwise(texts_of, n_rows: int, encoder: Encoder, block_size: in
     seconds = 0.0
     bar = progress_bar(total=sum(min(n_rows, (b + 1) * block_size) - b * block_size for b in mine),
                        desc=desc if world == 1 else f"{desc} [rank {rank}/{world}]", unit="chunk")
+    todo_blocks = []
     for b in mine:
-        lo, hi = b * block_size, min(n_rows, (b + 1) * block_size)
         if cache.has(b):
-            bar.update(hi - lo)
-            continue
+            bar.update(min(n_rows, (b + 1) * block_size) - b * block_size)
+        else:
+            todo_blocks.append(b)
+
+    def texts_of_block(b):
+        k = None if known is None else known[b * block_size : (b + 1) * block_size]
+        if k is not None and not (k == -1).any():
+            return None  # nothing to encode in this block
+        return texts_of(b * block_size, min(n_rows, (b + 1) * block_size))
+
+    for b, texts in prefetched(texts_of_block, todo_blocks):
+        lo, hi = b * block_size, min(n_rows, (b + 1) * block_size)
         t0 = time.perf_counter()
-        block = np.zeros((hi - lo, encoder.dim), dtype=np.float32)
-        todo = np.arange(hi - lo)
-        if known is not None:
-            k = known[lo:hi]
-            reuse = np.flatnonzero(k >= 0)
-            block[reuse] = known_embeddings[k[reuse]]
-            todo = np.flatnonzero(k == -1)
-        if len(todo):
-            texts = texts_of(lo, hi)
-            block[todo] = encoder.encode([texts[i] for i in todo])
+        block, n_encoded = embed_block(lambda lo, hi, texts=texts: texts, lo, hi, encoder,
+                                       None if known is None else known[lo:hi], known_embeddings)
         cache.save(b, block)
         seconds += time.perf_counter() - t0
-        done += len(todo)
+        done += n_encoded
         bar.update(hi - lo)
         bar.set_postfix(chunks_per_s=f"{done / max(seconds, 1e-9):.0f}")
     bar.close()
     return done, seconds
 
 
+def embed_block(texts_of, lo: int, hi: int, encoder: Encoder, known: np.ndarray | None = None,
+                known_embeddings=None) -> tuple[np.ndarray, int]:
+    """float32 embeddings of rows ``[lo, hi)`` and how many texts were encoded (``known`` as above,
+    here for these rows only; ``known_embeddings`` may be a memory map: only the re-used rows are read)."""
+    block = np.zeros((hi - lo, encoder.dim), dtype=np.float32)
+    todo = np.arange(hi - lo)
+    if known is not None:
+        reuse = np.flatnonzero(known >= 0)
+        if len(reuse):
+            block[reuse] = known_embeddings[known[reuse]]
+        todo = np.flatnonzero(known == -1)
+    if len(todo):
+        texts = texts_of(lo, hi)
+        block[todo] = encoder.encode([texts[i] for i in todo])
+    return block, len(todo)
+
+
 def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, encoder: Encoder,
                    chunk_length: int, block_size: int, out: str | os.PathLike,
-                   work_dir: str | os.PathLike) -> dict | None:
+                   work_dir: str | os.PathLike, dtype: str = "float16") -> dict | None:
     """Embed every chunk of the DB corpus's train split into ``out`` (HDF5); return the metrics.
 
     ``out`` holds ``chunks`` (n, 3) int64 (doc index, start, length), ``doc_ids`` (n,) uint64 and
-    ``embeddings`` (n, dim) float32; the chunk id is the row. Chunks without encoder tokens are
-    dropped and counted. Under a launcher every rank embeds its blocks; rank 0 writes ``out`` and
-    returns the metrics, the other ranks return ``None``.
+    ``embeddings`` (n, dim) in ``dtype`` (float16 by default: half the bytes; unit vectors keep
+    about 3 decimal digits per component); the chunk id is the row. All three are contiguous
+    datasets, so readers read rows by file offset (``dbfile.DBFile``); the ``fingerprint`` attribute
+    hashes every input, so readers key their caches by it instead of hashing the file.
+    Chunks without encoder tokens are dropped and counted. Under a launcher every rank embeds
+    its blocks; rank 0 writes ``out`` and returns the metrics, the other ranks return ``None``.
     """
     if block_size <= 0:
         raise PipelineError(f"params.yaml: embed.block_size must be > 0, got {block_size}")
+    if dtype not in STORAGE_DTYPES:
+        raise PipelineError(f"params.yaml: embed.dtype is {dtype!r}; expected one of {list(STORAGE_DTYPES)}")
     store = TokenStore(db_tokens_dir, "train")
     tok = Tokenizer(tokenizer_path)
     table = chunk_table(store.doc_lengths(), chunk_length)
@@ -444,30 +501,36 @@ def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.Pa
         return None  # not rank 0: this rank's blocks are in the work folder
     embedded, seconds = done
     n_blocks = -(-len(table) // block_size)
-    keep_mask = np.concatenate([np.linalg.norm(cache.load(b), axis=1) > 0 for b in range(n_blocks)])
+    keep_mask = np.zeros(len(table), dtype=bool)  # one bool per chunk; blocks are read one at a time
+    for b in range(n_blocks):
+        keep_mask[b * block_size : (b + 1) * block_size] = np.linalg.norm(cache.load(b), axis=1) > 0
     kept = int(keep_mask.sum())
     if kept == 0:
         raise PipelineError(f"{db_tokens_dir}: no chunk of the database corpus has any encoder tokens")
-    rows = table[keep_mask]
-    dropped_rows = table[~keep_mask]
+    dropped_rows = table[~keep_mask]  # only the dropped chunks, to say why each was dropped
     reasons = encoder.drop_reasons(chunk_texts(store, dropped_rows, chunk_length, tok)) if len(dropped_rows) else \
         {"no_encoder_tokens": 0, "only_unknown_tokens": 0}
     with atomic_path(out) as tmp:
         with h5py.File(tmp, "w", track_order=False) as f:
-            chunks = np.stack([rows["doc"], rows["start"], rows["length"]], axis=1).astype(np.int64)
-            f.create_dataset("chunks", data=chunks, track_times=False)
-            f.create_dataset("doc_ids", data=store.doc_ids[rows["doc"]].astype(np.uint64), track_times=False)
-            emb = f.create_dataset("embeddings", shape=(kept, encoder.dim), dtype=np.float32,
-                                   chunks=(min(kept, 1024), encoder.dim), track_times=False)
+            chunks = f.create_dataset("chunks", shape=(kept, 3), dtype=np.int64, track_times=False)
+            doc_ids = f.create_dataset("doc_ids", shape=(kept,), dtype=np.uint64, track_times=False)
+            emb = f.create_dataset("embeddings", shape=(kept, encoder.dim), dtype=np.dtype(dtype), track_times=False)
             at = 0
             for b in range(n_blocks):
-                block = cache.load(b)[keep_mask[b * block_size : (b + 1) * block_size]]
-                emb[at : at + len(block)] = block
+                lo, hi = b * block_size, min(len(table), (b + 1) * block_size)
+                keep = keep_mask[lo:hi]
+                rows = table[lo:hi][keep]
+                block = cache.load(b)[keep]
+                chunks[at : at + len(rows)] = np.stack([rows["doc"], rows["start"], rows["length"]], axis=1)
+                doc_ids[at : at + len(rows)] = store.doc_ids[rows["doc"]].astype(np.uint64)
+                emb[at : at + len(block)] = block.astype(dtype)
                 at += len(block)
             f.attrs["encoder"] = encoder.name
             f.attrs["chunk_length"] = chunk_length
             f.attrs["dim"] = encoder.dim
             f.attrs["precision"] = encoder.precision  # what embed.precision resolved to on this machine
+            f.attrs["dtype"] = dtype
+            f.attrs["fingerprint"] = hashlib.blake2b(f"{key}|{dtype}|{EMBED_VERSION}".encode(), digest_size=16).hexdigest()
     cache.clear()
     end_ranks(world)
     return {
@@ -480,18 +543,6 @@ def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.Pa
         "encoder": encoder.name,
         "precision": encoder.precision,
         "dim": encoder.dim,
+        "dtype": dtype,
     }
 
-
-def read_embeddings(path: str | os.PathLike) -> dict:
-    """Load ``embeddings.h5`` fully: {'chunks', 'doc_ids', 'embeddings', 'attrs'}."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: embeddings file not found; run the embed stage")
-    with h5py.File(path, "r") as f:
-        return {
-            "chunks": f["chunks"][:],
-            "doc_ids": f["doc_ids"][:],
-            "embeddings": f["embeddings"][:],
-            "attrs": dict(f.attrs),
-        }

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import faiss
 import h5py
 import numpy as np
 
+from .dbfile import DBFile
 from .errors import PipelineError
 from .io import atomic_path
 from .progress import progress
@@ -111,23 +113,88 @@ def make_index(factory: str, dim: int, n_db: int, n_train: int):
     return index, string
 
 
-def sample_training_points(embeddings_h5: str | os.PathLike, train_points: int, seed: int) -> np.ndarray:
-    """A seeded random sample of ``train_points`` DB embeddings (all of them when fewer)."""
-    with h5py.File(embeddings_h5, "r") as f:
-        ds = f["embeddings"]
-        n = ds.shape[0]
-        if train_points >= n:
-            return ds[:]
+def training_points_useful(index) -> tuple[int, str]:
+    """The most training points the index can use, and why: Faiss's k-means keeps at most
+    ``max_points_per_centroid`` (256) points per centroid and subsamples the rest away, so a
+    larger sample only costs reading time and memory. 0 for an index with nothing to train."""
+    cap, why = 0, "nothing to train"
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        per = ivf.cp.max_points_per_centroid
+        cap, why = per * ivf.nlist, f"IVF k-means uses at most {per} points per list x {ivf.nlist} lists"
+    inner = _inner(index)
+    pq = getattr(inner, "pq", None)
+    if pq is not None and pq.cp.max_points_per_centroid * pq.ksub > cap:
+        cap, why = pq.cp.max_points_per_centroid * pq.ksub, f"PQ k-means uses at most {pq.cp.max_points_per_centroid * pq.ksub} points"
+    if cap == 0 and not index.is_trained:
+        cap, why = 1 << 62, "no cap known for this index"
+    return cap, why
+
+
+def sample_training_points(embeddings_h5: str | os.PathLike, train_points: int, seed: int,
+                           block_size: int = 65536) -> np.ndarray:
+    """A seeded random sample of ``train_points`` DB embeddings (all of them when fewer), float32.
+
+    One pass in row order over the file (preads), at most ``block_size`` rows read at a
+    time; only the sample itself is held (the index needs it in RAM to train).
+    """
+    db = DBFile(embeddings_h5)
+    n = db.n
+    if train_points >= n:
+        rows = np.arange(n, dtype=np.int64)
+    else:
         rows = np.sort(np.random.default_rng(seed).choice(n, size=train_points, replace=False))
-        return ds[rows]
+    out = db.embedding_rows(rows, block_size)
+    db.close()
+    return out
 
 
-def _gpu_count() -> int:
+def gpu_count() -> int:
+    """GPUs Faiss can use (0 with faiss-cpu, or faiss-gpu on a machine without CUDA)."""
     return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
 
 
-def train_index(embeddings_h5: str | os.PathLike, factory: str, train_points: int, seed: int):
-    """Build and train the index the params describe; return (empty trained index, metrics)."""
+def _train(index, x: np.ndarray, gpus: int) -> dict:
+    """Train ``index`` on ``x``; return which device did what.
+
+    With GPUs, the IVF k-means assigns points with a flat index spread over every GPU
+    (``index_cpu_to_all_gpus`` as the IVF's ``clustering_index``); the coarse quantizer (flat or
+    HNSW) is then built on CPU over the trained centroids, and the codes (SQ/PQ/OPQ) train on
+    CPU. Without GPUs the same steps run on CPU. A failure is an error, never a silent switch
+    to another device.
+    """
+    ivf = faiss.try_extract_index_ivf(index)
+    devices = {}
+    if ivf is not None:
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        devices["ivf_kmeans"] = f"gpu x{gpus}" if gpus else "cpu"
+        devices["coarse_quantizer"] = ("cpu (HNSW over the centroids)" if hasattr(quantizer, "hnsw")
+                                       else "cpu (flat over the centroids)")
+        if gpus:
+            if gpus > gpu_count():
+                raise PipelineError(f"train-index: {gpus} GPU(s) asked for the IVF k-means but Faiss sees "
+                                    f"{gpu_count()}; install faiss-gpu on a CUDA machine or run without GPUs")
+            flat = faiss.IndexFlat(ivf.d, ivf.metric_type)
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(flat, ngpu=gpus)
+    if not isinstance(faiss.downcast_index(_inner(index)), faiss.IndexIVFFlat):
+        devices["codes"] = "cpu"  # SQ / PQ / OPQ training
+    try:
+        index.train(x)
+    except RuntimeError as exc:
+        raise PipelineError(f"params.yaml: index.factory: training failed on {devices or 'cpu'} ({_reason(exc)})") from None
+    finally:
+        if ivf is not None and gpus:
+            ivf.clustering_index = None
+    return devices
+
+
+def train_index(embeddings_h5: str | os.PathLike, factory: str, train_points: int, seed: int,
+                block_size: int = 65536, gpus: int | None = None):
+    """Build and train the index the params describe; return (empty trained index, metrics).
+
+    The training sample is ``min(train_points, n_db, what the index can use)`` points, read
+    in one streaming pass (``sample_training_points``); the metrics say which bound set it.
+    """
     path = Path(embeddings_h5)
     if not path.is_file():
         raise PipelineError(f"{path}: embeddings file not found; run the embed stage")
@@ -137,39 +204,34 @@ def train_index(embeddings_h5: str | os.PathLike, factory: str, train_points: in
         raise PipelineError(f"params.yaml: param 'index.train_points' must be > 0, got {train_points}")
     n_train = min(train_points, n_db)
     index, string = make_index(factory, dim, n_db, n_train)
+    useful, useful_why = training_points_useful(index)
+    bound = "index.train_points" if train_points <= min(n_db, useful) else ("db_chunks" if n_db <= useful else useful_why)
+    n_train = min(n_train, useful)
     for part in (faiss.try_extract_index_ivf(index), _inner(index)):
         if part is not None and hasattr(part, "cp"):
             part.cp.seed = seed  # k-means seed
         if part is not None and hasattr(part, "pq"):
             part.pq.cp.seed = seed
+    gpus = gpu_count() if gpus is None else gpus
     t0 = time.perf_counter()
-    device = "none"
+    devices = {}
+    sample_seconds = 0.0
     if not index.is_trained:
-        x = sample_training_points(path, n_train, seed)
-        device = "cpu"
-        try:
-            if _gpu_count() > 0:
-                res = faiss.StandardGpuResources()
-                gpu = faiss.index_cpu_to_gpu(res, 0, index)
-                gpu.train(x)
-                index = faiss.index_gpu_to_cpu(gpu)
-                device = "gpu"
-            else:
-                index.train(x)
-        except RuntimeError as exc:
-            if device == "gpu" or _gpu_count() > 0:  # not every index trains on GPU: fall back
-                index, _ = make_index(string, dim, n_db, n_train)
-                index.train(x)
-                device = "cpu"
-            else:
-                raise PipelineError(f"params.yaml: index.factory '{string}': training failed ({_reason(exc)})") from None
+        x = sample_training_points(path, n_train, seed, block_size)
+        sample_seconds = time.perf_counter() - t0
+        devices = _train(index, x, gpus)
+        del x
     metrics = {
         "factory": string,
         "factory_param": factory,
         "db_chunks": int(n_db),
-        "training_points": int(n_train) if device != "none" else 0,
-        "train_seconds": round(time.perf_counter() - t0, 3),
-        "train_device": device,
+        "training_points": int(n_train) if devices else 0,
+        "training_points_bound": bound if devices else "nothing to train",
+        "sample_seconds": round(sample_seconds, 3),
+        "train_seconds": round(time.perf_counter() - t0 - sample_seconds, 3),
+        "train_device": ("gpu" if gpus and "ivf_kmeans" in devices else "cpu") if devices else "none",
+        "devices": devices,
+        "gpus": int(gpus),
     }
     return index, metrics
 
@@ -188,8 +250,23 @@ def read_index(path: str | os.PathLike):
     return faiss.read_index(str(path))
 
 
-def populate(trained, embeddings_h5: str | os.PathLike, block_size: int):
-    """Add every DB embedding to a copy of ``trained`` in blocks, with ids = chunk ids (rows)."""
+def code_bytes(index, n: int) -> int:
+    """Bytes the populated index's vectors take: codes plus 8-byte ids."""
+    ivf = faiss.try_extract_index_ivf(index)
+    code = ivf.code_size if ivf is not None else getattr(faiss.downcast_index(_inner(index)), "code_size", 4 * index.d)
+    return int(n) * (int(code) + 8)
+
+
+def populate(trained, embeddings_h5: str | os.PathLike, block_size: int, ondisk_above: int | None = None,
+             ivfdata: str | os.PathLike | None = None, shard_blocks: int = 16):
+    """Add every DB embedding to a copy of ``trained`` in blocks, with ids = chunk ids (rows).
+
+    Memory: one block of embeddings plus the index. For an IVF index whose codes would take more
+    than ``ondisk_above`` bytes, the vectors go into shards of ``shard_blocks`` blocks, each an
+    IVF index written to disk, whose inverted lists are merged at the end into one on-disk file
+    ``ivfdata`` (Faiss's ``OnDiskInvertedLists``; the returned index refers to it by that path,
+    so it must stay beside the index file). Search results are the same as in RAM.
+    """
     index = faiss.clone_index(trained)
     if not index.is_trained:
         raise PipelineError("add-index: the trained index is not trained; rerun train-index")
@@ -199,17 +276,76 @@ def populate(trained, embeddings_h5: str | os.PathLike, block_size: int):
         faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)
     ):
         index = faiss.IndexIDMap2(index)  # Flat/HNSW/PQ keep sequential ids; map them to chunk ids
-    with h5py.File(embeddings_h5, "r") as f:
-        ds = f["embeddings"]
-        n, dim = ds.shape
-        if dim != index.d:
-            raise PipelineError(f"{embeddings_h5}: embeddings are {dim}-d but the trained index is {index.d}-d; rerun train-index")
-        for lo in progress(range(0, n, block_size), desc="add-index", unit="block"):
-            hi = min(n, lo + block_size)
-            index.add_with_ids(np.ascontiguousarray(ds[lo:hi]), np.arange(lo, hi, dtype=np.int64))
+    db = DBFile(embeddings_h5)
+    n, dim = db.n, db.dim
+    if dim != index.d:
+        raise PipelineError(f"{embeddings_h5}: embeddings are {dim}-d but the trained index is {index.d}-d; rerun train-index")
+    ondisk = (ondisk_above is not None and faiss.try_extract_index_ivf(index) is not None
+              and code_bytes(index, n) > ondisk_above)
+    if ondisk and ivfdata is None:
+        raise PipelineError("add-index: the index is above index.ondisk_above but no path for its on-disk lists was given")
+    shard_dir = Path(f"{ivfdata}.shards") if ondisk else None
+    shards, shard = [], None
+    if shard_dir is not None:
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        shard_dir.mkdir(parents=True)
+    ivf_top = isinstance(faiss.downcast_index(index), faiss.IndexIVF)
+    assign = None
+    if ivf_top and not ondisk:
+        assign = _presize_lists(faiss.downcast_index(index), db, block_size)
+    bar = progress(total=n, desc="add-index" + (" (on-disk shards)" if ondisk else ""), unit="vec")
+    for b, (lo, hi) in enumerate(db.blocks(block_size)):
+        target = index
+        if ondisk:
+            if shard is None:
+                shard = faiss.clone_index(trained)
+            target = shard
+        x = np.ascontiguousarray(db.embeddings[lo:hi], dtype=np.float32)
+        ids = np.arange(lo, hi, dtype=np.int64)
+        if assign is not None:  # lists already sized: no vector growth, no second assignment
+            a = np.ascontiguousarray(assign[lo:hi], dtype=np.int64)
+            faiss.downcast_index(index).add_core(hi - lo, faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(a))
+        else:
+            target.add_with_ids(x, ids)
+        if ondisk and ((b + 1) % shard_blocks == 0 or hi == n):
+            shards.append(str(shard_dir / f"shard_{len(shards):06d}.faiss"))
+            faiss.write_index(shard, shards[-1])
+            shard = None
+        bar.update(hi - lo)
+    bar.close()
+    db.close()
+    if ondisk:
+        from faiss.contrib.ondisk import merge_ondisk
+
+        tmp = Path(ivfdata).with_name(f".{Path(ivfdata).name}.tmp-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        merge_ondisk(index, shards, str(tmp))
+        os.replace(tmp, ivfdata)
+        lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+        lists.filename = str(ivfdata)  # the index file refers to the final name
+        shutil.rmtree(shard_dir, ignore_errors=True)
     if index.ntotal != n:
         raise PipelineError(f"add-index: index holds {index.ntotal} vectors but {embeddings_h5} has {n} chunks")
     return index
+
+
+def _presize_lists(ivf, db: DBFile, block_size: int) -> np.ndarray:
+    """Assign every DB vector to its list (one pass over blocks), then reserve each inverted
+    list's exact size, so adding never grows a list by reallocation (which holds the old and
+    the new copy: up to about 2x the index at the peak). Returns the assignments (int32, 4
+    bytes per vector, about 1% of an SQ8 index of 384-d vectors)."""
+    assign = np.empty(db.n, dtype=np.int32)
+    for lo, hi in progress(list(db.blocks(block_size)), desc="add-index (assign)", unit="block"):
+        x = np.ascontiguousarray(db.embeddings[lo:hi], dtype=np.float32)
+        _, a = ivf.quantizer.search(x, 1)
+        assign[lo:hi] = a[:, 0]
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    if isinstance(lists, faiss.ArrayInvertedLists):
+        counts = np.bincount(assign, minlength=ivf.nlist)
+        for list_no in np.flatnonzero(counts):
+            lists.resize(int(list_no), int(counts[list_no]))  # allocates exactly ...
+            lists.resize(int(list_no), 0)  # ... and keeps the capacity
+    return assign
 
 
 def set_search_params(index, nprobe: int | None = None, efsearch: int | None = None) -> dict:

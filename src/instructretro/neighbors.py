@@ -7,18 +7,28 @@ index returns ``num_neighbors_query`` candidates. Every candidate from a documen
 *sample* reads is dropped (by stable document id, so it works when the DB and pretraining
 corpora are one), the first ``num_neighbors_save`` are kept and the rest is padded with -1.
 
+Memory is bounded by ``block_size``, the index and the encoder, not by the database: the DB
+file is read a block or a search result at a time (``dbfile.DBFile``, by file offset); the
+query-to-DB-chunk join and the document id of a candidate come from a sorted table of the
+DB's documents (one row per document, built in one streaming pass) searched with
+``np.searchsorted``; the exclusion is one vectorised comparison per block; every output is
+written block by block.
+
 Quality is measured, not assumed: ``recall_at_k`` compares the stored neighbors of a random
-sample of query chunks with exact inner-product search (``IndexFlatIP``) under the same
-exclusion. It is tie-aware: a stored neighbor counts as a hit when its true score reaches the
-exact k-th score (duplicate chunks score equally, and either copy is a correct answer).
+sample of query chunks with exact inner-product search (block by block over the
+DB embeddings) under the same exclusion. It is tie-aware: a stored neighbor counts as a hit
+when its true score reaches the exact k-th score (duplicate chunks score equally, and either
+copy is a correct answer). For an IVF index the same sample is searched again at nprobe 1, 2,
+4, ... nlist (``recall_nprobe``: the curve that tells which nprobe a database needs).
 
 ``NeighborTokens`` reads neighbors as the model sees them: the chunk plus its continuation (the
 next ``chunk_length`` tokens of the same document, cut at the document end), ``2*chunk_length``
 tokens padded with EOD, and a mask of the real tokens.
 
-Past one machine: under a launcher each rank embeds its share of the query blocks (block ``b``
-goes to rank ``b % world``, both splits) into the shared work folder; after a barrier rank 0
-alone searches and writes the output, so the bytes equal a one-process run.
+Past one machine: under a launcher block ``b`` of each split goes to rank ``b % world``; every
+rank embeds *and searches* its blocks and writes them to the shared work folder; after a
+barrier rank 0 assembles the output from the blocks, streaming, so the bytes equal a
+one-process run. Each rank opens the index only after it knows its rank.
 """
 
 from __future__ import annotations
@@ -33,8 +43,8 @@ import h5py
 import numpy as np
 
 from .chunks import SampleLayout
-from .embed import (BlockCache, Encoder, _file_digest, chunk_texts, embed_rows_blockwise, end_ranks,
-                    gather_to_rank0, start_ranks, store_fingerprint)
+from .dbfile import DBFile, file_digest
+from .embed import BlockCache, Encoder, chunk_texts, embed_block, end_ranks, gather_to_rank0, start_ranks, store_fingerprint
 from .errors import PipelineError
 from .io import atomic_path
 from .progress import progress
@@ -43,35 +53,34 @@ from .tokenstore import TokenStore
 
 FEWER_THAN_K_WARNING = 0.5  # warn when more query chunks than this have fewer than k neighbors
 SCORE_TOLERANCE = 1e-5  # float32 inner products of unit vectors agree to about 1e-6
+REUSED, SEARCHABLE = 1, 2  # per-row flags saved with each searched block
 
 
 class NeighborTokens:
     """``NeighborTokens(db_tokens_dir, embeddings_h5, chunk_length)(ids) -> (tokens, mask)``.
 
     ``ids`` int64 (..., k) DB chunk ids (-1 = none) -> ``tokens`` int64 (..., k, 2*chunk_length)
-    and ``mask`` bool of the same shape. Vectorised: one gather from the memory-mapped store.
+    and ``mask`` bool of the same shape. Vectorised: the rows of the asked chunks are read from
+    the chunk table (by offset), then one gather from the memory-mapped token store.
     """
 
     def __init__(self, db_tokens_dir: str | os.PathLike, embeddings_h5: str | os.PathLike, chunk_length: int):
         self.store = TokenStore(db_tokens_dir, "train")
-        path = Path(embeddings_h5)
-        if not path.is_file():
-            raise PipelineError(f"{path}: embeddings file not found; run the embed stage")
-        with h5py.File(path, "r") as f:
-            chunks = f["chunks"][:]
-            stored_cl = int(f.attrs.get("chunk_length", chunk_length))
+        self.db = DBFile(embeddings_h5, need_embeddings=False)
+        stored_cl = int(self.db.attrs.get("chunk_length", chunk_length))
         if stored_cl != chunk_length:
-            raise PipelineError(f"{path}: built with chunk_length {stored_cl}, asked for {chunk_length}; rerun embed")
+            raise PipelineError(f"{self.db.path}: built with chunk_length {stored_cl}, asked for {chunk_length}; rerun embed")
         self.chunk_length = chunk_length
         self.width = 2 * chunk_length
-        doc, start = chunks[:, 0], chunks[:, 1]
-        doc_len = self.store.doc_lengths()[doc]
-        self.begin = self.store.offsets[doc] + start  # first token of each chunk in the store
-        self.length = np.minimum(self.width, doc_len - start)  # chunk + continuation, cut at doc end
-        self.chunks = chunks
+        self.doc_lengths = self.store.doc_lengths()
+
+    @property
+    def chunks(self):
+        """The DB chunk table (n, 3) (doc index, start, length), read by row on demand."""
+        return self.db.chunks
 
     def __len__(self) -> int:
-        return len(self.begin)
+        return self.db.n
 
     def __call__(self, ids) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(ids, dtype=np.int64)
@@ -79,11 +88,14 @@ class NeighborTokens:
         if flat.size and (flat.max(initial=-1) >= len(self) or flat.min(initial=0) < -1):
             raise PipelineError(f"neighbor ids must be in [-1, {len(self)}), got {flat.min()}..{flat.max()}")
         valid = flat >= 0
-        safe = np.where(valid, flat, 0)
-        length = np.where(valid, self.length[safe], 0)
+        uniq, inverse = np.unique(np.where(valid, flat, 0), return_inverse=True)
+        rows = np.asarray(self.db.chunks[uniq]).reshape(-1, 3) if len(uniq) else np.zeros((0, 3), np.int64)
+        doc, start = rows[:, 0], rows[:, 1]
+        begin = (self.store.offsets[doc] + start)[inverse]  # first token of each chunk in the store
+        length = np.where(valid, np.minimum(self.width, self.doc_lengths[doc] - start)[inverse], 0)
         pos = np.arange(self.width)
         mask = pos[None, :] < length[:, None]
-        where = np.where(mask, self.begin[safe][:, None] + pos[None, :], 0)
+        where = np.where(mask, begin[:, None] + pos[None, :], 0)
         tokens = np.where(mask, self.store.tokens[where] if len(self.store.tokens) else 0, EOD_ID).astype(np.int64)
         shape = ids.shape + (self.width,)
         return tokens.reshape(shape), mask.reshape(shape)
@@ -108,164 +120,330 @@ def exclude_and_keep(candidates: np.ndarray, db_doc_ids: np.ndarray, banned: np.
     return out
 
 
-def sample_bans(layout: SampleLayout) -> tuple[np.ndarray, np.ndarray]:
-    """Per query chunk: the stable ids of the documents its sample reads (nq, m) and a valid mask."""
-    m = layout.chunks_per_sample
-    docs = layout.chunks["doc"].reshape(-1, m)
-    valid = docs >= 0
-    ids = np.where(valid, layout.store.doc_ids[np.where(valid, docs, 0)] if len(layout.store) else 0, 0)
-    ids = ids.astype(np.uint64)
-    return np.repeat(ids, m, axis=0), np.repeat(valid, m, axis=0)
 
+class DBDocuments:
+    """The DB's documents as a sorted table: stable id -> (first DB row, number of rows).
 
-def db_rows_of(layout: SampleLayout, db_chunks: np.ndarray, db_doc_ids: np.ndarray) -> np.ndarray:
-    """For each query chunk, the DB chunk with the same document id, start and length, or -1."""
-    where = {(int(d), int(s)): r for r, (d, s) in enumerate(zip(db_doc_ids.tolist(), db_chunks[:, 1].tolist()))}
-    rows = layout.chunks
-    out = np.full(len(rows), -1, dtype=np.int64)
-    if not len(layout.store):
+    Built in one streaming pass over ``doc_ids`` (a document's chunks are consecutive rows); one
+    row per DB *document*, 40 bytes each (the table sorted by id, and by row). ``rows_of`` joins
+    query chunks to DB chunks with ``np.searchsorted`` on the document id, then a vectorised binary search on the chunk start
+    inside the document's rows (read from the chunk table by row).
+    """
+
+    def __init__(self, db: DBFile, block_size: int):
+        self.db = db
+        firsts, ids, prev = [], [], None
+        for lo, hi in db.blocks(block_size):
+            d = np.asarray(db.doc_ids[lo:hi])
+            change = np.ones(len(d), dtype=bool)
+            change[1:] = d[1:] != d[:-1]
+            if prev is not None and d[0] == prev:
+                change[0] = False
+            firsts.append(lo + np.flatnonzero(change))
+            ids.append(d[change])
+            prev = d[-1]
+        first = np.concatenate(firsts) if firsts else np.zeros(0, np.int64)
+        doc_ids = np.concatenate(ids) if ids else np.zeros(0, np.uint64)
+        count = np.diff(np.append(first, db.n))
+        self.first_by_row, self.id_by_row = first, doc_ids  # row order: the document of a DB row
+        order = np.argsort(doc_ids, kind="stable")
+        self.doc_ids, self.first, self.count = doc_ids[order], first[order], count[order]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        """Stable document id of DB rows ``rows`` (any shape): a search in the in-RAM table, so
+        excluding candidates reads nothing from the DB file."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return self.id_by_row[np.searchsorted(self.first_by_row, rows, side="right") - 1]
+
+    def rows_of(self, doc_ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """For each query chunk (stable doc id, start, length), the DB row of the same chunk or -1."""
+        out = np.full(len(doc_ids), -1, dtype=np.int64)
+        if not len(self.doc_ids) or not len(doc_ids):
+            return out
+        pos = np.minimum(np.searchsorted(self.doc_ids, doc_ids), len(self.doc_ids) - 1)
+        hit = self.doc_ids[pos] == doc_ids
+        lo = np.where(hit, self.first[pos], 0)
+        hi = np.where(hit, self.first[pos] + self.count[pos], 0)
+        end = hi.copy()
+        active = lo < hi
+        while active.any():  # lower bound of ``start`` in the document's rows, all queries at once
+            q = np.flatnonzero(active)
+            mid = (lo[q] + hi[q]) // 2
+            below = _column(self.db.chunks, mid, 1) < starts[q]
+            lo[q] = np.where(below, mid + 1, lo[q])
+            hi[q] = np.where(below, hi[q], mid)
+            active = lo < hi
+        q = np.flatnonzero(hit & (lo < end))
+        if len(q):
+            found = np.asarray(self.db.chunks[lo[q]]).reshape(-1, 3)
+            same = (found[:, 1] == starts[q]) & (found[:, 2] == lengths[q])
+            out[q[same]] = lo[q[same]]
         return out
-    qdoc = layout.store.doc_ids[np.maximum(rows["doc"], 0)]
-    for q, (d, s, length, doc) in enumerate(zip(qdoc.tolist(), rows["start"].tolist(), rows["length"].tolist(), rows["doc"].tolist())):
-        if doc < 0:
-            continue
-        r = where.get((d, s))
-        if r is not None and db_chunks[r, 2] == length:
-            out[q] = r
+
+
+def _column(table, rows: np.ndarray, c: int) -> np.ndarray:
+    return np.asarray(table[rows]).reshape(len(rows), -1)[:, c]
+
+
+class QuerySplit:
+    """The query chunks of one pretraining split, and per-block views of them."""
+
+    def __init__(self, tokens_dir, split: str, chunk_length: int, seq_length: int):
+        self.store = TokenStore(tokens_dir, split)
+        self.layout = SampleLayout(self.store, chunk_length, seq_length)
+        self.rows = self.layout.chunks
+        self.n = len(self.rows)
+        self.m = self.layout.chunks_per_sample
+
+    def doc_ids(self, lo: int, hi: int) -> np.ndarray:
+        """Stable document ids of rows ``[lo, hi)`` (0 for padding rows)."""
+        doc = self.rows["doc"][lo:hi]
+        if not len(self.store):
+            return np.zeros(hi - lo, np.uint64)
+        return np.where(doc >= 0, self.store.doc_ids[np.maximum(doc, 0)], 0).astype(np.uint64)
+
+    def bans(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per query row: the stable ids of the documents its sample reads (n, m) and a valid mask."""
+        s = np.asarray(rows, dtype=np.int64) // self.m
+        docs = self.rows["doc"].reshape(-1, self.m)[s]
+        valid = docs >= 0
+        if not len(self.store):
+            return np.zeros(docs.shape, np.uint64), valid
+        return np.where(valid, self.store.doc_ids[np.maximum(docs, 0)], 0).astype(np.uint64), valid
+
+
+def search_block(index, emb: np.ndarray, rows: np.ndarray, split: QuerySplit, db: DBFile,
+                 n_query: int, n_save: int, documents: "DBDocuments") -> np.ndarray:
+    """Neighbors (len(rows), n_save) of query ``rows`` with embeddings ``emb``, sample documents excluded."""
+    out = np.full((len(rows), n_save), -1, dtype=np.int64)
+    live = np.flatnonzero(np.linalg.norm(emb, axis=1) > 0)
+    if len(live):
+        _, cand = index.search(np.ascontiguousarray(emb[live], dtype=np.float32), min(n_query, max(db.n, 1)))
+        banned, valid = split.bans(rows[live])
+        out[live] = exclude_and_keep(cand, documents, banned, valid, n_save)
     return out
 
 
-def search_blocks(index, cache: BlockCache, n_rows: int, block_size: int, searchable: np.ndarray,
-                  bans: tuple[np.ndarray, np.ndarray], db_doc_ids: np.ndarray, n_query: int, n_save: int,
-                  desc: str) -> np.ndarray:
-    """Search every searchable query row (embeddings from ``cache``), exclude, keep ``n_save``."""
-    out = np.full((n_rows, n_save), -1, dtype=np.int64)
-    banned, banned_valid = bans
-    for b in progress(range(-(-n_rows // block_size)), desc=desc, unit="block"):
-        lo, hi = b * block_size, min(n_rows, (b + 1) * block_size)
-        rows = lo + np.flatnonzero(searchable[lo:hi])
-        if not len(rows):
-            continue
-        emb = cache.load(b)[rows - lo]
-        _, cand = index.search(np.ascontiguousarray(emb), n_query)
-        out[rows] = exclude_and_keep(cand, db_doc_ids, banned[rows], banned_valid[rows], n_save)
-    return out
+def exact_candidates(queries: np.ndarray, db: DBFile, n: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``n`` inner-product (scores, ids) of ``queries``, best first: one pass over DB blocks."""
+    nq = len(queries)
+    best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((nq, 0), dtype=np.int64)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    for lo, hi in db.blocks(block_size):
+        scores = q @ np.asarray(db.embeddings[lo:hi], dtype=np.float32).T
+        s = np.concatenate([best_s, scores], axis=1)
+        i = np.concatenate([best_i, np.broadcast_to(np.arange(lo, hi), scores.shape)], axis=1)
+        if s.shape[1] > n:
+            keep = np.argpartition(-s, n - 1, axis=1)[:, :n]
+            s, i = np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
+        best_s, best_i = s, i
+    order = np.lexsort((best_i, -best_s), axis=1)
+    return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
 
 
-def recall_at_k(queries: np.ndarray, approx: np.ndarray, db_embeddings: np.ndarray, db_doc_ids: np.ndarray,
-                bans: tuple[np.ndarray, np.ndarray], n_query: int, k: int) -> dict:
-    """Tie-aware recall@k of ``approx`` (nq, k) against exact inner-product search, same exclusion."""
-    exact_index = faiss.IndexFlatIP(db_embeddings.shape[1])
-    exact_index.add(db_embeddings)
-    _, cand = exact_index.search(np.ascontiguousarray(queries), min(n_query, len(db_embeddings)))
-    exact = exclude_and_keep(cand, db_doc_ids, bans[0], bans[1], k)
+def recall_at_k(queries: np.ndarray, approx: np.ndarray, exact: np.ndarray, db: DBFile, block_size: int) -> dict:
+    """Tie-aware recall@k of ``approx`` (nq, k) against ``exact`` (nq, k), both after exclusion."""
     hits = wanted = same_ids = 0
-    for q in range(len(queries)):
+    last = np.array([e[e >= 0][-1] if (e >= 0).any() else -1 for e in exact])
+    has = last >= 0
+    thresholds = np.full(len(queries), np.inf, dtype=np.float32)
+    if has.any():
+        thresholds[has] = np.einsum("ij,ij->i", db.embedding_rows(last[has], block_size), queries[has]) - SCORE_TOLERANCE
+    a_ok = approx >= 0
+    a_scores = np.full(approx.shape, -np.inf, dtype=np.float32)
+    if a_ok.any():
+        qi, ki = np.nonzero(a_ok)
+        a_scores[qi, ki] = np.einsum("ij,ij->i", db.embedding_rows(approx[qi, ki], block_size), queries[qi])
+    for q in np.flatnonzero(has):
         e = exact[q][exact[q] >= 0]
-        a = approx[q][approx[q] >= 0]
-        if not len(e):
-            continue
-        threshold = float(db_embeddings[e[-1]] @ queries[q]) - SCORE_TOLERANCE
-        scores = db_embeddings[a] @ queries[q] if len(a) else np.zeros(0)
-        hits += min(len(e), int((scores >= threshold).sum()))
-        same_ids += len(np.intersect1d(a, e))
+        hits += min(len(e), int((a_scores[q] >= thresholds[q]).sum()))
+        same_ids += len(np.intersect1d(approx[q][a_ok[q]], e))
         wanted += len(e)
     return {"recall_at_k": round(hits / wanted, 4) if wanted else None,
             "recall_at_k_same_ids": round(same_ids / wanted, 4) if wanted else None,
             "recall_queries": int(len(queries))}
 
 
+def _exclude_blockwise(cand, documents, banned, valid, k: int, block_size: int) -> np.ndarray:
+    """``exclude_and_keep`` on ``block_size`` queries at a time."""
+    return np.concatenate([exclude_and_keep(cand[lo : lo + block_size], documents, banned[lo : lo + block_size],
+                                            valid[lo : lo + block_size], k)
+                           for lo in range(0, len(cand), block_size)] or [np.zeros((0, k), np.int64)])
+
+
+def recall_check(index, queries: np.ndarray, approx: np.ndarray, rows: np.ndarray, split: QuerySplit, db: DBFile,
+                 documents: "DBDocuments", n_query: int, n_save: int, block_size: int, nprobe_max: int = 0) -> tuple[dict, list[tuple[int, float]]]:
+    """``recall_at_k`` of the stored neighbors, and (nprobe, recall_at_k) at nprobe 1, 2, 4, ... nlist
+    (or up to ``nprobe_max`` when > 0: probing every list of a big index is a full scan).
+
+    A non-IVF index gets one row, at nprobe 0 (nothing to probe).
+    """
+    banned, valid = split.bans(rows)
+    _, cand = exact_candidates(queries, db, min(n_query, db.n), block_size)
+    exact = _exclude_blockwise(cand, documents, banned, valid, n_save, block_size)
+    metrics = recall_at_k(queries, approx, exact, db, block_size)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return metrics, [(0, metrics["recall_at_k"])]
+    curve, nprobe, was = [], 1, ivf.nprobe
+    top = min(ivf.nlist, nprobe_max) if nprobe_max > 0 else ivf.nlist
+    while True:
+        ivf.nprobe = min(nprobe, top)
+        _, c = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(n_query, db.n))
+        got = _exclude_blockwise(c, documents, banned, valid, n_save, block_size)
+        curve.append((int(ivf.nprobe), recall_at_k(queries, got, exact, db, block_size)["recall_at_k"]))
+        if ivf.nprobe >= top:
+            break
+        nprobe *= 2
+    ivf.nprobe = was
+    return metrics, curve
+
+
+def file_key(path: str | os.PathLike) -> str:
+    """What identifies an index file for a resume key: its path, size and mtime (hashing a file
+    of hundreds of GB would cost more than the search it saves)."""
+    st = Path(path).stat()
+    return f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _search_settings(index) -> str:
+    ivf = faiss.try_extract_index_ivf(index)
+    hnsw = [getattr(x, "hnsw", None) for x in (index, getattr(ivf, "quantizer", None)) if x is not None]
+    return f"{getattr(ivf, 'nprobe', None)}|{[h.efSearch for h in hnsw if h is not None]}"
+
+
 def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, encoder: Encoder,
                     index, embeddings_h5: str | os.PathLike, chunk_length: int, seq_length: int,
                     n_query: int, n_save: int, block_size: int, recall_sample: int, seed: int,
-                    out: str | os.PathLike, work_dir: str | os.PathLike) -> dict | None:
+                    out: str | os.PathLike, work_dir: str | os.PathLike, index_key: str | None = None,
+                    recall_nprobe_max: int = 0) -> dict | None:
     """Neighbors of every pretraining query chunk (train and valid) into ``out``; return metrics.
 
-    Under a launcher every rank embeds its query blocks; rank 0 searches, writes ``out`` and
-    returns the metrics, the other ranks return ``None``.
+    ``index`` is the populated index (search settings applied), or a function that opens it,
+    called once this process knows its rank; then ``index_key`` identifies it for the resume
+    key (``file_key`` of its file). Under a launcher every rank
+    embeds and searches its query blocks; rank 0 assembles ``out`` and returns the metrics
+    (``recall_nprobe`` holds the nprobe curve), the other ranks return ``None``.
     """
     if n_save > n_query:
         raise PipelineError(f"params.yaml: query.num_neighbors_save ({n_save}) must be <= query.num_neighbors_query ({n_query})")
-    emb_path = Path(embeddings_h5)
-    db = h5py.File(emb_path, "r")
-    with db:
-        db_chunks, db_doc_ids, db_emb = db["chunks"][:], db["doc_ids"][:], db["embeddings"][:]
-        attrs = dict(db.attrs)
+    db = DBFile(embeddings_h5)
+    attrs = db.attrs
     if attrs.get("encoder") != encoder.name or int(attrs.get("chunk_length", -1)) != chunk_length:
-        raise PipelineError(f"{emb_path}: built with encoder {attrs.get('encoder')!r} and chunk_length "
+        raise PipelineError(f"{db.path}: built with encoder {attrs.get('encoder')!r} and chunk_length "
                             f"{attrs.get('chunk_length')}, but params give {encoder.name!r} and {chunk_length}; rerun embed")
-    if index.ntotal != len(db_chunks):
-        raise PipelineError(f"populated index holds {index.ntotal} vectors but {emb_path} has {len(db_chunks)} chunks; rerun add-index")
     tok = Tokenizer(tokenizer_path)
     t_start = time.perf_counter()
     rank, world = start_ranks()
-    prepared = {}
-    embedded = seconds = 0.0
-    for split in ("train", "valid"):  # 1. every rank embeds its blocks of the query chunks
-        store = TokenStore(pretrain_tokens_dir, split)
-        layout = SampleLayout(store, chunk_length, seq_length)
-        rows = layout.chunks
-        n = len(rows)
-        known = db_rows_of(layout, db_chunks, db_doc_ids)
-        known[rows["doc"] < 0] = -2  # empty padding chunks: nothing to embed or search
-        key = hashlib.blake2b(
-            f"{split}|{store_fingerprint(pretrain_tokens_dir, split)}|{_file_digest(Path(tokenizer_path)).hex()}"
-            f"|{_file_digest(emb_path).hex()}|{encoder.fingerprint()}|{chunk_length}|{seq_length}|{block_size}".encode(),
+    if callable(index):
+        if index_key is None:
+            raise ValueError("query_neighbors: an index opener needs index_key")
+        index = index()
+    else:
+        index_key = hashlib.blake2b(faiss.serialize_index(index).tobytes(), digest_size=16).hexdigest()
+    index_key = f"{index_key}|{_search_settings(index)}"
+    if index.ntotal != db.n:
+        raise PipelineError(f"populated index holds {index.ntotal} vectors but {db.path} has {db.n} chunks; rerun add-index")
+    documents = DBDocuments(db, block_size)
+    splits = {}
+    embedded = seconds = search_seconds = 0.0
+    searched = 0
+    for name in ("train", "valid"):  # every rank embeds and searches its blocks of both splits
+        split = QuerySplit(pretrain_tokens_dir, name, chunk_length, seq_length)
+        emb_key = hashlib.blake2b(
+            f"{name}|{store_fingerprint(pretrain_tokens_dir, name)}|{file_digest(tokenizer_path).hex()}"
+            f"|{db.fingerprint}|{encoder.fingerprint()}|{chunk_length}|{seq_length}|{block_size}".encode(),
             digest_size=12).hexdigest()
-        cache = BlockCache(Path(work_dir) / split, key)
+        emb_cache = BlockCache(Path(work_dir) / "embed" / name, emb_key)
+        nb_key = hashlib.blake2b(f"{emb_key}|{index_key}|{n_query}|{n_save}".encode(),
+                                 digest_size=12).hexdigest()
+        nb_cache = BlockCache(Path(work_dir) / "search" / name, nb_key)
+        rows = split.rows
 
-        def texts_of(lo, hi, store=store, rows=rows):
-            return chunk_texts(store, rows[lo:hi], chunk_length, tok)
+        def texts_of(lo, hi, split=split):
+            return chunk_texts(split.store, split.rows[lo:hi], chunk_length, tok)
 
-        done, secs = embed_rows_blockwise(texts_of, n, encoder, block_size, cache, f"embed queries ({split})",
-                                          known=known, known_embeddings=db_emb, rank=rank, world=world)
-        embedded += done
-        seconds += secs
-        prepared[split] = (layout, known, cache)
+        n_blocks = -(-split.n // block_size)
+        mine = range(rank, n_blocks, world)
+        bar = progress(total=len(mine), desc=f"query blocks ({name})" + (f" [rank {rank}/{world}]" if world > 1 else ""),
+                       unit="block")
+        for b in mine:
+            lo, hi = b * block_size, min(split.n, (b + 1) * block_size)
+            if nb_cache.has(b) and nb_cache.has(b, "flags"):
+                bar.update(1)
+                continue
+            real = rows["doc"][lo:hi] >= 0
+            known = documents.rows_of(split.doc_ids(lo, hi), rows["start"][lo:hi], rows["length"][lo:hi])
+            known[~real] = -2  # empty padding chunks: nothing to embed or search
+            if emb_cache.has(b):
+                emb = emb_cache.load(b)
+            else:
+                t0 = time.perf_counter()
+                emb, n_enc = embed_block(texts_of, lo, hi, encoder, known, db.embeddings)
+                emb_cache.save(b, emb)
+                seconds += time.perf_counter() - t0
+                embedded += n_enc
+            searchable = np.linalg.norm(emb, axis=1) > 0
+            t0 = time.perf_counter()
+            nb_cache.save(b, search_block(index, emb, np.arange(lo, hi), split, db, n_query, n_save, documents))
+            search_seconds += time.perf_counter() - t0
+            searched += int(searchable.sum())
+            nb_cache.save(b, ((known >= 0) * REUSED + searchable * SEARCHABLE).astype(np.uint8), "flags")
+            bar.update(1)
+        bar.close()
+        splits[name] = (split, emb_cache, nb_cache)
     gathered = gather_to_rank0(world, int(embedded), seconds)
     if gathered is None:
+        db.close()
         return None  # not rank 0: this rank's blocks are in the work folder
     embedded, seconds = gathered
-    results, metrics, caches = {}, {}, []
+    metrics, curve = {}, []
     rng = np.random.default_rng(seed)
-    for split in ("train", "valid"):  # 2. rank 0 searches every block
-        layout, known, cache = prepared[split]
-        rows = layout.chunks
-        n = len(rows)
-        n_blocks = -(-n // block_size)
-        norms = np.concatenate([np.linalg.norm(cache.load(b), axis=1) for b in range(n_blocks)]) if n else np.zeros(0)
-        searchable = norms > 0
-        bans = sample_bans(layout)
-        neighbors = search_blocks(index, cache, n, block_size, searchable, bans, db_doc_ids, n_query, n_save,
-                                  f"search ({split})")
-        results[split] = neighbors
-        real = rows["doc"] >= 0
-        short = (neighbors[real] < 0).any(axis=1) if real.any() else np.zeros(0, bool)
-        metrics[split] = {
-            "query_chunks": int(real.sum()),
-            "query_chunks_padding": int((~real).sum()),
-            "query_chunks_reusing_db_embedding": int((known >= 0).sum()),
-            "query_chunks_no_encoder_tokens": int((real & ~searchable).sum()),
-            "fraction_fewer_than_k": round(float(short.mean()), 4) if len(short) else 0.0,
-            "query_chunks_no_neighbor": int((neighbors[real] < 0).all(axis=1).sum()) if real.any() else 0,
-        }
-        if split == "train" and searchable.any() and recall_sample > 0:
-            pick = np.flatnonzero(searchable)
-            pick = np.sort(rng.choice(pick, size=min(recall_sample, len(pick)), replace=False))
-            q_emb = np.concatenate([cache.load(b)[pick[(pick // block_size) == b] - b * block_size]
-                                    for b in np.unique(pick // block_size)])
-            metrics.update(recall_at_k(q_emb, neighbors[pick], db_emb, db_doc_ids,
-                                       (bans[0][pick], bans[1][pick]), n_query, n_save))
-        caches.append(cache)
     with atomic_path(out) as tmp:
         with h5py.File(tmp, "w") as f:
-            for split in ("train", "valid"):
-                f.create_dataset(split, data=results[split], track_times=False)
+            for name in ("train", "valid"):  # rank 0 assembles the blocks, streaming
+                split, emb_cache, nb_cache = splits[name]
+                ds = f.create_dataset(name, shape=(split.n, n_save), dtype=np.int64, track_times=False)
+                searchable = np.zeros(split.n, dtype=bool)
+                counts = dict(real=0, reused=0, short=0, none=0)
+                for b in range(-(-split.n // block_size)):
+                    lo, hi = b * block_size, min(split.n, (b + 1) * block_size)
+                    nb, flags = nb_cache.load(b), nb_cache.load(b, "flags")
+                    ds[lo:hi] = nb
+                    real = split.rows["doc"][lo:hi] >= 0
+                    searchable[lo:hi] = (flags & SEARCHABLE) > 0
+                    counts["real"] += int(real.sum())
+                    counts["reused"] += int(((flags & REUSED) > 0).sum())
+                    counts["short"] += int((nb[real] < 0).any(axis=1).sum())
+                    counts["none"] += int((nb[real] < 0).all(axis=1).sum())
+                metrics[name] = {
+                    "query_chunks": counts["real"],
+                    "query_chunks_padding": int(split.n - counts["real"]),
+                    "query_chunks_reusing_db_embedding": counts["reused"],
+                    "query_chunks_no_encoder_tokens": int(counts["real"] - searchable.sum()),
+                    "fraction_fewer_than_k": round(counts["short"] / counts["real"], 4) if counts["real"] else 0.0,
+                    "query_chunks_no_neighbor": counts["none"],
+                }
+                if name == "train" and searchable.any() and recall_sample > 0:
+                    pick = np.flatnonzero(searchable)
+                    pick = np.sort(rng.choice(pick, size=min(recall_sample, len(pick)), replace=False))
+                    blocks = pick // block_size
+                    q_emb = np.concatenate([emb_cache.load(b)[pick[blocks == b] - b * block_size] for b in np.unique(blocks)])
+                    approx = np.concatenate([nb_cache.load(b)[pick[blocks == b] - b * block_size] for b in np.unique(blocks)])
+                    t_recall = time.perf_counter()
+                    recall, curve = recall_check(index, q_emb, approx, pick, split, db, documents, n_query, n_save, block_size,
+                                                 recall_nprobe_max)
+                    metrics.update(recall)
+                    metrics["recall_seconds"] = round(time.perf_counter() - t_recall, 2)
+                del searchable
             f.attrs["num_neighbors_save"] = n_save
             f.attrs["chunk_length"] = chunk_length
             f.attrs["seq_length"] = seq_length
-    for cache in caches:  # the output is complete: the finished blocks are no longer needed
-        cache.clear()
+    for _, emb_cache, nb_cache in splits.values():  # the output is complete: the blocks are no longer needed
+        emb_cache.clear()
+        nb_cache.clear()
+    db.close()
     end_ranks(world)
     total_real = metrics["train"]["query_chunks"] + metrics["valid"]["query_chunks"]
     metrics["k"] = n_save
@@ -274,7 +452,10 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
          + metrics["valid"]["fraction_fewer_than_k"] * metrics["valid"]["query_chunks"]) / max(total_real, 1), 4)
     metrics["query_chunks_per_s"] = round(embedded / seconds, 1) if seconds > 0 else None
     metrics["seconds"] = round(time.perf_counter() - t_start, 2)
-    metrics["warning"] = fewer_than_k_warning(metrics, len(np.unique(db_doc_ids)))
+    metrics["warning"] = fewer_than_k_warning(metrics, len(documents.doc_ids))
+    # this rank's own search (search + exclusion; with several ranks, rank 0's share)
+    metrics["search_ms_per_query_chunk"] = round(1000 * search_seconds / searched, 4) if searched else None
+    metrics["recall_nprobe"] = curve
     return metrics
 
 

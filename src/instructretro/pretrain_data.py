@@ -142,14 +142,14 @@ class PretrainSamples:
             if neighbor_ids.shape[1] < num_neighbors:
                 raise PipelineError(f"the model reads {num_neighbors} neighbors but only "
                                     f"{neighbor_ids.shape[1]} were saved per chunk (query.num_neighbors_save)")
-            self.neighbor_ids = np.ascontiguousarray(neighbor_ids[:, :num_neighbors], dtype=np.int64)
+            self.neighbor_ids = neighbor_ids  # may be a memory map: batches read their rows only
 
     def __len__(self) -> int:
         return len(self.layout)
 
     def sample_neighbor_ids(self, s: int) -> np.ndarray:
         m = self.chunks_per_sample
-        return self.neighbor_ids[s * m : (s + 1) * m]
+        return np.asarray(self.neighbor_ids[s * m : (s + 1) * m, : self.k], dtype=np.int64)
 
     def fact_mask(self, s: int) -> np.ndarray:
         """1.0 where the label is a fact token (label at position i is the next token)."""
@@ -235,7 +235,11 @@ def all_eval_batches(num_samples: int, eval_batches: int, micro_batch: int, worl
 
 
 def read_neighbor_ids(path: str | os.PathLike, split: str) -> np.ndarray:
-    """The ``split`` dataset of ``neighbors.h5`` as an int64 array (n_query_chunks, K)."""
+    """The ``split`` dataset of ``neighbors.h5`` (n_query_chunks, K), memory-mapped.
+
+    query-neighbors writes a contiguous int64 dataset, so this maps it at its byte offset and a
+    batch reads only its samples' rows; a chunked or compressed dataset (another writer) is read.
+    """
     import h5py
 
     path = Path(path)
@@ -244,7 +248,11 @@ def read_neighbor_ids(path: str | os.PathLike, split: str) -> np.ndarray:
     with h5py.File(path, "r") as f:
         if split not in f:
             raise PipelineError(f"{path}: no dataset {split!r} (has {sorted(f.keys())})")
-        return np.asarray(f[split][...], dtype=np.int64)
+        ds = f[split]
+        offset, shape, dtype = ds.id.get_offset(), ds.shape, ds.dtype
+        if offset is None or ds.chunks is not None or ds.compression is not None or not shape[0]:
+            return np.asarray(ds[...], dtype=np.int64)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 @dataclass

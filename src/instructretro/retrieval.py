@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-import h5py
 import numpy as np
 
 from .embed import Encoder
@@ -32,10 +31,9 @@ class Retriever:
                  nprobe: int | None = None, efsearch: int | None = None, precision: str = "auto"):
         self.encoder = encoder if isinstance(encoder, Encoder) else Encoder(encoder, precision=precision)
         self.neighbors = NeighborTokens(db_tokens_dir, embeddings_h5, chunk_length)
-        with h5py.File(embeddings_h5, "r") as f:
-            self.doc_ids = f["doc_ids"][:]
-            dim = int(f.attrs.get("dim", f["embeddings"].shape[1]))
-            built_with = str(f.attrs.get("encoder", ""))
+        self.doc_ids = self.neighbors.db.as_array("doc_ids")  # memory-mapped: only the candidates' rows are read
+        dim = int(self.neighbors.db.attrs.get("dim", 0))
+        built_with = str(self.neighbors.db.attrs.get("encoder", ""))
         if dim != self.encoder.dim or built_with.split(" (")[0] != self.encoder.model_name:
             raise PipelineError(f"{embeddings_h5}: database embedded with {built_with!r} ({dim}-d), "
                                 f"but the retriever's encoder is {self.encoder.name!r} ({self.encoder.dim}-d)")
