@@ -4,7 +4,6 @@ that depend on it."""
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
@@ -15,36 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "src" / "instructretro"
 
 
-def _imports(path: Path) -> set[str]:
-    """instructretro modules imported by ``path`` (as module names), one level."""
-    tree = ast.parse(path.read_text())
-    mods = set()
-    is_pkg_module = path.parent == PKG
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level and is_pkg_module:
-                base = "instructretro" + ("." + base if base else "")
-            if base == "instructretro":
-                mods |= {a.name for a in node.names if (PKG / f"{a.name}.py").exists()}
-            elif base.startswith("instructretro."):
-                mods.add(base.split(".")[1])
-        elif isinstance(node, ast.Import):
-            for a in node.names:
-                if a.name.startswith("instructretro."):
-                    mods.add(a.name.split(".")[1])
-    return mods
-
-
 def transitive_modules(script: Path) -> set[str]:
-    todo, seen = list(_imports(script)), set()
-    while todo:
-        m = todo.pop()
-        if m in seen:
-            continue
-        seen.add(m)
-        todo += list(_imports(PKG / f"{m}.py"))
-    return seen
+    """instructretro modules ``script`` imports, transitively (the scan the resume keys use)."""
+    from instructretro.workdir import code_files
+
+    return {p.stem for p in code_files(script) if p.parent == PKG}
 
 
 def _stages():
