@@ -272,7 +272,9 @@ def test_report_rows_follow_the_metrics_files(tmp_path):
     (tmp_path / "pretrain_gpt.json").write_text('{"model": "tiny", "retro": false, "steps": 4, "val_loss": 1.5, '
                                                 '"val_ppl": 4.4817, "val_loss_shuffled": null}')
     (tmp_path / "score" / "nq.json").write_text('{"em": 12.5, "f1": 20.25, "count": 8}')
+    (tmp_path / "score" / "rag.json").write_text('{"em": 10.0, "f1": 15.0, "count": 4, "gold_in_context": 0.75}')
     t = report.table(tmp_path)
+    assert "| score | rag: gold answer in the contexts shown | 0.750 |" in t and "nq: gold" not in t
     assert "| pretrain-gpt | tiny GPT, 4 steps: validation loss (perplexity) | 1.5000 (4.482) |" in t
     assert "| score | nq: EM / F1 (8 questions) | 12.5 / 20.2 |" in t and "shuffled" not in t
     readme = f"intro\n{report.START}\nold\n{report.END}\nrest\n"

@@ -58,6 +58,8 @@ def rows(metrics_dir: str | os.PathLike = "metrics") -> list[tuple[str, str, str
         sc = _read(path)
         out.append(("score", f"{path.stem}: EM / F1 ({sc.get('count')} questions)",
                     f"{_num(sc.get('em'), 1)} / {_num(sc.get('f1'), 1)}"))
+        if sc.get("gold_in_context") is not None:
+            out.append(("score", f"{path.stem}: gold answer in the contexts shown", _num(sc["gold_in_context"], 3)))
     return out
 
 
