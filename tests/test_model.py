@@ -125,6 +125,34 @@ def test_all_neighbors_masked_equals_retrieval_off_and_gpt():
     assert not torch.allclose(used[:, L - 1:], off[:, L - 1:])
 
 
+def test_encoder_embedding_grad_switch_changes_only_the_embedding_gradient_from_neighbors():
+    """``encoder_embedding_grad: false``: the encoder reads the shared token embedding but its
+    gradient does not train it. Same logits, same gradients everywhere else; the embedding rows
+    of tokens that occur only in neighbors get no gradient."""
+    torch.manual_seed(2)
+    grads, logits = {}, {}
+    for flag in (True, False):
+        model = Retro(tiny_config(encoder_embedding_grad=flag)).double()
+        if flag:
+            weights = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            model.load_state_dict(weights)
+        tokens, neighbors, mask = make_batch(model.config)
+        tokens = tokens % 17 + 3  # decoder tokens 3..19, neighbor tokens 20..39
+        neighbors = neighbors % 20 + 20
+        out = model(tokens, neighbors, mask)
+        out.square().mean().backward()
+        logits[flag] = out.detach()
+        grads[flag] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert torch.equal(logits[True], logits[False])
+    for name, g in grads[True].items():
+        if name != "embed.weight":
+            assert torch.allclose(g, grads[False][name], rtol=1e-10, atol=1e-14), name
+    emb_on, emb_off = grads[True]["embed.weight"], grads[False]["embed.weight"]
+    assert torch.allclose(emb_on[:20], emb_off[:20], rtol=1e-10, atol=1e-14)
+    assert emb_off[20:].abs().max() == 0 and emb_on[20:].abs().max() > 0
+
+
 def test_same_seed_gives_same_decoder_weights_for_retro_and_gpt():
     torch.manual_seed(7)
     retro = Retro(tiny_config())

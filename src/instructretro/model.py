@@ -70,6 +70,7 @@ class ModelConfig:
     rotary_percent: float = 0.5
     rotary_base: float = 10000.0
     cca_rotary: bool = True  # relative positions between decoder queries and neighbor tokens in CCA
+    encoder_embedding_grad: bool = True  # the encoder's gradient reaches the shared token embedding
     norm_eps: float = 1e-5
     init_std: float = 0.02
     name: str = field(default="custom", compare=False)
@@ -97,7 +98,7 @@ class ModelConfig:
             raise PipelineError(
                 f"param 'model.hidden' ({self.hidden}) must be divisible by 'model.heads' ({self.heads})"
             )
-        for key in ("retro", "cca_rotary"):
+        for key in ("retro", "cca_rotary", "encoder_embedding_grad"):
             if not isinstance(getattr(self, key), bool):
                 raise PipelineError(f"param 'model.{key}' must be true or false, got {getattr(self, key)!r}")
         if not 0.0 < self.rotary_percent <= 1.0:
@@ -597,6 +598,8 @@ class Retro(nn.Module):
         context = context.reshape(B * n_new, L, hidden)
         k, R = step.neighbors.shape[2:]
         emb = self.embed(step.neighbors.reshape(B * n_new, k, R))
+        if not self.config.encoder_embedding_grad:
+            emb = emb.detach()
         out = self.encoder(emb, step.neighbor_mask.reshape(B * n_new, k, R), context, context_mask)
         return out.view(B, n_new, k, R, hidden)
 
