@@ -10,7 +10,8 @@ reference). ``run`` trains arms of the pretrain stage (``run_pretrain``, the sta
 on those inputs, one process, and appends each arm's metrics and validation curve to
 ``<out>/runs.jsonl``; ``table`` prints them as markdown, mean over seeds per arm.
 
-Arms: ``gpt``; ``retro`` (the pipeline's model); ``retro-detach`` (``model.encoder_embedding_grad``
+Arms: ``gpt``; ``retro`` (the pipeline's model); ``retro-gate`` (``model.cca_gate``: each CCA
+output scaled by tanh of a scalar that starts at 0); ``retro-detach`` (``model.encoder_embedding_grad``
 false: the encoder reads the decoder's token embedding without training it);
 ``retro-detach-all`` (that, and the decoder states the encoder reads as context detached too:
 the encoder's gradient trains only the encoder; patched in for the run only);
@@ -188,7 +189,7 @@ def build_data(args) -> None:
 
 # ----------------------------------------------------------------------------- training arms
 
-ARMS = ("gpt", "retro", "retro-detach", "retro-detach-all", "retro-zero-cca")
+ARMS = ("gpt", "retro", "retro-gate", "retro-detach", "retro-detach-all", "retro-zero-cca")
 
 
 class ResidualProbe:
@@ -204,13 +205,15 @@ class ResidualProbe:
             if layer.cca is None:
                 continue
             layer.cca_norm.register_forward_pre_hook(self._hook(f"x{i + 1}", pre=True))
-            layer.cca.proj.register_forward_hook(self._hook(f"cca{i + 1}"))
+            layer.cca.proj.register_forward_hook(self._hook(f"cca{i + 1}", gate=getattr(layer.cca, "gate", None)))
 
-    def _hook(self, name, pre=False):
+    def _hook(self, name, pre=False, gate=None):
         def hook(module, inputs, output=None):
             if not module.training or not torch.is_grad_enabled():
                 return
             t = (inputs[0] if pre else output).detach()[:, self.start:]
+            if gate is not None:  # what reaches the residual stream
+                t = t * torch.tanh(gate.detach())
             self.current[name] = self.current.get(name, 0.0) + float(t.float().pow(2).sum())
         return hook
 
@@ -241,6 +244,8 @@ def run_arm(root: Path, arm: str, seed: int, steps: int, lr: float, clip: float,
     p = P.load(str(root / "params.yaml"))
     vocab = TokenStore(str(root / "tokens" / "pretrain"), "train").vocab_size
     config = model_config_from_params(p, vocab, gpt=arm == "gpt")
+    if arm == "retro-gate":
+        config.cca_gate = True
     if arm in ("retro-detach", "retro-detach-all"):  # the encoder reads the token embedding, does not train it
         config.encoder_embedding_grad = False
     preset = presets.training(config.name)

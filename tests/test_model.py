@@ -153,6 +153,36 @@ def test_encoder_embedding_grad_switch_changes_only_the_embedding_gradient_from_
     assert emb_off[20:].abs().max() == 0 and emb_on[20:].abs().max() > 0
 
 
+def test_cca_gate_starts_as_an_exact_no_op_and_keeps_the_invariants():
+    """``cca_gate``: at init Retro computes exactly its decoder alone (the gate is 0) and only
+    the gates get a gradient from CCA; once open, all neighbors masked still equals retrieval
+    off, and no token sees the neighbors of a chunk that has not ended."""
+    torch.manual_seed(3)
+    model = Retro(tiny_config(cca_gate=True)).double()
+    gates = [layer.cca.gate for layer in model.layers if layer.cca is not None]
+    assert len(gates) == 2 and all(float(g) == 0.0 for g in gates)
+    assert all(Retro.is_retro_parameter(n) for n, p in model.named_parameters() if n.endswith(".gate"))
+    tokens, neighbors, mask = make_batch(model.config)
+    out = model(tokens, neighbors, mask)
+    with torch.no_grad():
+        assert torch.equal(out, model(tokens))
+    out.square().mean().backward()
+    assert all(g.grad.abs().item() > 0 for g in gates)
+    assert all(p.grad is None or p.grad.abs().max() == 0 for n, p in model.named_parameters()
+               if Retro.is_retro_parameter(n) and not n.endswith(".gate"))
+    with torch.no_grad():
+        for g in gates:
+            g.fill_(0.7)
+        off = model(tokens)
+        assert torch.equal(model(tokens, neighbors, torch.zeros_like(mask)), off)
+        used = model(tokens, neighbors, mask)
+        assert torch.equal(used[:, :L - 1], off[:, :L - 1]) and not torch.allclose(used[:, L - 1:], off[:, L - 1:])
+        later = neighbors.clone()
+        later[:, 2:] = (later[:, 2:] + 1) % model.config.vocab_size  # chunks 2, 3 end at 3L - 1, 4L - 1
+        changed = model(tokens, later, mask)
+        assert torch.equal(changed[:, :3 * L - 1], used[:, :3 * L - 1])
+
+
 def test_same_seed_gives_same_decoder_weights_for_retro_and_gpt():
     torch.manual_seed(7)
     retro = Retro(tiny_config())

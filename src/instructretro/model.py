@@ -71,6 +71,7 @@ class ModelConfig:
     rotary_base: float = 10000.0
     cca_rotary: bool = True  # relative positions between decoder queries and neighbor tokens in CCA
     encoder_embedding_grad: bool = True  # the encoder's gradient reaches the shared token embedding
+    cca_gate: bool = False  # CCA output times tanh(gate), the gate starting at 0 (an exact no-op at init)
     norm_eps: float = 1e-5
     init_std: float = 0.02
     name: str = field(default="custom", compare=False)
@@ -98,7 +99,7 @@ class ModelConfig:
             raise PipelineError(
                 f"param 'model.hidden' ({self.hidden}) must be divisible by 'model.heads' ({self.heads})"
             )
-        for key in ("retro", "cca_rotary", "encoder_embedding_grad"):
+        for key in ("retro", "cca_rotary", "encoder_embedding_grad", "cca_gate"):
             if not isinstance(getattr(self, key), bool):
                 raise PipelineError(f"param 'model.{key}' must be true or false, got {getattr(self, key)!r}")
         if not 0.0 < self.rotary_percent <= 1.0:
@@ -417,6 +418,8 @@ class DecoderLayer(nn.Module):
         if cca:
             self.cca_norm = LayerNorm1p(config.hidden, config.norm_eps)
             self.cca = CrossAttention(config)
+            if config.cca_gate:  # one scalar per CCA layer; ``reset_parameters`` starts it at 0
+                self.cca.gate = nn.Parameter(torch.zeros(1))
         else:
             self.cca = None
         self.norm2 = LayerNorm1p(config.hidden, config.norm_eps)
@@ -460,7 +463,7 @@ class Retro(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0):
         """Normal(0, init_std) for weights, std / sqrt(2 * n_layers) for the projections into
-        the residual stream, zeros for norms; decoder parameters first, then Retro's.
+        the residual stream, zeros for norms and CCA gates; decoder parameters first, then Retro's.
 
         Parameters partitioned by ZeRO-3 (built under ``deepspeed.zero.Init``) are gathered one
         at a time, rank 0 writes them and ZeRO re-partitions them: the same values as an
@@ -477,7 +480,7 @@ class Retro(nn.Module):
                 continue
             shape = full_shape(p)
             writer = not is_partitioned(p) or _rank() == 0  # others receive rank 0's values
-            if "norm" in name.rsplit(".", 2)[-2]:
+            if "norm" in name.rsplit(".", 2)[-2] or name.endswith(".cca.gate"):
                 value = torch.zeros(shape) if writer else None
             elif name.endswith(("proj.weight", "down.weight")):
                 value = torch.randn(shape, generator=gen) * out_std if writer else None
@@ -567,7 +570,10 @@ class Retro(nn.Module):
                 if step.cca_rope is not None:
                     q = apply_rope(q, *step.cca_rope)
                 y = chunked_cross_attention(q, keys, values, mask, step.start, self.config.chunk_length, offset)
-                x = x + layer.cca.output(y)
+                out = layer.cca.output(y)
+                if self.config.cca_gate:
+                    out = out * torch.tanh(layer.cca.gate)
+                x = x + out
         return x + layer.mlp(layer.norm2(x)), encoded
 
     def _encode(self, h, step: "_Step"):

@@ -87,6 +87,7 @@ OPTIONAL: dict[str, dict[str, object]] = {
     "model": {"n_layers": INT_OR_NULL, "hidden": INT_OR_NULL, "heads": INT_OR_NULL, "ffn_hidden": INT_OR_NULL,
               "cca_layers": optional(int_list), "encoder_layers": INT_OR_NULL, "num_neighbors": INT_OR_NULL,
               "rotary_percent": FLOAT_OR_NULL, "rotary_base": FLOAT_OR_NULL, "cca_rotary": (bool, NONE),
+              "encoder_embedding_grad": (bool, NONE), "cca_gate": (bool, NONE),
               "norm_eps": FLOAT_OR_NULL, "init_std": FLOAT_OR_NULL},
 }
 
