@@ -22,6 +22,7 @@ stream over the norm of that stream (``cca_ratio``).
     .venv/bin/python experiments/realtext.py data --html /usr/share/doc/python3.11/html --out /work/realtext-data
     .venv/bin/python experiments/realtext.py run --out /work/realtext-data --arms retro gpt --seeds 1234 1 2 --steps 400
     .venv/bin/python experiments/realtext.py table --out /work/realtext-data
+    .venv/bin/python experiments/realtext.py data-world --out /work/world-data    # the same arms on the default world
 """
 
 from __future__ import annotations
@@ -167,7 +168,22 @@ def stage(script: str, *args: str) -> None:
 def build_data(args) -> None:
     out = Path(args.out)
     corpus = write_corpus(Path(args.html), out, args.max_docs, args.max_chars)
-    params = str(scratch_params(out, corpus))
+    build_stages(out, str(scratch_params(out, corpus)))
+
+
+def build_world(args) -> None:
+    """The default generated world and the repo's params (corpora pointed into ``--out``)."""
+    out = Path(args.out)
+    stage("generate_world.py", "--params", str(REPO / "params.yaml"), "--out", str(out / "world"))
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p["corpus"]["db"] = str(out / "world" / "reference.jsonl")
+    p["corpus"]["pretrain"] = str(out / "world" / "documents.jsonl")
+    (out / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    build_stages(out, str(out / "params.yaml"))
+
+
+def build_stages(out: Path, params: str) -> None:
+    """tokenizer .. query-neighbors of the pipeline, outputs under ``out``."""
     d = lambda *p: str(out.joinpath(*p))  # noqa: E731
     stage("tokenizer.py", "--params", params, "--out", d("tokenizer", "spm.model"))
     for which in ("db", "pretrain"):
@@ -374,6 +390,8 @@ def main(argv=None):
     a.add_argument("--out", required=True)
     a.add_argument("--max-docs", type=int, default=1000)
     a.add_argument("--max-chars", type=int, default=4000)
+    w = sub.add_parser("data-world", help="the default generated world -> tokenizer .. neighbors in --out")
+    w.add_argument("--out", required=True)
     r = sub.add_parser("run", help="train arms on the data in --out; append to <out>/runs.jsonl")
     r.add_argument("--out", required=True)
     r.add_argument("--arms", nargs="+", choices=ARMS, default=["retro", "gpt"])
@@ -388,6 +406,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.cmd == "data":
         build_data(args)
+    elif args.cmd == "data-world":
+        build_world(args)
     elif args.cmd == "run":
         run_arms(args)
     elif args.curves:

@@ -158,7 +158,8 @@ class ModelConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise PipelineError(f"{source}: unknown model config keys {unknown}")
-        d = {"cca_rotary": False, **d}  # configs written before the field existed had none
+        # configs written before these fields existed were trained without them
+        d = {"cca_rotary": False, "cca_gate": False, **d}
         try:
             return cls(**d)
         except PipelineError as exc:
