@@ -26,7 +26,8 @@ from instructretro.generate import MODES, Settings, answer_questions, parse_task
 from instructretro.io import write_json, write_jsonl
 from instructretro.retrieval import Retriever
 from instructretro.tokenizer import Tokenizer
-from instructretro.train import checkpoint_precision, init_distributed, load_model, local_device
+from instructretro.checkpoint import checkpoint_precision, load_model
+from instructretro.dist import init_distributed, local_device
 
 
 def read_settings(p: P.Params) -> Settings:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from instructretro import params as P, presets, sft, train
+from instructretro import checkpoint, dist, params as P, presets, sft, train
 from instructretro.errors import PipelineError, cli
 from instructretro.io import write_json
 from instructretro.model import Retro, flops_per_token
@@ -100,7 +100,7 @@ def open_work(args, s: dict, settings: dict, cfg, blend, p: P.Params, rank: int,
     work = WorkDir(args.work, key, lock=rank == 0)
     if rank == 0 and (train.latest_step(work.dir) or 0) >= cfg.steps:
         work.clear()
-    train.barrier()
+    dist.barrier()
     return work
 
 
@@ -185,12 +185,12 @@ def main(argv=None):
         model = Retro(config)
         args.out = str(Path(tempfile.mkdtemp(prefix="sft-smoke-")) / "checkpoint")
     else:
-        config = train.read_config(s["init_from"])
+        config = checkpoint.read_config(s["init_from"])
         settings = sft.sft_settings(config.name, s["overrides"])
         model = None  # built below with the run's ZeRO stage (partitioned at creation at ZeRO-3)
         full = settings
 
-    rank, world = train.init_distributed()
+    rank, world = dist.init_distributed()
     cfg = sft.train_config(settings, world, seed=s["seed"], eval_interval=s["eval_interval"],
                            save_interval=s["save_interval"])
     if model is None:
@@ -229,17 +229,17 @@ def main(argv=None):
         return
     seconds = time.perf_counter() - t0
     export_config = dataclasses.replace(config, seq_length=max(config.seq_length, settings["seq_length"]))
-    train.export_checkpoint(engine, export_config, args.out,
+    checkpoint.export_checkpoint(engine, export_config, args.out,
                             extra={"stage": "sft", "steps": cfg.steps, "precision": cfg.precision})
     if work is not None:
-        train.barrier()
+        dist.barrier()
         if rank == 0:
             work.finish()  # exported: nothing left to resume
     if rank != 0:
         return
     if args.smoke:
         size = sum(f.stat().st_size for f in Path(args.out).iterdir())
-        reloaded = train.read_config(args.out)
+        reloaded = checkpoint.read_config(args.out)
         shutil.rmtree(Path(args.out).parent)
         print(f"sft smoke: one step (forward, backward, AdamW, validation) in {seconds:.1f} s, train loss "
               f"{last['train/loss']:.3f}, val loss {last.get('val/loss', float('nan')):.3f}; exported "

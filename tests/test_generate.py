@@ -306,7 +306,7 @@ def _stage_setup(tmp_path, small_tokenizer, qa_lines, retro=True):
     import torch
 
     from instructretro.model import ModelConfig, Retro
-    from instructretro.train import export_checkpoint
+    from instructretro.checkpoint import export_checkpoint
 
     vocab = tk.Tokenizer(small_tokenizer).vocab_size
     torch.manual_seed(0)

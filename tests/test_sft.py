@@ -359,10 +359,10 @@ def _run_stage(*args, cwd):
 def _stage_setup(tmp_path, small_world, small_tokenizer, tok, **sft_params):
     import yaml
 
-    from instructretro import train
+    from instructretro import checkpoint
 
     model = _tiny_model(tok.vocab_size)
-    train.export_checkpoint(model, model.config, tmp_path / "ckpt")
+    checkpoint.export_checkpoint(model, model.config, tmp_path / "ckpt")
     params = {
         "retro": {"chunk_length": 64},
         "model": {"name": "tiny"},
@@ -387,7 +387,7 @@ def _stage_setup(tmp_path, small_world, small_tokenizer, tok, **sft_params):
 
 
 def test_stage_tunes_exports_and_reports_the_blend(tmp_path, small_world, small_tokenizer, tok):
-    from instructretro import train
+    from instructretro import checkpoint
 
     args = _stage_setup(tmp_path, small_world, small_tokenizer, tok)
     proc = _run_stage(*args, cwd=tmp_path)
@@ -396,7 +396,7 @@ def test_stage_tunes_exports_and_reports_the_blend(tmp_path, small_world, small_
     assert np.isfinite(m["val_loss"]) and m["steps"] == 4 and m["retrieval"] == "none"
     assert {n: c["drawn"] for n, c in m["blend"].items()} == {"chat": 11, "short_qa": 3, "alpaca": 2}
     assert set(m["val_loss_by_dataset"]) == {"chat", "short_qa", "alpaca"}
-    model = train.load_model(tmp_path / "out")
+    model = checkpoint.load_model(tmp_path / "out")
     assert model.config.seq_length == 256 and model.config.name == "tiny"
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert list((tmp_path / "live" / "plots" / "metrics").rglob("*.tsv"))

@@ -37,6 +37,7 @@ import h5py
 import numpy as np
 
 from .chunks import chunk_table
+from .dist import end_ranks, gather_to_rank0, local_rank, start_ranks
 from .errors import PipelineError
 from .io import atomic_path
 from .progress import progress as progress_bar
@@ -231,69 +232,6 @@ class Encoder:
         out[lengths - n_special <= 0] = 0.0
         out[self._only_unknown(pieces)] = 0.0
         return out
-
-
-# --------------------------------------------------------------------------------------------
-# Ranks: block b belongs to rank b % world; rank 0 assembles
-
-
-def local_rank() -> int:
-    """This process's GPU index on its node (``LOCAL_RANK`` set by the launcher; 0 without one)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def start_ranks() -> tuple[int, int]:
-    """``(rank, world_size)``; starts ``torch.distributed`` only under a launcher (WORLD_SIZE > 1).
-
-    gloo on CPU, nccl on GPU (each rank on ``cuda:LOCAL_RANK``). The timeout is long because
-    ranks meet only once, after embedding all their blocks, which can take hours on a big corpus.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import datetime
-
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
-            if key not in os.environ:
-                raise PipelineError(f"WORLD_SIZE is {world} but {key} is not set; start the stage with a launcher (deepspeed, torchrun)")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank())
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=24))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def gather_to_rank0(world: int, done: int, seconds: float) -> tuple[int, float] | None:
-    """Wait for every rank's blocks; rank 0 gets (texts encoded by all ranks, slowest rank's seconds).
-
-    Other ranks get ``None`` and leave the process group: their part is done. One process: as is.
-    """
-    if world <= 1:
-        return done, seconds
-    import torch
-    import torch.distributed as dist
-
-    device = f"cuda:{local_rank()}" if dist.get_backend() == "nccl" else "cpu"
-    counts = torch.tensor([float(done)], dtype=torch.float64, device=device)
-    slowest = torch.tensor([seconds], dtype=torch.float64, device=device)
-    dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # also the barrier: every block file is written
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    if dist.get_rank() != 0:
-        dist.destroy_process_group()
-        return None
-    return int(counts.item()), float(slowest.item())
-
-
-def end_ranks(world: int) -> None:
-    """Rank 0 leaves the process group once its outputs are written (no-op for one process)."""
-    if world > 1:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def encoder_from_params(p) -> Encoder:

@@ -44,7 +44,8 @@ import numpy as np
 
 from .chunks import SampleLayout
 from .dbfile import DBFile, file_digest
-from .embed import BlockCache, Encoder, chunk_texts, embed_block, end_ranks, gather_to_rank0, start_ranks, store_fingerprint
+from .dist import end_ranks, gather_to_rank0, start_ranks
+from .embed import BlockCache, Encoder, chunk_texts, embed_block, store_fingerprint
 from .errors import PipelineError
 from .io import atomic_path
 from .progress import progress

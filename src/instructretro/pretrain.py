@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import export_checkpoint, init_from_checkpoint, load_model
+from .dist import barrier, init_distributed, is_rank0, local_device
 from .errors import PipelineError
 from .pretrain_data import PretrainInputs, PretrainSamples, TrainOrder, all_eval_batches, eval_indices, load_split
 from .tokenstore import TokenStore
@@ -99,21 +101,21 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
     run stops at that step with a resume checkpoint and returns None.
     """
     from . import train as T
-    rank, world = T.init_distributed()
+    rank, world = init_distributed()
     if skip_train and not init_from:
         raise PipelineError("params.yaml: 'pretrain.skip_train' needs 'pretrain.init_from' (the checkpoint to evaluate)")
     torch.manual_seed(cfg.seed)
     if skip_train:
-        model = T.load_model(init_from)
+        model = load_model(init_from)
         model_config = model.config
     else:
         model = T.build_model(model_config, cfg)  # at ZeRO-3 already partitioned
-        fresh = T.init_from_checkpoint(model, init_from) if init_from else []
-        if init_from and is_main():
+        fresh = init_from_checkpoint(model, init_from) if init_from else []
+        if init_from and is_rank0():
             print(f"pretrain: decoder weights from {init_from}; {len(fresh)} retrieval tensors fresh")
         if cfg.freeze_decoder:  # retrofitting: only encoder and CCA train
             T.freeze_decoder(model)
-            if is_main():
+            if is_rank0():
                 print(f"pretrain: decoder frozen, training {sum(p.requires_grad for p in model.parameters())} "
                       "encoder and CCA tensors")
     n_params = model.num_parameters()
@@ -126,7 +128,7 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
 
     start, summary = 0, {}
     if skip_train:
-        device = T.local_device()  # cuda:LOCAL_RANK (no engine to pick it)
+        device = local_device()  # cuda:LOCAL_RANK (no engine to pick it)
         model.to(device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
         final = validation_fn(model, valid, cfg, rank, world, device)()
         engine = model
@@ -136,11 +138,11 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
         work = WorkDir(work_root, key, lock=rank == 0)
         if rank == 0 and (T.latest_step(work.dir) or 0) >= cfg.steps:
             work.clear()  # a run of this key that had finished is never resumed: train afresh
-        T.barrier()
+        barrier()
         engine = T.build_engine(model, cfg)
         start = T.resume(engine, work.dir)
-        live = T.open_live(live_dir, work.dir, start) if is_main() and live_dir is not None else None
-        if start and is_main():
+        live = T.open_live(live_dir, work.dir, start) if is_rank0() and live_dir is not None else None
+        if start and is_rank0():
             print(f"pretrain: resumed from {work.dir} at step {start}")
         order = TrainOrder(len(train_set), cfg.micro_batch, cfg.grad_accum, world, rank, cfg.seed)
         evaluate_now = validation_fn(engine, valid, cfg, rank, world, engine.device)
@@ -166,17 +168,13 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
     }
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
     if out is not None:
-        T.export_checkpoint(engine, model_config, out, extra={"steps": metrics["steps"], "init_from": init_from,
-                                                                   "precision": cfg.precision})
+        export_checkpoint(engine, model_config, out, extra={"steps": metrics["steps"], "init_from": init_from,
+                                                                 "precision": cfg.precision})
     if not skip_train:
-        T.barrier()
+        barrier()
         if rank == 0:
             work.finish()  # exported: nothing left to resume
     return metrics
-
-
-def is_main() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def preset_training(preset: dict, world_size: int, micro_batch: int | None = None,

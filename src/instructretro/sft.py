@@ -338,23 +338,10 @@ def search_batched(retriever, texts: list[str], n: int, batch: int = 256, desc: 
         ids = np.asarray(retriever.search([texts[i] for i in idx], n), dtype=np.int64).reshape(len(idx), -1)
         out[idx, : ids.shape[1]] = ids[:, :n]
     if world_size > 1:
-        out = _all_gather_rows(out, share, lo, hi)
+        from .dist import all_gather_rows
+
+        out = all_gather_rows(out, share, lo, hi)
     return out
-
-
-def _all_gather_rows(table: np.ndarray, share: int, lo: int, hi: int) -> np.ndarray:
-    """Every rank's rows ``[lo, hi)`` of ``table`` (``share`` rows per rank), all-gathered on
-    this process's device (the one the collective needs: NCCL refuses host tensors)."""
-    import torch
-
-    from .train import local_device
-
-    device = local_device()
-    mine = torch.full((share, table.shape[1]), -1, dtype=torch.int64, device=device)
-    mine[: hi - lo] = torch.from_numpy(table[lo:hi]).to(device)
-    parts = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, mine)
-    return torch.cat(parts).cpu().numpy()[: len(table)]
 
 
 def chunk_queries(tok, inputs: np.ndarray, chunk_length: int) -> list[str]:
