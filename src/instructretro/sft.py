@@ -39,7 +39,8 @@ import numpy as np
 
 from . import data
 from .errors import PipelineError
-from .tokenizer import EOD_ID, PAD_ID
+from .prompts import prompt_segments, tokenize_segments
+from .tokenizer import PAD_ID
 
 # ----------------------------------------------------------------------------------------------
 # 1. Presets: SFT training defaults per model preset. ``None`` in params means "the preset's".
@@ -197,55 +198,7 @@ def load_split(entry: BlendEntry, valid_fraction: float) -> tuple[list[dict], li
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Prompt format.
-
-
-def prompt_segments(system: str, turns: Sequence[tuple[str, str]], contexts: Sequence[str] = ()) -> list[tuple[str, bool]]:
-    """The conversation as ``[(text, is_answer), ...]`` in the reference format.
-
-    ``System: {system}\\n\\n``, then each context followed by a blank line, then
-    ``User: {q}\\n\\nAssistant:`` and `` {answer}`` turns separated by a blank line. Joining the
-    texts gives the prompt; a conversation that ends with a user turn ends with
-    ``Assistant:``, ready for generation. Answers are stripped of surrounding whitespace.
-    """
-    segs = [(f"System: {system}\n\n", False)]
-    segs += [(f"{c.strip()}\n\n", False) for c in contexts]
-    for i, (role, text) in enumerate(turns):
-        if role == "user":
-            segs.append((f"User: {text.strip()}\n\nAssistant:", False))
-        else:
-            segs.append((" " + text.strip(), True))
-            if i < len(turns) - 1:
-                segs.append(("\n\n", False))
-    return segs
-
-
-def render(segments: Iterable[tuple[str, bool]]) -> str:
-    """The text of a segment list."""
-    return "".join(t for t, _ in segments)
-
-
-def format_prompt(system: str, question: str, contexts: Sequence[str] = ()) -> str:
-    """The single-turn prompt ``System: ...\\n\\n[contexts]User: {question}\\n\\nAssistant:``."""
-    return render(prompt_segments(system, [("user", question)], contexts))
-
-
-def tokenize_segments(tok, segments: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Token ids ending in EOD, a bool per token (answer or final EOD), and where the final answer starts.
-
-    Segments are encoded one by one, so the answer mask is exact at the segment boundaries.
-    """
-    pieces = tok.encode_batch([t for t, _ in segments])
-    tokens, answer = [], []
-    final_start = 0
-    for (_, is_answer), ids in zip(segments, pieces):
-        if is_answer:
-            final_start = len(tokens)
-        tokens += ids
-        answer += [is_answer] * len(ids)
-    tokens.append(EOD_ID)
-    answer.append(True)
-    return np.asarray(tokens, dtype=np.int64), np.asarray(answer, dtype=bool), final_start
+# 3. Prompt format: prompts.py.
 
 
 # ----------------------------------------------------------------------------------------------
