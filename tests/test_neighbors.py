@@ -8,10 +8,11 @@ import pytest
 
 from instructretro.chunks import SampleLayout, chunk_table
 from instructretro.data import document_id
+from instructretro.dbfile import NeighborTokens
 from instructretro.embed import Encoder, embed_database
 from instructretro.errors import PipelineError
 from instructretro.index import populate, set_search_params, train_index
-from instructretro.neighbors import NeighborTokens, exclude_and_keep, query_neighbors
+from instructretro.neighbors import exclude_and_keep, query_neighbors
 from instructretro.tokenizer import EOD_ID
 from instructretro.tokenstore import TokenStore, TokenStoreWriter
 

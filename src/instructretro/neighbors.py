@@ -21,10 +21,6 @@ when its true score reaches the exact k-th score (duplicate chunks score equally
 copy is a correct answer). For an IVF index the same sample is searched again at nprobe 1, 2,
 4, ... nlist (``recall_nprobe``: the curve that tells which nprobe a database needs).
 
-``NeighborTokens`` reads neighbors as the model sees them: the chunk plus its continuation (the
-next ``chunk_length`` tokens of the same document, cut at the document end), ``2*chunk_length``
-tokens padded with EOD, and a mask of the real tokens.
-
 Past one machine: under a launcher block ``b`` of each split goes to rank ``b % world``; every
 rank embeds *and searches* its blocks and writes them to the shared work folder; after a
 barrier rank 0 assembles the output from the blocks, streaming, so the bytes equal a
@@ -49,57 +45,12 @@ from .embed import BlockCache, Encoder, chunk_texts, embed_block, store_fingerpr
 from .errors import PipelineError
 from .io import atomic_path
 from .progress import progress
-from .tokenizer import EOD_ID, Tokenizer
+from .tokenizer import Tokenizer
 from .tokenstore import TokenStore
 
 FEWER_THAN_K_WARNING = 0.5  # warn when more query chunks than this have fewer than k neighbors
 SCORE_TOLERANCE = 1e-5  # float32 inner products of unit vectors agree to about 1e-6
 REUSED, SEARCHABLE = 1, 2  # per-row flags saved with each searched block
-
-
-class NeighborTokens:
-    """``NeighborTokens(db_tokens_dir, embeddings_h5, chunk_length)(ids) -> (tokens, mask)``.
-
-    ``ids`` int64 (..., k) DB chunk ids (-1 = none) -> ``tokens`` int64 (..., k, 2*chunk_length)
-    and ``mask`` bool of the same shape. Vectorised: the rows of the asked chunks are read from
-    the chunk table (by offset), then one gather from the memory-mapped token store.
-    """
-
-    def __init__(self, db_tokens_dir: str | os.PathLike, embeddings_h5: str | os.PathLike, chunk_length: int):
-        self.store = TokenStore(db_tokens_dir, "train")
-        self.db = DBFile(embeddings_h5, need_embeddings=False)
-        stored_cl = int(self.db.attrs.get("chunk_length", chunk_length))
-        if stored_cl != chunk_length:
-            raise PipelineError(f"{self.db.path}: built with chunk_length {stored_cl}, asked for {chunk_length}; rerun embed")
-        self.chunk_length = chunk_length
-        self.width = 2 * chunk_length
-        self.doc_lengths = self.store.doc_lengths()
-
-    @property
-    def chunks(self):
-        """The DB chunk table (n, 3) (doc index, start, length), read by row on demand."""
-        return self.db.chunks
-
-    def __len__(self) -> int:
-        return self.db.n
-
-    def __call__(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.asarray(ids, dtype=np.int64)
-        flat = ids.reshape(-1)
-        if flat.size and (flat.max(initial=-1) >= len(self) or flat.min(initial=0) < -1):
-            raise PipelineError(f"neighbor ids must be in [-1, {len(self)}), got {flat.min()}..{flat.max()}")
-        valid = flat >= 0
-        uniq, inverse = np.unique(np.where(valid, flat, 0), return_inverse=True)
-        rows = np.asarray(self.db.chunks[uniq]).reshape(-1, 3) if len(uniq) else np.zeros((0, 3), np.int64)
-        doc, start = rows[:, 0], rows[:, 1]
-        begin = (self.store.offsets[doc] + start)[inverse]  # first token of each chunk in the store
-        length = np.where(valid, np.minimum(self.width, self.doc_lengths[doc] - start)[inverse], 0)
-        pos = np.arange(self.width)
-        mask = pos[None, :] < length[:, None]
-        where = np.where(mask, begin[:, None] + pos[None, :], 0)
-        tokens = np.where(mask, self.store.tokens[where] if len(self.store.tokens) else 0, EOD_ID).astype(np.int64)
-        shape = ids.shape + (self.width,)
-        return tokens.reshape(shape), mask.reshape(shape)
 
 
 def exclude_and_keep(candidates: np.ndarray, db_doc_ids: np.ndarray, banned: np.ndarray,
@@ -119,7 +70,6 @@ def exclude_and_keep(candidates: np.ndarray, db_doc_ids: np.ndarray, banned: np.
     if out.shape[1] < k:
         out = np.pad(out, ((0, 0), (0, k - out.shape[1])), constant_values=-1)
     return out
-
 
 
 class DBDocuments:
