@@ -64,8 +64,8 @@ def test_digests_are_cached_by_stat_and_redone_when_a_file_changes(tmp_path, mon
     f = tmp_path / "big.bin"
     f.write_bytes(b"a" * 1000)
     calls = []
-    real = workdir.file_digest
-    monkeypatch.setattr(workdir, "file_digest", lambda p: calls.append(p) or real(p))
+    real = workdir.sha256_file
+    monkeypatch.setattr(workdir, "sha256_file", lambda p: calls.append(p) or real(p))
     first = content_key({}, [f], cache=DigestCache(tmp_path / "work"))
     assert content_key({}, [f], cache=DigestCache(tmp_path / "work")) == first
     assert len(calls) == 1  # the second key read the cached digest

@@ -37,6 +37,7 @@ import h5py
 import numpy as np
 
 from .chunks import chunk_table
+from .dbfile import file_digest
 from .dist import end_ranks, gather_to_rank0, local_rank, start_ranks
 from .errors import PipelineError
 from .io import atomic_path
@@ -147,7 +148,7 @@ class Encoder:
         h = hashlib.blake2b(digest_size=16)
         for f in sorted(p for p in self.path.rglob("*") if p.is_file() and p.suffix != ".md"):
             h.update(str(f.relative_to(self.path)).encode())
-            h.update(_file_digest(f))
+            h.update(file_digest(f))
         h.update(f"{self.precision}|{self.max_length}|{self.batch_size}|{EMBED_VERSION}".encode())
         self._fingerprint = h.hexdigest()
         return self._fingerprint
@@ -249,14 +250,6 @@ def encoder_from_params(p) -> Encoder:
                    batch_size=batch_size, max_length=max_length, gpu_batch_size=gpu_batch_size)
 
 
-def _file_digest(path: Path) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.digest()
-
-
 def store_fingerprint(folder: str | os.PathLike, split: str = "train") -> str:
     """Hash of one split of a token store (tokens, offsets, ids, meta)."""
     folder = Path(folder)
@@ -264,7 +257,7 @@ def store_fingerprint(folder: str | os.PathLike, split: str = "train") -> str:
     for name in ("meta.json", f"{split}.bin", f"{split}.offsets.npy", f"{split}.doc_ids.npy"):
         if (folder / name).is_file():
             h.update(name.encode())
-            h.update(_file_digest(folder / name))
+            h.update(file_digest(folder / name))
     return h.hexdigest()
 
 
@@ -423,7 +416,7 @@ def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.Pa
     if len(table) == 0:
         raise PipelineError(f"{db_tokens_dir}: the database corpus has no train-split tokens to chunk")
     key = hashlib.blake2b(
-        f"{store_fingerprint(db_tokens_dir)}|{_file_digest(Path(tokenizer_path)).hex()}|{encoder.fingerprint()}"
+        f"{store_fingerprint(db_tokens_dir)}|{file_digest(Path(tokenizer_path)).hex()}|{encoder.fingerprint()}"
         f"|{chunk_length}|{block_size}|{content_key({}, code=code_files(__file__))}".encode(),
         digest_size=12).hexdigest()
     rank, world = start_ranks()

@@ -98,7 +98,7 @@ def library_versions(*names: str) -> dict[str, str]:
 # Content hashes
 
 
-def file_digest(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes, read in 1 MiB blocks (memory stays flat for any size)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -128,7 +128,7 @@ class DigestCache:
         hit = self.entries.get(key)
         if isinstance(hit, list) and hit[:3] == stamp:
             return hit[3]
-        value = file_digest(path)
+        value = sha256_file(path)
         self.entries[key] = [*stamp, value]
         self.changed = True
         return value
