@@ -30,7 +30,7 @@ from instructretro.errors import PipelineError, cli
 from instructretro.io import write_json
 from instructretro.model import Retro, flops_per_token
 from instructretro.tokenizer import Tokenizer
-from instructretro.workdir import DigestCache, WorkDir, code_files, content_key, library_versions, rank0_key
+from instructretro.workdir import DigestCache, WorkDir, code_files, resume_key, library_versions, rank0_key
 
 
 def read_params(p: P.Params) -> dict:
@@ -96,7 +96,7 @@ def open_work(args, s: dict, settings: dict, cfg, blend, p: P.Params, rank: int,
               "versions": library_versions("torch", "deepspeed", "transformers", "faiss-cpu", "faiss-gpu"),
               "embed": p.section("embed") if s["retrieval"] != "none" else None}
     inputs = [s["init_from"], *[e.path for e in blend], args.tokenizer, args.db_tokens, args.embeddings, args.index]
-    key = rank0_key(lambda: content_key(params, inputs, code_files(__file__), DigestCache(args.work)))
+    key = rank0_key(lambda: resume_key(params, inputs, code_files(__file__), DigestCache(args.work)))
     work = WorkDir(args.work, key, lock=rank == 0)
     if rank == 0 and (train.latest_step(work.dir) or 0) >= cfg.steps:
         work.clear()

@@ -44,7 +44,7 @@ from .io import atomic_path
 from .progress import progress as progress_bar
 from .tokenizer import Tokenizer, whole_character_span
 from .tokenstore import TokenStore
-from .workdir import WorkDir, code_files, content_key
+from .workdir import WorkDir, code_files, resume_key
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -415,10 +415,9 @@ def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.Pa
     table = chunk_table(store.doc_lengths(), chunk_length)
     if len(table) == 0:
         raise PipelineError(f"{db_tokens_dir}: the database corpus has no train-split tokens to chunk")
-    key = hashlib.blake2b(
-        f"{store_fingerprint(db_tokens_dir)}|{file_digest(Path(tokenizer_path)).hex()}|{encoder.fingerprint()}"
-        f"|{chunk_length}|{block_size}|{content_key({}, code=code_files(__file__))}".encode(),
-        digest_size=12).hexdigest()
+    key = resume_key({"store": store_fingerprint(db_tokens_dir), "tokenizer": file_digest(Path(tokenizer_path)).hex(),
+                      "encoder": encoder.fingerprint(), "chunk_length": chunk_length, "block_size": block_size},
+                     code=code_files(__file__))
     rank, world = start_ranks()
     cache = BlockCache(work_dir, key)
 

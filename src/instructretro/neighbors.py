@@ -47,6 +47,7 @@ from .io import atomic_path
 from .progress import progress
 from .tokenizer import Tokenizer
 from .tokenstore import TokenStore
+from .workdir import code_files, resume_key
 
 FEWER_THAN_K_WARNING = 0.5  # warn when more query chunks than this have fewer than k neighbors
 SCORE_TOLERANCE = 1e-5  # float32 inner products of unit vectors agree to about 1e-6
@@ -297,18 +298,18 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
     if index.ntotal != db.n:
         raise PipelineError(f"populated index holds {index.ntotal} vectors but {db.path} has {db.n} chunks; rerun add-index")
     documents = DBDocuments(db, block_size)
+    code = code_files(__file__)  # every block cache is keyed by the code too (workdir.resume_key)
     splits = {}
     embedded = seconds = search_seconds = 0.0
     searched = 0
     for name in ("train", "valid"):  # every rank embeds and searches its blocks of both splits
         split = QuerySplit(pretrain_tokens_dir, name, chunk_length, seq_length)
-        emb_key = hashlib.blake2b(
-            f"{name}|{store_fingerprint(pretrain_tokens_dir, name)}|{file_digest(tokenizer_path).hex()}"
-            f"|{db.fingerprint}|{encoder.fingerprint()}|{chunk_length}|{seq_length}|{block_size}".encode(),
-            digest_size=12).hexdigest()
+        emb_key = resume_key({"split": name, "store": store_fingerprint(pretrain_tokens_dir, name),
+                              "tokenizer": file_digest(tokenizer_path).hex(), "db": db.fingerprint,
+                              "encoder": encoder.fingerprint(), "chunk_length": chunk_length,
+                              "seq_length": seq_length, "block_size": block_size}, code=code)
         emb_cache = BlockCache(Path(work_dir) / "embed" / name, emb_key)
-        nb_key = hashlib.blake2b(f"{emb_key}|{index_key}|{n_query}|{n_save}".encode(),
-                                 digest_size=12).hexdigest()
+        nb_key = resume_key({"embed": emb_key, "index": index_key, "n_query": n_query, "n_save": n_save}, code=code)
         nb_cache = BlockCache(Path(work_dir) / "search" / name, nb_key)
         rows = split.rows
 

@@ -20,7 +20,7 @@ from .dist import barrier, init_distributed, is_rank0, local_device
 from .errors import PipelineError
 from .pretrain_data import PretrainInputs, PretrainSamples, TrainOrder, all_eval_batches, eval_indices, load_split
 from .tokenstore import TokenStore
-from .workdir import DigestCache, WorkDir, code_files, content_key, library_versions, rank0_key
+from .workdir import DigestCache, WorkDir, code_files, resume_key, library_versions, rank0_key
 
 
 def run_key(inputs: PretrainInputs, model_config, cfg, init_from: str, world: int, code=()) -> dict:
@@ -134,7 +134,7 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
         engine = model
     else:
         what = run_key(inputs, model_config, cfg, init_from, world, code)
-        key = rank0_key(lambda: content_key(what["params"], what["inputs"], what["code"], DigestCache(work_root)))
+        key = rank0_key(lambda: resume_key(what["params"], what["inputs"], what["code"], DigestCache(work_root)))
         work = WorkDir(work_root, key, lock=rank == 0)
         if rank == 0 and (T.latest_step(work.dir) or 0) >= cfg.steps:
             work.clear()  # a run of this key that had finished is never resumed: train afresh
