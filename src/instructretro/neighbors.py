@@ -350,6 +350,29 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
         db.close()
         return None  # not rank 0: this rank's blocks are in the work folder
     embedded, seconds = gathered
+    metrics, curve = assemble_neighbors(out, splits, index, db, documents, n_query, n_save, chunk_length, seq_length,
+                                        block_size, recall_sample, seed, recall_nprobe_max)
+    db.close()
+    end_ranks(world)
+    metrics["query_chunks_per_s"] = round(embedded / seconds, 1) if seconds > 0 else None
+    metrics["seconds"] = round(time.perf_counter() - t_start, 2)
+    metrics["warning"] = fewer_than_k_warning(metrics, len(documents.doc_ids))
+    # this rank's own search (search + exclusion; with several ranks, rank 0's share)
+    metrics["search_ms_per_query_chunk"] = round(1000 * search_seconds / searched, 4) if searched else None
+    metrics["recall_nprobe"] = curve
+    return metrics
+
+
+def assemble_neighbors(out: str | os.PathLike, splits: dict, index, db: DBFile, documents: "DBDocuments",
+                       n_query: int, n_save: int, chunk_length: int, seq_length: int, block_size: int,
+                       recall_sample: int, seed: int, recall_nprobe_max: int = 0) -> tuple[dict, list]:
+    """Rank 0's half of query-neighbors, once every block is searched: stream the blocks of both
+    splits (``splits[name] = (QuerySplit, embedding cache, neighbor cache)``) into ``out``, count
+    per split, check recall on a sample of train query chunks, and delete the blocks.
+
+    Returns ``(metrics, recall_nprobe curve)``: the per-split counts, recall and the overall
+    ``fraction_fewer_than_k``.
+    """
     metrics, curve = {}, []
     rng = np.random.default_rng(seed)
     with atomic_path(out) as tmp:
@@ -395,20 +418,12 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
     for _, emb_cache, nb_cache in splits.values():  # the output is complete: the blocks are no longer needed
         emb_cache.clear()
         nb_cache.clear()
-    db.close()
-    end_ranks(world)
     total_real = metrics["train"]["query_chunks"] + metrics["valid"]["query_chunks"]
     metrics["k"] = n_save
     metrics["fraction_fewer_than_k"] = round(
         (metrics["train"]["fraction_fewer_than_k"] * metrics["train"]["query_chunks"]
          + metrics["valid"]["fraction_fewer_than_k"] * metrics["valid"]["query_chunks"]) / max(total_real, 1), 4)
-    metrics["query_chunks_per_s"] = round(embedded / seconds, 1) if seconds > 0 else None
-    metrics["seconds"] = round(time.perf_counter() - t_start, 2)
-    metrics["warning"] = fewer_than_k_warning(metrics, len(documents.doc_ids))
-    # this rank's own search (search + exclusion; with several ranks, rank 0's share)
-    metrics["search_ms_per_query_chunk"] = round(1000 * search_seconds / searched, 4) if searched else None
-    metrics["recall_nprobe"] = curve
-    return metrics
+    return metrics, curve
 
 
 def fewer_than_k_warning(metrics: dict, db_documents: int) -> str | None:
