@@ -189,19 +189,16 @@ def preset_training(preset: dict, world_size: int, micro_batch: int | None = Non
     rounded down (48 GPUs at micro batch 1 cannot make 128); its ``grad_accum`` is then None
     and :func:`check_global_batch` names the problem.
     """
-    recipe = dict(recipe or {})
-    steps = int(preset["iterations"])
-    micro = int(recipe.pop("micro_batch", preset["micro_batch"]))
-    per_step = (micro_batch or micro) * world_size
+    from .presets import train_fields
+
+    fields = train_fields(preset, recipe)
+    per_step = (micro_batch or fields["micro_batch"]) * world_size
     global_batch = int(preset["global_batch"])
     return {
-        **recipe,
-        "steps": steps, "micro_batch": micro,
+        **fields,
         "grad_accum": global_batch // per_step if global_batch % per_step == 0 else None,
-        "lr": preset["lr"], "min_lr": preset["min_lr"],
-        "warmup": int(round(preset.get("warmup_fraction", 0.0) * steps)),
-        "weight_decay": preset["weight_decay"], "beta1": preset["betas"][0], "beta2": preset["betas"][1],
-        "clip": preset["grad_clip"],
+        "min_lr": preset["min_lr"],
+        "warmup": int(round(preset.get("warmup_fraction", 0.0) * fields["steps"])),
     }
 
 

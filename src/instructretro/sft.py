@@ -43,19 +43,9 @@ from .prompts import prompt_segments, tokenize_segments
 from .tokenizer import PAD_ID
 
 # ----------------------------------------------------------------------------------------------
-# 1. Presets: SFT training defaults per model preset. ``None`` in params means "the preset's".
+# 1. Presets: SFT training defaults per model preset (``presets.SFT``, with the device recipe
+# applied as for pretraining: ``presets.train_fields``). ``None`` in params means "the preset's".
 
-# The optimisation recipe per preset lives in ``presets.sft`` (843m: the reference). What only
-# SFT needs is here: the sequence length (4096 for the big presets as in the reference; 512 for
-# tiny, room for two 128-token contexts in prompt mode), warmup, precision and ZeRO stage.
-SFT_EXTRAS: dict[str, dict] = {
-    "tiny": dict(seq_length=512, warmup=20, precision="fp32", zero_stage=0),
-    "843m": dict(seq_length=4096, warmup=0, precision="bf16", zero_stage=1),
-    "2b": dict(seq_length=4096, warmup=0, precision="bf16", zero_stage=1),
-    "4b": dict(seq_length=4096, warmup=0, precision="bf16", zero_stage=2),
-    "43b": dict(seq_length=4096, warmup=0, precision="bf16", zero_stage=3),
-    "100m": dict(seq_length=1024, warmup=10, precision="bf16", zero_stage=0),
-}
 # The sft.* training keys; ``null`` in params means "the preset's value".
 TRAIN_KEYS = ("seq_length", "steps", "global_batch", "micro_batch", "lr", "lr_schedule", "warmup",
               "beta1", "beta2", "weight_decay", "clip", "zero_stage", "precision",
@@ -64,23 +54,27 @@ RETRIEVAL_MODES = ("prompt", "encoder", "none")
 FORMATS = ("conversation", "alpaca", "auto")
 
 
-def sft_settings(preset: str, overrides: dict | None = None) -> dict:
-    """The SFT training settings of ``preset`` with every non-``None`` override applied."""
+def sft_settings(preset: str, overrides: dict | None = None, gpu: bool | None = None) -> dict:
+    """The SFT training settings of ``preset`` with every non-``None`` override applied.
+
+    The preset's SFT table (``presets.SFT``) and its device recipe (``presets.device_recipe``:
+    on a GPU, ``gpu`` defaulting to whether one is present, the GPU recipe's precision, ZeRO
+    stage, micro batch, checkpointing and offload; on CPU fp32 and ZeRO 0), translated by
+    ``presets.train_fields`` exactly as pretraining's.
+    """
     from . import presets
 
-    if preset not in SFT_EXTRAS:
+    if preset not in presets.SFT:
         raise PipelineError(f"model preset {preset!r} (model.name / the checkpoint's config) has no SFT "
-                            f"defaults; expected one of {sorted(SFT_EXTRAS)}")
-    base = presets.sft(preset)
-    out = dict(SFT_EXTRAS[preset], steps=base["iterations"], global_batch=base["global_batch"],
-               micro_batch=base["micro_batch"], lr=base["lr"], lr_schedule=base["lr_schedule"],
-               beta1=base["betas"][0], beta2=base["betas"][1], weight_decay=base["weight_decay"],
-               clip=base["grad_clip"])
-    # memory settings: the preset's GPU recipe on a GPU (checkpointing, offload), off on CPU
-    import torch
+                            f"defaults; expected one of {sorted(presets.SFT)}")
+    if gpu is None:
+        import torch
 
-    recipe = presets.device_recipe(preset, gpu=torch.cuda.is_available())
-    out.update({k: recipe[k] for k in ("activation_checkpointing", "offload_optimizer", "offload_params")})
+        gpu = torch.cuda.is_available()
+    table = presets.sft(preset)
+    out = {"seq_length": table["seq_length"], "warmup": table["warmup"], "global_batch": table["global_batch"],
+           "lr_schedule": table["lr_schedule"],
+           **presets.train_fields(table, presets.device_recipe(preset, gpu=gpu))}
     for key, value in (overrides or {}).items():
         if key not in out:
             raise PipelineError(f"params.yaml: unknown SFT training key 'sft.{key}'; expected one of {sorted(out)}")
