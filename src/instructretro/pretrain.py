@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import export_checkpoint, init_from_checkpoint, load_model
-from .dist import barrier, init_distributed, is_rank0, local_device
+from .checkpoint import init_from_checkpoint, load_model
+from .dist import init_distributed, is_rank0, local_device
 from .errors import PipelineError
 from .pretrain_data import PretrainInputs, PretrainSamples, TrainOrder, all_eval_batches, eval_indices, load_split
 from .tokenstore import TokenStore
-from .workdir import DigestCache, WorkDir, code_files, resume_key, library_versions, rank0_key
+from .workdir import code_files, library_versions
 
 
 def run_key(inputs: PretrainInputs, model_config, cfg, init_from: str, world: int, code=()) -> dict:
@@ -133,23 +133,15 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
         final = validation_fn(model, valid, cfg, rank, world, device)()
         engine = model
     else:
-        what = run_key(inputs, model_config, cfg, init_from, world, code)
-        key = rank0_key(lambda: resume_key(what["params"], what["inputs"], what["code"], DigestCache(work_root)))
-        work = WorkDir(work_root, key, lock=rank == 0)
-        if rank == 0 and (T.latest_step(work.dir) or 0) >= cfg.steps:
-            work.clear()  # a run of this key that had finished is never resumed: train afresh
-        barrier()
-        engine = T.build_engine(model, cfg)
-        start = T.resume(engine, work.dir)
-        live = T.open_live(live_dir, work.dir, start) if is_rank0() and live_dir is not None else None
-        if start and is_rank0():
-            print(f"pretrain: resumed from {work.dir} at step {start}")
+        work = T.open_work(work_root, run_key(inputs, model_config, cfg, init_from, world, code), cfg.steps, rank)
         order = TrainOrder(len(train_set), cfg.micro_batch, cfg.grad_accum, world, rank, cfg.seed)
-        evaluate_now = validation_fn(engine, valid, cfg, rank, world, engine.device)
-        summary = T.train(engine, cfg, lambda step, micro: train_set.batch(order.indices(step, micro)),
-                          T.lm_loss, evaluate_now, work.dir, start_step=start, live=live, stop_after=stop_after)
-        if live is not None:
-            live.end()
+
+        def loop(engine, start, live):
+            evaluate_now = validation_fn(engine, valid, cfg, rank, world, engine.device)
+            return T.train(engine, cfg, lambda step, micro: train_set.batch(order.indices(step, micro)),
+                           T.lm_loss, evaluate_now, work.dir, start_step=start, live=live, stop_after=stop_after)
+
+        engine, start, summary = T.fit(model, cfg, work, live_dir, loop, "pretrain")
         if stop_after is not None and stop_after < cfg.steps:
             work.release()
             return None
@@ -167,13 +159,8 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
         "valid_samples_evaluated": min(len(valid), cfg.eval_batches * cfg.micro_batch * world),
     }
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-    if out is not None:
-        export_checkpoint(engine, model_config, out, extra={"steps": metrics["steps"], "init_from": init_from,
-                                                                 "precision": cfg.precision})
-    if not skip_train:
-        barrier()
-        if rank == 0:
-            work.finish()  # exported: nothing left to resume
+    T.finish(engine, model_config, out, {"steps": metrics["steps"], "init_from": init_from, "precision": cfg.precision},
+             None if skip_train else work)
     return metrics
 
 

@@ -23,6 +23,7 @@ Read top to bottom:
    epoch-wise shuffles inside each dataset, and the report of samples drawn and epochs.
 7. Batches and the masked loss.
 8. Training glue on top of ``instructretro.train``.
+9. The run (``run_sft``, shaped like ``pretrain.run_pretrain``): what ``stages/sft.py`` calls.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as dataclasses_replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -569,3 +570,121 @@ def finetune(engine, cfg, sdata: SFTData, *, chunk_length: int, retriever=None, 
                                      pad_to=pad_to, pad_batch=pad_batch)
     return T.train(engine, cfg, batch_fn, loss_fn, eval_fn=eval_fn, work_dir=work_dir, start_step=start_step,
                    live=live, progress=progress, stop_after=stop_after)
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. The run: what ``stages/sft.py`` calls.
+
+
+def run_key(s: dict, settings: dict, cfg, world: int, embed_params: dict | None, inputs: list, code=()) -> dict:
+    """What the resume key of an SFT run hashes (``workdir``): the params (``sft.*``, ``embed.*``
+    with retrieval, ``retro.chunk_length``), the training settings and library versions, every
+    input by content (the checkpoint, the blend files, tokenizer, database, index) and the code
+    (this module's imports and the ``code`` files, e.g. the stage script)."""
+    import dataclasses
+
+    from .workdir import code_files, library_versions
+
+    return {"params": {"sft": s, "settings": settings, "train": dataclasses.asdict(cfg), "world": world,
+                       "versions": library_versions("torch", "deepspeed", "transformers", "faiss-cpu", "faiss-gpu"),
+                       "embed": embed_params},
+            "inputs": inputs, "code": code_files(__file__, *code)}
+
+
+def _finite(x) -> float | None:
+    return round(x, 6) if x is not None and math.isfinite(x) else None
+
+
+def run_sft(config, settings: dict, s: dict, blend: list, tok, out: str | os.PathLike, work_root, live_dir,
+            *, open_retriever=None, retrieval_unavailable: str | None = None, embed_params: dict | None = None,
+            inputs: list = (), code=(), stop_after: int | None = None, smoke: bool = False,
+            full_settings: dict | None = None) -> dict | None:
+    """Instruction-tune the checkpoint ``s["init_from"]`` (``smoke``: fresh weights of ``config``,
+    one step, no work folder) on ``blend``; export it to ``out``; return the metrics (rank 0;
+    other ranks and a run stopped by ``stop_after`` return None).
+
+    ``open_retriever()`` gives the Retriever for ``s["retrieval"]`` (not called when the mode is
+    ``none``, or when ``retrieval_unavailable`` says why there is none: the run then uses
+    ``none``). Resume checkpoints live in ``work_root/<key>`` (``run_key``), locked while the
+    run lasts; a killed run started again continues from its last checkpoint; a finished run
+    deletes its folder (``train.open_work`` / ``fit`` / ``finish``).
+    """
+    import time
+
+    import torch
+
+    from . import train as T
+    from .dist import init_distributed
+
+    rank, world = init_distributed()
+    cfg = train_config(settings, world, seed=s["seed"], eval_interval=s["eval_interval"],
+                       save_interval=s["save_interval"])
+    if smoke:
+        from .model import Retro
+
+        model = Retro(config)
+    else:
+        model = T.build_model(config, cfg, weights=s["init_from"])  # partitioned at creation at ZeRO-3
+    print(f"sft: {config.name} model, {model.num_parameters():,} parameters, retrieval={s['retrieval']}")
+    retriever = None if s["retrieval"] == "none" or retrieval_unavailable else open_retriever()
+    retrieval = s["retrieval"] if retriever is not None or s["retrieval"] == "none" else "none"
+    if retrieval != s["retrieval"]:
+        print(f"sft smoke: {retrieval_unavailable}, so retrieval=none for the smoke step")
+    num_neighbors = s["num_neighbors"] or config.num_neighbors
+    sdata = build_data(blend, tok, seq_length=settings["seq_length"], chunk_length=s["chunk_length"],
+                       num_draws=cfg.steps * settings["global_batch"], retrieval=retrieval, retriever=retriever,
+                       num_contexts=s["num_contexts"], num_neighbors=num_neighbors, system=s["system"],
+                       valid_fraction=s["valid_fraction"], valid_samples=4 if smoke else s["valid_samples"],
+                       seed=s["seed"], rank=rank, world_size=world)
+    if rank == 0:
+        print(format_report(sdata.report))
+    if not smoke and settings["steps"] * settings["global_batch"] * settings["seq_length"] > 5e7 \
+            and not torch.cuda.is_available():
+        from .estimate import print_cost
+
+        print_cost(config, full_settings or settings)
+
+    work = None if smoke else T.open_work(work_root, run_key(s, settings, cfg, world, embed_params, list(inputs), code),
+                                          cfg.steps, rank)
+    t0 = time.perf_counter()
+
+    def loop(engine, start, live):
+        return finetune(engine, cfg, sdata, chunk_length=s["chunk_length"], retriever=retriever, rank=rank,
+                        world_size=world, live=live, work_dir=work.dir if work is not None else None,
+                        start_step=start, stop_after=stop_after)
+
+    engine, start, last = T.fit(model, cfg, work, live_dir, loop, "sft")
+    if stop_after is not None and stop_after < cfg.steps:
+        print(f"sft: stopped after {stop_after} steps; run again to continue")
+        return None
+    seconds = time.perf_counter() - t0
+    export_config = dataclasses_replace(config, seq_length=max(config.seq_length, settings["seq_length"]))
+    T.finish(engine, export_config, out, {"stage": "sft", "steps": cfg.steps, "precision": cfg.precision}, work)
+    if rank != 0:
+        return None
+    if smoke:
+        import shutil
+
+        from .checkpoint import read_config
+
+        size = sum(f.stat().st_size for f in Path(out).iterdir())
+        reloaded = read_config(out)
+        shutil.rmtree(Path(out).parent)
+        print(f"sft smoke: one step (forward, backward, AdamW, validation) in {seconds:.1f} s, train loss "
+              f"{last['train/loss']:.3f}, val loss {last.get('val/loss', float('nan')):.3f}; exported "
+              f"{size / 1e9:.2f} GB ({reloaded.name}, read back, then deleted)")
+        return None
+    metrics = {
+        "val_loss": _finite(last.get("val/loss")),
+        "val_loss_by_dataset": {n: _finite(last.get(f"val/loss_{n}")) for n in sdata.names},
+        "train_loss": round(last["train/loss"], 6),
+        "steps": cfg.steps,
+        "resumed_at": start,
+        "retrieval": retrieval,
+        "truncated": sum(c["train_truncated"] + c["valid_truncated"] for c in sdata.report.values()),
+        "dropped": sum(c["train_dropped"] + c["valid_dropped"] for c in sdata.report.values()),
+        "blend": {n: {k: c[k] for k in ("prob", "train_samples", "drawn", "epochs", "held_out")}
+                  for n, c in sdata.report.items()},
+    }
+    print(f"sft: {cfg.steps} steps in {seconds:.0f} s, val_loss {metrics['val_loss']:.4f}")
+    return metrics

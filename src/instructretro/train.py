@@ -14,6 +14,8 @@ The same code trains on one CPU process (no launcher, gloo backend) and on many 
 4. Checkpoints: DeepSpeed checkpoints for resume (``save_checkpoint`` / ``resume``). The
    exported checkpoint later stages load (``config.json`` + ``model.safetensors``) is
    ``checkpoint.py``; starting processes is ``dist.py``.
+5. A run, the scaffold pretraining and SFT share: resume key -> work folder (``open_work``) ->
+   engine -> resume -> DVCLive -> train (``fit``) -> export -> finish (``finish``).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from .checkpoint import PRECISIONS
+from .checkpoint import PRECISIONS, export_checkpoint
 from .dist import accelerator_name, barrier, init_distributed, is_rank0
 from .errors import PipelineError
+from .workdir import DigestCache, WorkDir, rank0_key, resume_key
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
@@ -600,3 +603,44 @@ def _truncate_live_log(live_dir: Path, step: int) -> None:
         tsv.write_text("\n".join([header, *keep]) + "\n")
 
 
+# --------------------------------------------------------------------------------------------
+# 5. A run: resume key -> work folder -> engine -> resume -> DVCLive -> train -> export -> finish
+
+
+def open_work(work_root: str | os.PathLike, what: dict, steps: int, rank: int) -> WorkDir:
+    """The locked work folder of a training run, ``work_root/<key>``. The key (rank 0's, for
+    every rank) is the ``workdir.resume_key`` of ``what`` (``params``, ``inputs``, ``code``). A
+    run of this key that had finished is never resumed (its folder is emptied), so a forced
+    rerun trains from scratch."""
+    key = rank0_key(lambda: resume_key(what["params"], what["inputs"], what["code"], DigestCache(work_root)))
+    work = WorkDir(work_root, key, lock=rank == 0)
+    if rank == 0 and (latest_step(work.dir) or 0) >= steps:
+        work.clear()  # a run of this key that had finished is never resumed: train afresh
+    barrier()
+    return work
+
+
+def fit(model, cfg: TrainConfig, work: WorkDir | None, live_dir, loop: Callable, name: str):
+    """Wrap ``model`` in its engine, resume from ``work`` (none: start at 0), open DVCLive
+    (rank 0, with a work folder and a ``live_dir``) and run ``loop(engine, start, live)`` (the
+    training loop, returning its summary). Returns ``(engine, start, summary)``."""
+    engine = build_engine(model, cfg)
+    start = resume(engine, work.dir) if work is not None else 0
+    live = open_live(live_dir, work.dir, start) if is_rank0() and work is not None and live_dir is not None else None
+    if start and is_rank0():
+        print(f"{name}: resumed from {work.dir} at step {start}")
+    summary = loop(engine, start, live)
+    if live is not None:
+        live.end()
+    return engine, start, summary
+
+
+def finish(engine, model_config, out: str | os.PathLike | None, extra: dict, work: WorkDir | None) -> None:
+    """Export the trained model to ``out`` (every rank calls; none: no export), then delete the
+    work folder: the run is exported, nothing is left to resume."""
+    if out is not None:
+        export_checkpoint(engine, model_config, out, extra=extra)
+    if work is not None:
+        barrier()
+        if is_rank0():
+            work.finish()
