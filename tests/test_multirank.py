@@ -103,9 +103,9 @@ def test_guard_fails_a_collective_on_a_host_built_or_wrong_device_tensor(tmp_pat
     script = tmp_path / "probe.py"
     script.write_text("""
 import sys, torch, torch.distributed as dist
-from instructretro import checkpoint, dist, train
-dist.init_distributed()
-device = dist.local_device()
+from instructretro.dist import init_distributed, local_device
+init_distributed()
+device = local_device()
 dist.all_reduce(torch.zeros(2, device=device))               # placed: fine
 dist.all_reduce(torch.tensor([1.0, 2.0]).to(device) * 2)      # moved, then computed on: fine
 cases = {"host": lambda: torch.tensor([1.0, 2.0], dtype=torch.float64),
@@ -416,7 +416,7 @@ def test_sft_retrieval_is_split_over_ranks_and_gathered(tmp_path):
     script = tmp_path / "search.py"
     script.write_text("""
 import json, sys, numpy as np
-from instructretro import dist, sft, train
+from instructretro import dist, sft
 rank, world = dist.init_distributed()
 
 class Retriever:
