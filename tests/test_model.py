@@ -170,7 +170,11 @@ def test_cca_gate_starts_as_an_exact_no_op_and_keeps_the_invariants():
     assert all(g.grad.abs().item() > 0 for g in gates)
     assert all(p.grad is None or p.grad.abs().max() == 0 for n, p in model.named_parameters()
                if Retro.is_retro_parameter(n) and not n.endswith(".gate"))
+    gpt = Retro(tiny_config(retro=False)).double()  # continued pretraining from a GPT
+    fresh = load_decoder_weights(model, gpt.state_dict())
+    assert {n for n in fresh if n.endswith(".gate")} == {"layers.0.cca.gate", "layers.2.cca.gate"}
     with torch.no_grad():
+        assert torch.equal(model(tokens, neighbors, mask), gpt(tokens))  # starts exactly as the GPT
         for g in gates:
             g.fill_(0.7)
         off = model(tokens)
