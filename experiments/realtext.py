@@ -11,7 +11,8 @@ on those inputs, one process, and appends each arm's metrics and validation curv
 ``<out>/runs.jsonl``; ``table`` prints them as markdown, mean over seeds per arm.
 
 Arms: ``gpt``; ``retro`` (the pipeline's model); ``retro-gate`` (``model.cca_gate``: each CCA
-output scaled by tanh of a scalar that starts at 0); ``retro-detach`` (``model.encoder_embedding_grad``
+output scaled by tanh of a scalar that starts at 0); ``retro-gate-0.1`` (the same, the scalar
+starting at 0.1, patched in for the run only); ``retro-detach`` (``model.encoder_embedding_grad``
 false: the encoder reads the decoder's token embedding without training it);
 ``retro-detach-all`` (that, and the decoder states the encoder reads as context detached too:
 the encoder's gradient trains only the encoder; patched in for the run only);
@@ -205,7 +206,7 @@ def build_stages(out: Path, params: str) -> None:
 
 # ----------------------------------------------------------------------------- training arms
 
-ARMS = ("gpt", "retro", "retro-gate", "retro-detach", "retro-detach-all", "retro-zero-cca")
+ARMS = ("gpt", "retro", "retro-gate", "retro-gate-0.1", "retro-detach", "retro-detach-all", "retro-zero-cca")
 
 
 class ResidualProbe:
@@ -260,7 +261,7 @@ def run_arm(root: Path, arm: str, seed: int, steps: int, lr: float, clip: float,
     p = P.load(str(root / "params.yaml"))
     vocab = TokenStore(str(root / "tokens" / "pretrain"), "train").vocab_size
     config = model_config_from_params(p, vocab, gpt=arm == "gpt")
-    if arm == "retro-gate":
+    if arm in ("retro-gate", "retro-gate-0.1"):
         config.cca_gate = True
     if arm in ("retro-detach", "retro-detach-all"):  # the encoder reads the token embedding, does not train it
         config.encoder_embedding_grad = False
@@ -279,6 +280,10 @@ def run_arm(root: Path, arm: str, seed: int, steps: int, lr: float, clip: float,
     saved_build, saved_train = T.build_engine, T.train
 
     def build_engine(model, c):
+        if arm == "retro-gate-0.1":  # the gates start at 0.1, so CCA writes at a tenth of its strength
+            for layer in model.layers:
+                if layer.cca is not None:
+                    layer.cca.gate.data.fill_(0.1)
         if arm == "retro-zero-cca":
             for layer in model.layers:
                 if layer.cca is not None:
