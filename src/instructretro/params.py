@@ -39,6 +39,14 @@ def optional(check):
 
 INT_OR_NULL, FLOAT_OR_NULL, STR_OR_NULL = (int, NONE), (float, NONE), (str, NONE)
 
+
+def fraction(key: str, value, source: str = "params.yaml"):
+    """A number in [0, 1] (an int 0 or 1 is read as a float)."""
+    value = _check(key, value, float, source)
+    if not 0.0 <= value <= 1.0:
+        raise PipelineError(f"{source}: param '{key}' must be between 0 and 1, got {value!r}")
+    return value
+
 # Every key of params.yaml: section -> key -> type (a type, a tuple of types, a checker
 # ``f(key, value, source) -> value``, or ANY). A stage that reads a new key adds it here (and
 # to params.yaml: tests/test_bad_inputs.py checks that the two agree).
@@ -77,6 +85,7 @@ KNOWN: dict[str, dict[str, object]] = {
                  "batch_size": int, "max_questions": int, "system": STR_OR_NULL, "nprobe": int, "efsearch": int,
                  "threads": int},
     "score": {"f1_gold": str, "normalize": str},
+    "leakage": {"max_overlap": optional(fraction), "max_samples": int, "batch_size": int},
 }
 
 
