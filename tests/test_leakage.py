@@ -303,3 +303,21 @@ def test_stage_writes_metrics_and_the_plot_and_eval_only_reports_the_filtered_lo
             stage.main([str(a) for a in bad])
         err = capsys.readouterr().err
         assert exc.value.code == 1 and says in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("value, says", [(1.5, "must be between 0 and 1"), (-0.1, "must be between 0 and 1"), ("half", "must be float")])
+def test_max_overlap_param_is_a_fraction_or_null(tmp_path, value, says):
+    import yaml
+
+    from instructretro import params as P
+    from instructretro.errors import PipelineError
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["leakage"]["max_overlap"] is None  # the filter is off by default
+    params["leakage"]["max_overlap"] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(PipelineError, match=f"'leakage.max_overlap' {says}"):
+        P.load(tmp_path / "params.yaml")
+    params["leakage"]["max_overlap"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert P.load(tmp_path / "params.yaml").get("leakage.max_overlap", (float, type(None))) == 1

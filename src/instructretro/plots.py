@@ -179,7 +179,7 @@ def main(argv=None):
     if args.png:
         with tempfile.TemporaryDirectory() as tmp:
             top = render_html(args.repo, tmp, targets=TOP_LEVEL, vega_dir=args.vega, dvc=dvc)
-            png = screenshot(top, args.png, width=1300, height=1150)
+            png = screenshot(top, args.png, width=1300, height=820)
         print(f"plots: wrote {png} ({ink(read_png(png))['coloured']:.1%} of it plot colour)")
 
 
