@@ -46,6 +46,7 @@ import numpy as np
 
 from . import sft
 from .errors import PipelineError
+from .params import positive
 from .progress import progress
 from .tokenizer import Tokenizer
 
@@ -239,6 +240,21 @@ class Settings:
     max_new_tokens: int = 64
     batch_size: int = 16
     system: str = ""
+
+
+def read_settings(p) -> Settings:
+    """The ``generate.*`` decoding and retrieval params, checked; the system prompt defaults to
+    ``sft.system``, the one the model was instruction-tuned with."""
+    system = p.get("generate.system", (str, type(None)))
+    if p.get("generate.num_contexts", int) < 0:
+        raise PipelineError(f"{p.source}: param 'generate.num_contexts' must be >= 0")
+    return Settings(
+        retrieval=p.get("generate.retrieval", str, choices=MODES),
+        num_contexts=p.get("generate.num_contexts", int),
+        max_new_tokens=positive("generate.max_new_tokens", p.get("generate.max_new_tokens", int)),
+        batch_size=positive("generate.batch_size", p.get("generate.batch_size", int)),
+        system=system if system is not None else p.get("sft.system", str),
+    )
 
 
 def prompt_contexts(records: list[dict], retriever, settings: Settings) -> list[tuple[list[str], list[int], str]]:
