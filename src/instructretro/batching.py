@@ -133,3 +133,61 @@ class Batcher:
         for job in batch:
             job.result = [list(outs[b + r])[: job.max_new_tokens] for r in range(len(job.prompts))]
             b += len(job.prompts)
+
+
+class Coalescer:
+    """Calls ``fn(items) -> rows`` once for the items of every caller waiting together.
+
+    The retrieval queries of concurrent requests are embedded in one encoder call this way
+    (``fn`` is ``Encoder.encode``): callers pass lists of items and get their own rows back, in
+    order. At most ``max_items`` items per call (a caller's list is never split); a full queue
+    raises :class:`Busy`. ``max_items=1`` calls ``fn`` for each caller alone.
+    """
+
+    def __init__(self, fn, max_items: int = 32, max_queue: int = 64, name: str = "coalescer"):
+        if max_items < 1 or max_queue < 1:
+            raise ValueError("max_items and max_queue must be >= 1")
+        self.fn = fn
+        self.max_items = max_items
+        self.max_queue = max_queue
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def __call__(self, items):
+        items = list(items)
+        job = _Job([], 0, None, None)
+        job.prompts = items
+        with self._cond:
+            if len(self._jobs) >= self.max_queue:
+                raise Busy(f"the retrieval queue is full ({self.max_queue} requests waiting)")
+            self._jobs.append(job)
+            self._cond.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    self._cond.wait()
+                batch, n = [self._jobs.popleft()], 0
+                n = len(batch[0].prompts)
+                while self._jobs and n + len(self._jobs[0].prompts) <= self.max_items:
+                    job = self._jobs.popleft()
+                    batch.append(job)
+                    n += len(job.prompts)
+            try:
+                rows = self.fn([x for job in batch for x in job.prompts])
+                b = 0
+                for job in batch:
+                    job.result = rows[b:b + len(job.prompts)]
+                    b += len(job.prompts)
+            except BaseException as exc:
+                for job in batch:
+                    job.error = exc
+            for job in batch:
+                job.done.set()

@@ -80,6 +80,7 @@ class LiveRetriever:
         self.base = base
         self.path = Path(path) if path else None  # None: added documents live in memory only
         self.encoder = base.encoder
+        self.encode = base.encoder.encode  # query embedding; the server puts a batching Coalescer here
         self.tokenizer = base.tokenizer
         self.chunk_length = base.chunk_length
         self.n_base = len(base)
@@ -213,7 +214,7 @@ class LiveRetriever:
         scores = np.full((len(texts), n), -np.inf, dtype=np.float32)
         if not texts or n <= 0:
             return ids, scores
-        queries = np.ascontiguousarray(self.encoder.encode(texts), dtype=np.float32)
+        queries = np.ascontiguousarray(self.encode(texts), dtype=np.float32)
         live = np.flatnonzero(np.linalg.norm(queries, axis=1) > 0)  # empty text: no neighbors
         if not len(live):
             return ids, scores

@@ -27,7 +27,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from .ask import Assistant, add_path_args, assistant_from_args
-from .batching import Batcher, Busy
+from .batching import Batcher, Busy, Coalescer
 from .errors import PipelineError, cli
 from .generate import MODES, STYLES, EncoderNeighbors, clean_prediction, prompt_budget
 from .model import KVCache
@@ -103,6 +103,9 @@ class Service:
         self.a = assistant
         self.model_name = model_name
         self.batcher = Batcher(assistant.model, max_batch=max_batch, max_queue=max_queue)
+        # the retrieval queries of requests that arrive together are embedded together too
+        assistant.retriever.encode = Coalescer(assistant.retriever.encoder.encode, max_items=max_batch,
+                                               max_queue=max_queue, name="encode-batcher")
         self.tok = assistant.tokenizer
         self.cfg = assistant.config
         self.L = assistant.chunk_length
