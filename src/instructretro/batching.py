@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 
 from .decoding import greedy_generate
 
@@ -43,10 +44,12 @@ class _Job:
 class Batcher:
     """A bounded queue of decoding jobs and the worker thread that batches them."""
 
-    def __init__(self, model, max_batch: int = 16, max_queue: int = 64, decode=greedy_generate):
+    def __init__(self, model, max_batch: int = 16, max_queue: int = 64, decode=greedy_generate,
+                 gather_s: float = 0.0):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.model = model
+        self.gather_s = gather_s  # after the first job, wait this long for more (batching on only)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.decode = decode
@@ -89,6 +92,10 @@ class Batcher:
         with self._cond:
             while not self._jobs:
                 self._cond.wait()
+            if self.max_batch > 1 and self.gather_s > 0:  # let requests arriving together meet
+                deadline = time.monotonic() + self.gather_s
+                while sum(len(j.prompts) for j in self._jobs) < self.max_batch and time.monotonic() < deadline:
+                    self._cond.wait(deadline - time.monotonic())
             first = self._jobs.popleft()
             batch, n = [first], len(first.prompts)
             kind = self._kind(first)
@@ -144,10 +151,11 @@ class Coalescer:
     raises :class:`Busy`. ``max_items=1`` calls ``fn`` for each caller alone.
     """
 
-    def __init__(self, fn, max_items: int = 32, max_queue: int = 64, name: str = "coalescer"):
+    def __init__(self, fn, max_items: int = 32, max_queue: int = 64, name: str = "coalescer", gather_s: float = 0.0):
         if max_items < 1 or max_queue < 1:
             raise ValueError("max_items and max_queue must be >= 1")
         self.fn = fn
+        self.gather_s = gather_s
         self.max_items = max_items
         self.max_queue = max_queue
         self._jobs: collections.deque[_Job] = collections.deque()
@@ -174,6 +182,10 @@ class Coalescer:
             with self._cond:
                 while not self._jobs:
                     self._cond.wait()
+                if self.max_items > 1 and self.gather_s > 0:
+                    deadline = time.monotonic() + self.gather_s
+                    while sum(len(j.prompts) for j in self._jobs) < self.max_items and time.monotonic() < deadline:
+                        self._cond.wait(deadline - time.monotonic())
                 batch, n = [self._jobs.popleft()], 0
                 n = len(batch[0].prompts)
                 while self._jobs and n + len(self._jobs[0].prompts) <= self.max_items:

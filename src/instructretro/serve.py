@@ -99,13 +99,13 @@ class Service:
     """The loaded assistant, the decoding worker and the request logic (no HTTP in here)."""
 
     def __init__(self, assistant: Assistant, model_name: str = "instructretro", max_batch: int = 16,
-                 max_queue: int = 64):
+                 max_queue: int = 64, gather_ms: float = 0.0):
         self.a = assistant
         self.model_name = model_name
-        self.batcher = Batcher(assistant.model, max_batch=max_batch, max_queue=max_queue)
+        self.batcher = Batcher(assistant.model, max_batch=max_batch, max_queue=max_queue, gather_s=gather_ms / 1000)
         # the retrieval queries of requests that arrive together are embedded together too
         assistant.retriever.encode = Coalescer(assistant.retriever.encoder.encode, max_items=max_batch,
-                                               max_queue=max_queue, name="encode-batcher")
+                                               max_queue=max_queue, name="encode-batcher", gather_s=gather_ms / 1000)
         self.tok = assistant.tokenizer
         self.cfg = assistant.config
         self.L = assistant.chunk_length
@@ -602,6 +602,8 @@ def main(argv=None):
     ap.add_argument("--model-name", default="instructretro", help="the model id clients name")
     ap.add_argument("--max-batch", type=int, default=16, help="prompts decoded together (1: batching off)")
     ap.add_argument("--max-queue", type=int, default=64, help="requests waiting to decode before 503")
+    ap.add_argument("--gather-ms", type=float, default=0.0,
+                    help="with batching, wait up to this long after a request for others to join its batch")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: generate.threads or torch's default)")
     add_path_args(ap)
     args = ap.parse_args(argv)
@@ -610,7 +612,7 @@ def main(argv=None):
     assistant = assistant_from_args(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    svc = Service(assistant, args.model_name, args.max_batch, args.max_queue)
+    svc = Service(assistant, args.model_name, args.max_batch, args.max_queue, args.gather_ms)
     import uvicorn
 
     print(f"serving {args.model_name} ({assistant.checkpoint}) on http://{args.host}:{args.port}/", flush=True)
