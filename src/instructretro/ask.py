@@ -118,7 +118,7 @@ class Assistant:
                 self.model, self.tokenizer, records, settings, generate_fn=generate_fn,
                 retriever=recorder if settings.retrieval != "none" else None,
                 seq_length=self.config.seq_length, chunk_length=self.chunk_length,
-                num_neighbors=self.num_neighbors, style=style, desc="ask")
+                num_neighbors=self.num_neighbors, style=style, show_progress=False)
         out = []
         for a in answers:
             chunks = [recorder.describe(i, "prompt") for i in a["prompt_chunk_ids"]]

@@ -281,7 +281,7 @@ def prompt_contexts(records: list[dict], retriever, settings: Settings) -> list[
 def answer_questions(model, tokenizer: Tokenizer, records: list[dict], settings: Settings, *,
                      generate_fn: Callable, retriever=None, seq_length: int, chunk_length: int,
                      num_neighbors: int = 0, style: str = "short", desc: str = "generate",
-                     rank: int = 0, world_size: int = 1) -> tuple[list[dict], dict]:
+                     rank: int = 0, world_size: int = 1, show_progress: bool = True) -> tuple[list[dict], dict]:
     """Answer ``records`` (from ``data.iter_qa``); return the answer records and counts.
 
     ``generate_fn(model, prompts, max_new_tokens, eod_id, neighbors_fn=None)`` is the greedy
@@ -319,7 +319,7 @@ def answer_questions(model, tokenizer: Tokenizer, records: list[dict], settings:
     encoder_ids: list = [[] for _ in records]
     batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     mine = batches[rank::world_size]
-    bar = progress(total=sum(map(len, mine)), desc=desc, unit="q", disable=rank != 0)
+    bar = progress(total=sum(map(len, mine)), desc=desc, unit="q", disable=rank != 0 or not show_progress)
     for batch in mine:
         batch_prompts = [prompts[i] for i in batch]
         if encoder is not None:

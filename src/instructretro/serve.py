@@ -80,6 +80,9 @@ def _type_names(types) -> str:
 
 
 async def _json_body(request: Request) -> dict:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refused before it is read
+        raise BadRequest(f"the request body is {declared} bytes; the limit is {MAX_BODY_BYTES}.", status=413)
     body = await request.body()
     if len(body) > MAX_BODY_BYTES:
         raise BadRequest(f"the request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}.", status=413)
@@ -312,6 +315,8 @@ class Service:
             prompts = prompt
         else:
             prompts = [prompt]
+        if not prompts:
+            raise BadRequest("'prompt' is empty.", param="prompt")
         if len(prompts) > MAX_PROMPTS:
             raise BadRequest(f"at most {MAX_PROMPTS} prompts per request.", param="prompt")
         parsed = [self._prompt_ids(p) for p in prompts]
