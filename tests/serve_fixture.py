@@ -34,7 +34,7 @@ def build(root: Path, n_docs: int = 30, retrieval: str = "prompt", max_new_token
     from instructretro.embed import embed_database
     from instructretro.index import populate, train_index, write_index
     from instructretro.model import ModelConfig, Retro
-    from instructretro.train import export_checkpoint
+    from instructretro.checkpoint import export_checkpoint
 
     root = Path(root)
     tok = root / "spm.model"

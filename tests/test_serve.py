@@ -109,7 +109,7 @@ def test_lm_eval_request_shapes(server, setup):
     import torch
 
     from instructretro.tokenizer import Tokenizer
-    from instructretro.train import load_model
+    from instructretro.checkpoint import load_model
 
     http = httpx.Client(base_url=server.url, timeout=60)
     info = http.get("/tokenizer_info").json()

@@ -22,14 +22,15 @@ import numpy as np
 import torch
 
 from . import params as P
+from .checkpoint import checkpoint_precision, load_model
 from .decoding import greedy_generate
 from .embed import encoder_from_params
 from .errors import PipelineError, cli
-from .generate import MODES, STYLES, Settings, answer_questions, read_settings
+from .generate import MODES, Settings, answer_questions, read_settings
 from .overlay import LiveRetriever
+from .prompts import STYLES
 from .retrieval import Retriever
 from .tokenizer import Tokenizer
-from .train import checkpoint_precision, load_model
 
 # The paths the generate stage reads (its defaults in stages/generate.py, as dvc.yaml runs it).
 DEFAULTS = {"tokenizer": "data/tokenizer/spm.model", "db_tokens": "data/tokens/db",

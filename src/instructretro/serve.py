@@ -29,10 +29,10 @@ from starlette.routing import Route
 from .ask import Assistant, add_path_args, assistant_from_args
 from .batching import Batcher, Busy, Coalescer
 from .errors import PipelineError, cli
-from .generate import MODES, STYLES, EncoderNeighbors, clean_prediction, prompt_budget
+from .generate import MODES, EncoderNeighbors, clean_prediction, prompt_budget
 from .model import KVCache
 from .overlay import MAX_DOCUMENT_CHARS, MAX_ID_CHARS
-from .sft import prompt_segments
+from .prompts import STYLES, prompt_segments
 from .tokenizer import PAD_ID
 
 STATIC = Path(__file__).parent / "static"
