@@ -349,3 +349,25 @@ def test_concurrent_requests_answer_as_sequential_ones(server):
         t.join()
     assert [a["answer"] for a in together] == [a["answer"] for a in alone]
     assert [[c["id"] for c in a["chunks"]] for a in together] == [[c["id"] for c in a["chunks"]] for a in alone]
+
+
+def test_lm_eval_models_against_the_server(server):
+    """lm-evaluation-harness's own local-completions / local-chat-completions classes (skipped
+    where lm_eval is not installed; it is not a dependency)."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.api_models import JsonChatStr
+    from lm_eval.models.openai_completions import LocalChatCompletion, LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model="instructretro", max_length=256,
+                             max_gen_toks=8, num_concurrent=1, batch_size=2)
+    assert lm.tokenizer_backend == "remote"
+    reqs = [Instance("loglikelihood", {}, ("Entity2 has a museum near the", c), i)
+            for i, c in enumerate((" mountain", " river built"))]
+    scores = lm.loglikelihood(reqs)
+    assert len(scores) == 2 and all(s < 0 and isinstance(g, bool) for s, g in scores)
+    assert len(lm.generate_until([Instance("generate_until", {}, ("Entity2 has a", {"until": ["."]}), 0)])) == 1
+    chat = LocalChatCompletion(base_url=server.url + "/v1/chat/completions", model="instructretro", max_gen_toks=8)
+    messages = JsonChatStr(json.dumps([{"role": "user", "content": QUESTIONS[0]}]))
+    assert isinstance(chat.generate_until([Instance("generate_until", {}, (messages, {"until": ["\n\n"]}), 0)])[0], str)
