@@ -371,3 +371,54 @@ def test_lm_eval_models_against_the_server(server):
     chat = LocalChatCompletion(base_url=server.url + "/v1/chat/completions", model="instructretro", max_gen_toks=8)
     messages = JsonChatStr(json.dumps([{"role": "user", "content": QUESTIONS[0]}]))
     assert isinstance(chat.generate_until([Instance("generate_until", {}, (messages, {"until": ["\n\n"]}), 0)])[0], str)
+
+
+def test_a_full_queue_answers_503_with_retry_after(assistant):
+    """The server's own app on uvicorn in this process, its decoder held at a gate: one request
+    decoding, one waiting (the queue holds one), the next is refused with 503 and Retry-After."""
+    import time
+
+    import uvicorn
+
+    from instructretro.decoding import greedy_generate
+    from instructretro.serve import Service, create_app
+    from serve_fixture import free_port
+
+    encode = assistant.retriever.encode
+    svc = Service(assistant, max_batch=1, max_queue=1)
+    entered, release = threading.Event(), threading.Event()
+
+    def gated(model, prompts, n, eod, neighbors_fn=None):
+        entered.set()
+        release.wait()
+        return greedy_generate(model, prompts, n, eod, neighbors_fn=neighbors_fn)
+
+    svc.batcher.decode = gated
+    server = uvicorn.Server(uvicorn.Config(create_app(svc), host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{server.config.port}/v1/completions"
+        body = {"prompt": "Entity2 has a", "max_tokens": 2, "retrieval": "none"}
+        codes = []
+        first = threading.Thread(target=lambda: codes.append(httpx.post(url, json=body, timeout=60).status_code))
+        first.start()
+        assert entered.wait(30)
+        second = threading.Thread(target=lambda: codes.append(httpx.post(url, json=body, timeout=60).status_code))
+        second.start()
+        while svc.batcher.waiting < 1:
+            time.sleep(0.01)
+        busy = httpx.post(url, json=body, timeout=60)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert busy.json()["error"]["message"].startswith("the server is busy")
+        release.set()
+        first.join()
+        second.join()
+        assert codes == [200, 200]
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join()
+        assistant.retriever.encode = encode
