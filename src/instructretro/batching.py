@@ -186,7 +186,7 @@ class Coalescer:
                     deadline = time.monotonic() + self.gather_s
                     while sum(len(j.prompts) for j in self._jobs) < self.max_items and time.monotonic() < deadline:
                         self._cond.wait(deadline - time.monotonic())
-                batch, n = [self._jobs.popleft()], 0
+                batch = [self._jobs.popleft()]
                 n = len(batch[0].prompts)
                 while self._jobs and n + len(self._jobs[0].prompts) <= self.max_items:
                     job = self._jobs.popleft()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from .ask import Assistant, add_path_args, assistant_from_args
@@ -495,7 +495,7 @@ def _pieces(svc: Service, text: str) -> list[str]:
     """``text`` split at token boundaries (joined, the pieces are the text)."""
     if not text:
         return []
-    texts, _, decoded = svc.token_strings(svc.tok.encode(text))
+    texts, _, _ = svc.token_strings(svc.tok.encode(text))
     return texts if "".join(texts) == text else [text]
 
 
