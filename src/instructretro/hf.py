@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -364,3 +363,293 @@ def load_hf_model(folder, **retro) -> Retro:
     except PipelineError as exc:
         raise PipelineError(f"{folder}: {exc}") from None
     return model
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_family(config: ModelConfig) -> str:
+    """The HF model_type whose class computes exactly our decoder, or a one-line PipelineError."""
+    rotary = not config.learned_positions
+    if (not rotary and config.norm == "layernorm" and config.mlp in ("gelu_tanh", "gelu") and config.linear_bias
+            and config.tie_embeddings and not config.kv_heads):
+        return "gpt2"
+    if rotary and config.mlp == "swiglu" and not config.linear_bias:
+        if config.norm == "rmsnorm" and config.rotary_percent == 1.0:
+            return "qwen2" if config.qkv_bias else "llama"
+        if config.norm in ("layernorm", "layernorm1p"):
+            return "stablelm"
+    raise PipelineError(
+        f"no transformers class fits this architecture (norm {config.norm}, mlp {config.mlp}, "
+        f"rotary_percent {config.rotary_percent}, learned_positions {config.learned_positions}, "
+        f"linear_bias {config.linear_bias}, tie_embeddings {config.tie_embeddings})")
+
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "stablelm": "StableLmForCausalLM",
+                 "gpt2": "GPT2LMHeadModel", "mistral": "MistralForCausalLM"}
+
+
+def hf_config(config: ModelConfig, family: str, special: dict) -> dict:
+    """config.json of the HF class ``family`` for our decoder (both the transformers 5
+    ``rope_parameters`` and the earlier top-level rope keys). ``special``: bos/eos/pad ids."""
+    common = {"architectures": [ARCHITECTURES[family]], "model_type": family, "vocab_size": config.vocab_size,
+              "tie_word_embeddings": config.tie_embeddings, "torch_dtype": "float32", "use_cache": True,
+              "initializer_range": config.init_std, **special}
+    if family == "gpt2":
+        return {**common, "n_embd": config.hidden, "n_layer": config.n_layers, "n_head": config.heads,
+                "n_inner": config.ffn_hidden, "n_positions": config.learned_positions,
+                "n_ctx": config.learned_positions, "layer_norm_epsilon": config.norm_eps,
+                "activation_function": "gelu_new" if config.mlp == "gelu_tanh" else "gelu",
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True}
+    rope = {"rope_type": "default", "rope_theta": config.rotary_base}
+    if config.rope_scaling:
+        rope = {**config.rope_scaling, "rope_theta": config.rotary_base}
+    out = {**common, "hidden_size": config.hidden, "intermediate_size": config.ffn_hidden,
+           "num_hidden_layers": config.n_layers, "num_attention_heads": config.heads,
+           "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim, "hidden_act": "silu",
+           "max_position_embeddings": max(config.seq_length, 2048), "rope_theta": config.rotary_base,
+           "rope_scaling": config.rope_scaling, "attention_dropout": 0.0}
+    if family == "stablelm":
+        rope["partial_rotary_factor"] = config.rotary_percent
+        out.update(layer_norm_eps=config.norm_eps, partial_rotary_factor=config.rotary_percent,
+                   use_qkv_bias=config.qkv_bias, qk_layernorm=False, use_parallel_residual=False,
+                   hidden_dropout=0.0)
+    else:
+        out.update(rms_norm_eps=config.norm_eps)
+        if family == "llama":
+            out.update(attention_bias=False, mlp_bias=False)
+        else:
+            out.update(use_sliding_window=False, sliding_window=None)
+    return {**out, "rope_parameters": rope}
+
+
+def _convert_out(sd: dict, config: ModelConfig, family: str) -> dict[str, torch.Tensor]:
+    """Our decoder state dict -> the HF class's tensors (the inverse of ``_convert_in``)."""
+    out = {}
+    if family == "gpt2":
+        p = "transformer."
+        out[f"{p}wte.weight"], out[f"{p}wpe.weight"] = sd["embed.weight"], sd["pos_embed.weight"]
+        for i in range(config.n_layers):
+            h, o = f"{p}h.{i}.", f"layers.{i}."
+            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+                out[f"{h}{theirs}.weight"], out[f"{h}{theirs}.bias"] = sd[f"{o}{ours}.weight"], sd[f"{o}{ours}.bias"]
+            for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
+                                 ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
+                out[f"{h}{theirs}.weight"] = sd[f"{o}{ours}.weight"].t()
+                out[f"{h}{theirs}.bias"] = sd[f"{o}{ours}.bias"]
+        out[f"{p}ln_f.weight"], out[f"{p}ln_f.bias"] = sd["final_norm.weight"], sd["final_norm.bias"]
+        return out
+
+    def norm(ours: str, theirs: str):
+        if config.norm == "layernorm1p":  # LayerNorm-1p stores the gain minus one
+            out[f"{theirs}.weight"], out[f"{theirs}.bias"] = sd[f"{ours}.weight"] + 1.0, sd[f"{ours}.bias"]
+        else:
+            for kind in ("weight", "bias") if config.norm == "layernorm" else ("weight",):
+                out[f"{theirs}.{kind}"] = sd[f"{ours}.{kind}"]
+
+    H, KV, d = config.heads, config.n_kv_heads, config.head_dim
+    out["model.embed_tokens.weight"] = sd["embed.weight"]
+    for i in range(config.n_layers):
+        h, o = f"model.layers.{i}.", f"layers.{i}."
+        norm(f"{o}norm1", f"{h}input_layernorm")
+        norm(f"{o}norm2", f"{h}post_attention_layernorm")
+        kinds = ("weight", "bias") if config.qkv_bias else ("weight",)
+        for kind in kinds:
+            for x, t in zip("qkv", sd[f"{o}attn.qkv.{kind}"].split([H * d, KV * d, KV * d])):
+                out[f"{h}self_attn.{x}_proj.{kind}"] = t
+        out[f"{h}self_attn.o_proj.weight"] = sd[f"{o}attn.proj.weight"]
+        out[f"{h}mlp.gate_proj.weight"], out[f"{h}mlp.up_proj.weight"] = sd[f"{o}mlp.gate_up.weight"].chunk(2)
+        out[f"{h}mlp.down_proj.weight"] = sd[f"{o}mlp.down.weight"]
+    norm("final_norm", "model.norm")
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+def _read_checkpoint(folder: Path) -> tuple[ModelConfig, dict]:
+    """Config and weights of one of our exported checkpoints (config.json + model.safetensors)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / "config.json"
+    raw = _read_json(path)
+    if "model_type" in raw:
+        raise PipelineError(f"{path}: a Hugging Face folder, not one of our checkpoints")
+    config = ModelConfig.from_dict(raw, str(path))
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise PipelineError(f"{folder}: not an exported checkpoint (no model.safetensors)")
+    try:
+        return config, load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise PipelineError(f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+
+
+def _sentencepiece_to_hf(model_file: Path, out: Path) -> dict:
+    """Write a transformers tokenizer (tokenizer.json) that encodes like the SentencePiece model;
+    return its special token ids."""
+    import sentencepiece as spm
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        proto = import_protobuf().ModelProto()
+        proto.ParseFromString(model_file.read_bytes())
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise PipelineError(f"{model_file}: not a SentencePiece model ({str(exc).splitlines()[0][:200]})") from None
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
+    special = {f"{kind}_token": sp.id_to_piece(i)
+               for kind, i in (("pad", sp.pad_id()), ("unk", sp.unk_id()), ("eos", sp.eos_id()), ("bos", sp.bos_id()))
+               if i >= 0}
+    PreTrainedTokenizerFast(tokenizer_object=backend, **special).save_pretrained(str(out))
+    return {f"{kind}_token_id": (i if i >= 0 else None)
+            for kind, i in (("pad", sp.pad_id()), ("eos", sp.eos_id()), ("bos", sp.bos_id()))}
+
+
+def _copy_hf_tokenizer(folder: Path, out: Path) -> dict:
+    """Copy an HF folder's tokenizer files; return the special token ids of its config.json."""
+    copied = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    if not any(name in copied for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise PipelineError(f"{folder}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
+    for name in copied:
+        shutil.copyfile(folder / name, out / name)
+    raw = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    return {key: raw.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in raw}
+
+
+def export_hf(checkpoint_folder, out_folder, tokenizer=None) -> str:
+    """Write the decoder of our checkpoint as an HF folder (config.json, model.safetensors and the
+    tokenizer: ``tokenizer`` is our SentencePiece model file or an HF folder whose tokenizer
+    files are copied; None writes none). A Retro's encoder and CCA are left out (its decoder
+    used without retrieval). Returns a one-line summary."""
+    from safetensors.torch import save_file
+
+    src, out = Path(checkpoint_folder), Path(out_folder)
+    config, state = _read_checkpoint(src)
+    family = export_family(config)
+    decoder = {n: t for n, t in state.items() if not Retro.is_retro_parameter(n)}
+    expected = _expected_shapes(config)
+    if set(decoder) != set(expected):
+        raise PipelineError(f"{src / 'model.safetensors'}: weights do not match config.json "
+                            f"({len(set(decoder) ^ set(expected))} names differ)")
+    tensors = {n: t.to(torch.float32).contiguous() for n, t in _convert_out(decoder, config, family).items()}
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    special = {}
+    if tokenizer is not None:
+        tok = Path(tokenizer)
+        if tok.is_dir():
+            special = _copy_hf_tokenizer(tok, tmp)
+        elif tok.is_file():
+            special = _sentencepiece_to_hf(tok, tmp)
+        else:
+            raise PipelineError(f"{tok}: tokenizer not found")
+    (tmp / "config.json").write_text(json.dumps(hf_config(config, family, special), indent=2, sort_keys=True) + "\n")
+    save_file(dict(sorted(tensors.items())), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    dropped = len(state) - len(decoder)
+    note = f"; {dropped} encoder/CCA tensors left out (no HF class holds them)" if dropped else ""
+    return f"{out}: {ARCHITECTURES[family]} from {src}{note}"
+
+
+# ----------------------------------------------------------------------------- hf-check
+
+
+def check(folder, new_tokens: int = 32, seed: int = 0, rel_tol: float = 1e-4) -> tuple[bool, str]:
+    """Compare our model built from the HF folder with transformers' own (fp32, CPU) on random
+    tokens: the largest absolute logit difference (ok within ``rel_tol`` x max(1, largest
+    |logit|)) and a greedy ``new_tokens`` decode, ours with the KV cache against transformers'
+    ``generate``, token for token. Returns (ok, one line ending ``ok`` or ``MISMATCH``)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    from .decoding import greedy_generate
+
+    hf_logging.set_verbosity_error()  # the verdict is one line
+    hf_logging.disable_progress_bar()
+
+    folder = Path(folder)
+    raw = _read_json(folder / "config.json")
+    max_positions = _max_positions(raw)
+    chunk = 16 if max_positions >= 32 else 1  # the prompt is one chunk: no left padding
+    ours = load_hf_model(folder, retro=False, chunk_length=chunk).eval()
+    try:
+        theirs = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    except Exception as exc:  # transformers raises many kinds for a folder it cannot load
+        raise PipelineError(f"{folder}: transformers cannot load it ({str(exc).splitlines()[0][:200]})") from None
+    gen = torch.Generator().manual_seed(seed)
+    T = min(64, max_positions)
+    tokens = torch.randint(0, ours.config.vocab_size, (2, T), generator=gen)
+    with torch.no_grad():
+        a, b = ours(tokens), theirs(tokens).logits
+    diff = float((a - b).abs().max())
+    tol = rel_tol * max(1.0, float(b.abs().max()))
+    n = min(new_tokens, max_positions - chunk)
+    prompt = tokens[:1, :chunk]
+    mine = greedy_generate(ours, prompt.tolist(), n, eod_id=-1)[0]
+    config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                              pad_token_id=0, bos_token_id=None)
+    with torch.no_grad():
+        reference = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+    reference = reference[0, chunk:].tolist()
+    first = next((i for i, (x, y) in enumerate(zip(mine, reference)) if x != y), None)
+    same = first is None and len(mine) == len(reference)
+    ok = diff <= tol and same
+    decode = "equal" if same else f"differs from token {first if first is not None else min(len(mine), len(reference))}"
+    line = (f"{folder}: {raw.get('model_type')} as {type(theirs).__name__}, max |logit diff| {diff:.2e} "
+            f"(tolerance {tol:.1e}) on 2x{T} random tokens; greedy {n}-token decode (ours cached, "
+            f"transformers generate) {decode}: {'ok' if ok else 'MISMATCH'}")
+    return ok, line
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _args(argv: list[str], allowed: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in allowed or not value:
+            raise PipelineError(f"expected {' '.join(f'{k}=...' for k in allowed)}, got {arg!r}")
+        out[key] = value
+    return out
+
+
+USAGE = ("usage: python -m instructretro.hf check HF=<folder>\n"
+         "       python -m instructretro.hf export CKPT=<our checkpoint> OUT=<folder> [TOKENIZER=<spm.model or HF folder>]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import cli
+
+    argv = sys.argv[1:] if argv is None else argv
+
+    @cli
+    def run() -> int:
+        if not argv or argv[0] not in ("check", "export"):
+            print(USAGE, file=sys.stderr)
+            return 2
+        if argv[0] == "check":
+            args = _args(argv[1:], ("HF",))
+            if "HF" not in args:
+                raise PipelineError("hf-check needs HF=<folder>")
+            if not is_hf_folder(args["HF"]):
+                raise PipelineError(f"{args['HF']}: not a Hugging Face model folder (no config.json with a model_type)")
+            ok, line = check(args["HF"])
+            print(line)
+            return 0 if ok else 1
+        args = _args(argv[1:], ("CKPT", "OUT", "TOKENIZER"))
+        if "CKPT" not in args or "OUT" not in args:
+            raise PipelineError("export-hf needs CKPT=<checkpoint folder> OUT=<folder>")
+        print(export_hf(args["CKPT"], args["OUT"], args.get("TOKENIZER")))
+        return 0
+
+    return run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
