@@ -204,6 +204,17 @@ def test_hf_to_ours_to_hf_gives_equal_logits(folders, family, tmp_path):
     assert copied.encode(text) == original.encode(text) and len(original.encode(text)) > 1
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_estimate_counts_the_parameters_of_an_imported_architecture(folders, family):
+    from instructretro.estimate import parameter_counts
+
+    for retro in ({}, RETRO):
+        config = hf.read_hf_config(folders[family][0], **retro)
+        with torch.device("meta"):
+            model = Retro(config)
+        assert parameter_counts(config)["total"] == model.num_parameters()
+
+
 def test_sharded_folder_loads_like_the_single_file(folders, tmp_path):
     folder, reference = folders["llama"]
     reference.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
