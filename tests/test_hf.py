@@ -396,19 +396,23 @@ def test_is_hf_folder_tells_hf_folders_from_our_checkpoints(folders, tmp_path):
     assert not hf.is_hf_folder(tmp_path / "nowhere")
 
 
-# ----------------------------------------------------------------------------- GPU
+# ----------------------------------------------------------------------------- bf16 (CPU and GPU)
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs a CUDA GPU")])
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "gpt2"])
-def test_bf16_logits_agree_with_transformers_on_the_gpu(folders, family):
-    """bf16 on the GPU: within 0.05 x max(1, largest |logit|) (bf16 keeps 8 bits of mantissa;
-    the two implementations round in different places)."""
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_logits_agree_with_transformers(folders, family, device):
+    """bf16 weights and activations, both models on the same device: within 0.03 x max(1,
+    largest |logit|) (bf16 keeps 8 bits of mantissa; the two implementations round in different
+    places: fused q/k/v and gate/up matmuls here, separate ones there; measured on the CPU: 0 for
+    the rotary families, 0.03 of 3.3 for GPT-2)."""
     folder, _ = folders[family]
-    ours = hf.load_hf_model(folder).to("cuda", torch.bfloat16).eval()
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to("cuda").eval()
-    x = tokens().cuda()
+    ours = hf.load_hf_model(folder).to(device, torch.bfloat16).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
+    x = tokens().to(device)
     with torch.no_grad():
         a, b = ours(x).float(), theirs(x).logits.float()
-    assert float((a - b).abs().max()) <= 0.05 * max(1.0, float(b.abs().max()))
+    assert float((a - b).abs().max()) <= 0.03 * max(1.0, float(b.abs().max()))
