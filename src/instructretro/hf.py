@@ -108,6 +108,9 @@ def _rope(raw: dict, path: Path, default_fraction: float) -> dict:
             "rope_type": "llama3", **{k: scaling.get(k) for k in
                                       ("factor", "low_freq_factor", "high_freq_factor",
                                        "original_max_position_embeddings")}}
+    for key, value in (("rope_theta", theta), ("partial_rotary_factor", fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PipelineError(f"{path}: '{key}' must be a number, got {value!r}")
     return {"rotary_base": float(theta), "rotary_percent": float(fraction), "rope_scaling": scaling}
 
 
@@ -300,6 +303,8 @@ def _convert_in(get, config: ModelConfig, model_type: str, prefix: str) -> dict[
                 sd[f"{o}{ours}.weight"] = get(f"{h}{theirs}.weight").t().contiguous()
                 sd[f"{o}{ours}.bias"] = get(f"{h}{theirs}.bias")
         sd["final_norm.weight"], sd["final_norm.bias"] = get(f"{p}ln_f.weight"), get(f"{p}ln_f.bias")
+        if not config.tie_embeddings:
+            sd["lm_head.weight"] = get("lm_head.weight")
         return sd
     norms = ("weight", "bias") if config.norm == "layernorm" else ("weight",)
     sd["embed.weight"] = get(f"{p}embed_tokens.weight")
