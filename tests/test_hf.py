@@ -143,6 +143,12 @@ def test_retro_on_an_imported_decoder_equals_it_at_step_0(folders, family):
     folder, reference = folders[family]
     retro = hf.load_hf_model(folder, **RETRO).eval()
     assert retro.config.cca_gate and retro.encoder is not None
+    for name, p in retro.named_parameters():  # the new parts initialised as Retro does
+        assert torch.isfinite(p).all(), name
+        if Retro.is_retro_parameter(name) and name.endswith(("q.weight", "kv.weight", "qkv.weight")):
+            assert 0.5 * retro.config.init_std < float(p.std()) < 2 * retro.config.init_std, name
+        if name.endswith("cca_gate"):
+            assert float(p) == 0.0
     x = tokens(2, 64)
     neighbors = torch.randint(0, VOCAB, (2, 4, 2, 2 * CHUNK), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():

@@ -362,11 +362,15 @@ def load_hf_model(folder, **retro) -> Retro:
     model's at step 0)."""
     config = read_hf_config(folder, **retro)
     state = read_hf_state_dict(folder, config)
-    model = Retro(config)
+    seed = int(torch.randint(0, 2**62, ()).item())
+    with torch.device("meta"):  # no random draws for the decoder weights about to be replaced
+        model = Retro(config)
+    model = model.to_empty(device="cpu")
     try:
-        load_decoder_weights(model, state)
+        fresh = load_decoder_weights(model, state)
     except PipelineError as exc:
         raise PipelineError(f"{folder}: {exc}") from None
+    model.reset_parameters(seed, only=set(fresh))  # the new encoder and CCA, as Retro initialises them
     return model
 
 

@@ -590,14 +590,15 @@ class Retro(nn.Module):
         return name.startswith("encoder.") or ".cca." in name or ".cca_norm." in name or name.endswith(".cca_gate")
 
     @torch.no_grad()
-    def reset_parameters(self, seed: int = 0):
+    def reset_parameters(self, seed: int = 0, only: set[str] | None = None):
         """Normal(0, init_std) for weights, std / sqrt(2 * n_layers) for the projections into
         the residual stream, zeros for biases, the CCA gates and the stored LayerNorm-1p gains
         (ones for the gains of LayerNorm and RMSNorm); decoder parameters first, then Retro's.
 
         Parameters partitioned by ZeRO-3 (built under ``deepspeed.zero.Init``) are gathered one
         at a time, rank 0 writes them and ZeRO re-partitions them: the same values as an
-        unpartitioned build from the same seed. Meta parameters are left as they are.
+        unpartitioned build from the same seed. Meta parameters are left as they are, and with
+        ``only`` every parameter not named in it (no draws for them).
         """
         std = self.config.init_std
         out_std = std / math.sqrt(2.0 * self.config.n_layers)
@@ -606,7 +607,7 @@ class Retro(nn.Module):
         ordered = [p for p in named if not self.is_retro_parameter(p[0])]
         ordered += [p for p in named if self.is_retro_parameter(p[0])]
         for name, p in ordered:
-            if p.is_meta:
+            if p.is_meta or (only is not None and name not in only):
                 continue
             shape = full_shape(p)
             writer = not is_partitioned(p) or _rank() == 0  # others receive rank 0's values
