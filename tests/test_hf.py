@@ -221,6 +221,21 @@ def test_estimate_counts_the_parameters_of_an_imported_architecture(folders, fam
         assert parameter_counts(config)["total"] == model.num_parameters()
 
 
+def test_gpt2_files_without_the_transformer_prefix(folders, tmp_path):
+    """The original GPT-2 files name tensors ``h.0.attn.c_attn.weight`` (no ``transformer.``)
+    and carry the causal-mask buffers ``h.N.attn.bias``, which are not weights."""
+    from safetensors.torch import load_file, save_file
+
+    folder, reference = folders["gpt2"]
+    out = copy_folder(folders, "gpt2", tmp_path)
+    state = {n.removeprefix("transformer."): t for n, t in load_file(folder / "model.safetensors").items()}
+    state.update({f"h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 128, 128)) for i in range(2)})
+    save_file(state, out / "model.safetensors")
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(hf.load_hf_model(out)(x), reference(x).logits, rtol=0, atol=1e-5)
+
+
 def test_sharded_folder_loads_like_the_single_file(folders, tmp_path):
     folder, reference = folders["llama"]
     reference.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
