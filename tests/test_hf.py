@@ -190,7 +190,7 @@ def test_retrofit_trains_retrieval_and_leaves_the_decoder_bit_for_bit(folders, f
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hf_to_ours_to_hf_gives_equal_logits(folders, family, tmp_path):
-    from instructretro.train import export_checkpoint
+    from instructretro.checkpoint import export_checkpoint
 
     folder, reference = folders[family]
     ours = hf.load_hf_model(folder, **RETRO)  # a Retro: its decoder goes back, encoder and CCA do not
@@ -251,7 +251,7 @@ def test_sharded_folder_loads_like_the_single_file(folders, tmp_path):
 
 def our_checkpoint(tmp_path, retro: bool, **overrides):
     from instructretro import presets
-    from instructretro.train import export_checkpoint
+    from instructretro.checkpoint import export_checkpoint
 
     torch.manual_seed(0)
     config = presets.get("tiny", vocab_size=VOCAB, retro=retro, seq_length=64, chunk_length=CHUNK, **overrides)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import check_fits, read_config, read_state_dict
 from .errors import PipelineError
 from .model import ModelConfig, Retro, load_decoder_weights
 
@@ -361,6 +362,7 @@ def load_hf_model(folder, **retro) -> Retro:
     ``retro=True`` the encoder and the gated CCA are new (Retro's logits equal the imported
     model's at step 0)."""
     config = read_hf_config(folder, **retro)
+    check_fits(config, str(Path(folder) / "config.json"))  # before reading or allocating the weights
     state = read_hf_state_dict(folder, config)
     seed = int(torch.randint(0, 2**62, ()).item())
     with torch.device("meta"):  # no random draws for the decoder weights about to be replaced
@@ -477,21 +479,9 @@ def _convert_out(sd: dict, config: ModelConfig, family: str) -> dict[str, torch.
 
 def _read_checkpoint(folder: Path) -> tuple[ModelConfig, dict]:
     """Config and weights of one of our exported checkpoints (config.json + model.safetensors)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = folder / "config.json"
-    raw = _read_json(path)
-    if "model_type" in raw:
-        raise PipelineError(f"{path}: a Hugging Face folder, not one of our checkpoints")
-    config = ModelConfig.from_dict(raw, str(path))
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise PipelineError(f"{folder}: not an exported checkpoint (no model.safetensors)")
-    try:
-        return config, load_file(str(weights))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise PipelineError(f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+    if is_hf_folder(folder):
+        raise PipelineError(f"{folder / 'config.json'}: a Hugging Face folder, not one of our checkpoints")
+    return read_config(folder), read_state_dict(folder)
 
 
 def _sentencepiece_to_hf(model_file: Path, out: Path) -> dict:
