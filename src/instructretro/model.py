@@ -568,6 +568,10 @@ class Retro(nn.Module):
             # tied: the output layer is the token embedding (no parameter of its own)
             self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden, config.vocab_size, bias=False)
         self.checkpointing = False
+        if self.lm_head is None and is_partitioned(self.embed.weight):
+            import deepspeed  # ZeRO-3 gathers a module's own parameters; the output layer reuses embed's
+
+            deepspeed.zero.register_external_parameter(self, self.embed.weight)
         self.reset_parameters(seed)
 
     def set_checkpointing(self, enabled: bool) -> "Retro":
