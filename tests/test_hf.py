@@ -442,6 +442,19 @@ def test_unsupported_rope_scaling_and_preset_keys(folders, tmp_path):
     one_line_error(lambda: hf.read_hf_config(folders["llama"][0], hidden=32), "'hidden'", "not from the preset")
 
 
+def test_architectures_we_do_not_compute_are_refused(folders, tmp_path):
+    mistral = copy_folder(folders, "mistral", tmp_path)
+    edit_config(mistral, sliding_window=32)
+    one_line_error(lambda: hf.read_hf_config(mistral, seq_length=64, chunk_length=16), "sliding_window 32",
+                   mistral / "config.json")
+    stablelm = copy_folder(folders, "stablelm", tmp_path)
+    edit_config(stablelm, use_parallel_residual=True)
+    one_line_error(lambda: hf.read_hf_config(stablelm), "use_parallel_residual", stablelm / "config.json")
+    llama = copy_folder(folders, "llama", tmp_path)
+    edit_config(llama, hidden_act="gelu")
+    one_line_error(lambda: hf.read_hf_config(llama), "hidden_act 'gelu'", llama / "config.json")
+
+
 def test_is_hf_folder_tells_hf_folders_from_our_checkpoints(folders, tmp_path):
     _, ckpt = our_checkpoint(tmp_path, False)
     assert hf.is_hf_folder(folders["gpt2"][0]) and not hf.is_hf_folder(ckpt)
