@@ -321,3 +321,12 @@ def test_max_overlap_param_is_a_fraction_or_null(tmp_path, value, says):
     params["leakage"]["max_overlap"] = 1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert P.load(tmp_path / "params.yaml").get("leakage.max_overlap", (float, type(None))) == 1
+
+
+def test_report_row_is_retros_lead_at_low_overlap(tmp_path):
+    from instructretro import report
+
+    (tmp_path / "leakage.json").write_text(json.dumps({"chunks": 10, "buckets": {
+        "0-12.5%": {"chunks": 7, "retro_lead": 0.0123}, "12.5-25%": {"chunks": 3, "retro_lead": -0.5}}}))
+    assert report.rows(tmp_path) == [("leakage", "Retro's lead over GPT on chunks at <= 12.5% neighbor overlap "
+                                      "(7 of 10 chunks)", "0.0123")]
