@@ -330,3 +330,14 @@ def test_report_row_is_retros_lead_at_low_overlap(tmp_path):
         "0-12.5%": {"chunks": 7, "retro_lead": 0.0123}, "12.5-25%": {"chunks": 3, "retro_lead": -0.5}}}))
     assert report.rows(tmp_path) == [("leakage", "Retro's lead over GPT on chunks at <= 12.5% neighbor overlap "
                                       "(7 of 10 chunks)", "0.0123")]
+
+
+def test_a_chunks_loss_is_the_loss_of_predicting_its_tokens():
+    """Column u sums positions u*L-1 .. (u+1)*L-2 (their labels are chunk u's tokens, and all
+    read the neighbors of chunk u-1); the last position goes to column C."""
+    from instructretro.leakage import chunk_losses
+
+    ce = torch.arange(1.0, 7.0)[None]  # T = 6, L = 2: C = 3
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0, 1.0, 1.0]])
+    assert chunk_losses(ce, mask, 2).tolist() == [[1.0, 2.0 + 3.0, 0.0 + 5.0, 6.0]]
+    assert chunk_losses(ce, mask, 2).sum() == (ce * mask).sum()

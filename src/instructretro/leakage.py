@@ -11,9 +11,10 @@ and pretrain-gpt) on the validation samples the pretrain stage evaluates:
   a sample reads none and is counted apart (``chunks_without_neighbors``);
 - the overlap is the longest run of tokens the chunk shares with one of them, as a fraction of
   the chunk's tokens (``overlap``);
-- a chunk's loss is the mean next-token loss at its positions, from the same per-token
-  cross-entropy as validation (``train.token_losses``), for Retro, for GPT on the same tokens,
-  and for Retro reading the shuffled neighbors of the validation control;
+- a chunk's loss is the mean next-token loss of predicting its tokens (positions ``u*L - 1``
+  to ``(u+1)*L - 2``, every one of which reads the previous chunk's neighbors), from the same
+  per-token cross-entropy as validation (``train.token_losses``), for Retro, for GPT on the
+  same tokens, and for Retro reading the shuffled neighbors of the validation control;
 - the chunks fall into RETRO's buckets (overlap <= 12.5%, 25%, ..., 100%).
 
 With a ``max_overlap`` the same samples are also evaluated with the leakage filter (neighbors
@@ -60,9 +61,15 @@ def bucket_name(i: int) -> str:
 
 
 def chunk_losses(ce: torch.Tensor, loss_mask: torch.Tensor, chunk_length: int) -> np.ndarray:
-    """(B, C) sums of the masked per-token losses ``ce`` (B, T) over each chunk's positions."""
+    """(B, C + 1) sums of the masked per-token losses ``ce`` (B, T) by the chunk whose tokens
+    are the labels: column ``u`` holds positions ``u*L - 1 .. (u+1)*L - 2``, which predict the
+    tokens of chunk ``u`` and all read the neighbors of chunk ``u - 1`` (column 0: chunk 0
+    after its first token, reading none); column ``C`` the last position, which predicts the
+    next sample's first token."""
     B, T = ce.shape
-    return (ce.float() * loss_mask.float()).reshape(B, T // chunk_length, chunk_length).sum(-1).double().cpu().numpy()
+    x = torch.cat([torch.zeros(B, 1, device=ce.device), (ce.float() * loss_mask.to(ce.device).float())], dim=1)
+    per_chunk = x[:, :T].reshape(B, T // chunk_length, chunk_length).sum(-1)
+    return torch.cat([per_chunk, x[:, T:]], dim=1).double().cpu().numpy()
 
 
 @torch.no_grad()
@@ -98,16 +105,16 @@ def chunk_table(retro, gpt, valid, batches, device, max_overlap: float | None = 
         timings["overlap_s"] = timings.get("overlap_s", 0.0) + time.perf_counter() - t0
         timings["chunks"] = timings.get("chunks", 0) + B * (C - 1)
 
-        counts = mask.float().reshape(B, C, cl).sum(-1).numpy()
-        real = counts[:, 1:] > 0  # chunks with loss tokens (the split's padding chunks have none)
+        counts = chunk_losses(torch.ones(mask.shape), mask, cl)  # (B, C + 1) loss tokens, as the sums
+        real = counts[:, 1:C] > 0  # chunks with loss tokens (the split's padding chunks have none)
         rows["rows"].append((np.asarray(b)[:, None] * C + np.arange(1, C)[None, :])[real])
         rows["overlap"].append(overlap[real])
-        rows["tokens"].append(counts[:, 1:][real])
-        first["tokens"] += float(counts[:, 0].sum())
-        first["chunks"] += int((counts[:, 0] > 0).sum())
+        rows["tokens"].append(counts[:, 1:C][real])
+        first["tokens"] += float(counts[:, 0].sum() + counts[:, C].sum())
+        first["chunks"] += int((mask.reshape(B, C, cl)[:, 0].sum(-1) > 0).sum())
         for name, s in sums.items():
-            rows[name].append(s[:, 1:][real])
-            first[name] += float(s[:, 0].sum())
+            rows[name].append(s[:, 1:C][real])
+            first[name] += float(s[:, 0].sum() + s[:, C].sum())
     cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in rows.items()}
     table = ChunkTable(cat["rows"].astype(np.int64), cat["overlap"].astype(np.float64), cat["tokens"].astype(np.int64),
                        {k: cat[k].astype(np.float64) for k in LOSSES if len(rows[k])})
