@@ -51,7 +51,7 @@ def main(argv=None):
     ap.add_argument("--tokenizer", default="data/tokenizer/spm.model")
     ap.add_argument("--db-tokens", default="data/tokens/db")
     ap.add_argument("--embeddings", default="data/db/embeddings.h5")
-    ap.add_argument("--index", default="data/index/populated.faiss")
+    ap.add_argument("--index", default="data/index/populated", help="the populated index folder (add-index)")
     ap.add_argument("--out", required=True, help="answers, JSON lines")
     ap.add_argument("--metrics", required=True)
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
