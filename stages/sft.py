@@ -132,6 +132,8 @@ def main(argv=None):
         unavailable = None if Path(args.index).exists() else f"{args.index} not built yet"
     else:
         config = checkpoint.read_config(s["init_from"])
+        checkpoint.check_tokenizer(s["init_from"], args.tokenizer)
+        sft.check_retrieval(config, s["retrieval"], p.source)
         settings = full = sft.sft_settings(config.name, s["overrides"])
 
     metrics = sft.run_sft(
