@@ -223,6 +223,55 @@ def test_corpus_folder_rules(tmp_path):
     assert files == {"hidden_file": 2, "other_extension": 1}
 
 
+def test_symlinked_folders_are_skipped_and_counted(tmp_path, small_tokenizer):
+    """A folder holding ``a.jsonl`` and ``books -> ../shared_books``: DVC does not hash inside a
+    symlinked folder (a change there would never rerun tokenize), so it is skipped, counted and
+    named in the summary line; a symlinked file is read (DVC hashes its content)."""
+    shared = tmp_path / "shared_books"
+    shared.mkdir()
+    (shared / "b.jsonl").write_text('{"text": "a shared book"}\n')
+    (shared / "c.jsonl").write_text('{"text": "a linked file"}\n')
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "a.jsonl").write_text('{"text": "own document"}\n{"text": "second own document"}\n')
+    (root / "books").symlink_to(Path("..") / "shared_books", target_is_directory=True)
+    (root / "c.jsonl").symlink_to(shared / "c.jsonl")
+    (root / "gone.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
+    files = data.SkipCounter()
+    texts = [d.text for d in data.iter_documents(root, skipped_files=files)]
+    assert texts == ["own document", "second own document", "a linked file"]
+    assert files == {"symlinked_folder": 1, "broken_symlink": 1}
+    params = write_params(tmp_path, lambda p: p["corpus"].update(db=str(root)))
+    r = run_stage("tokenize_corpus.py", "db", "--params", params, "--tokenizer", small_tokenizer,
+                  "--out", tmp_path / "tokens", "--metrics", tmp_path / "m.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["train_documents"] == 3 and m["skipped_files"] == 2
+    assert m["skipped_files_by_reason"] == {"symlinked_folder": 1, "broken_symlink": 1}
+    assert "a symlinked folder is skipped: DVC does not look inside it" in r.stdout
+
+
+@pytest.mark.parametrize("name", ["c.ndjson", "c.jsonlines", "c.json-lines", "c.NDJSON", "c.data"])
+def test_json_lines_under_other_extensions_are_json_lines(name, tmp_path):
+    """The common JSON-lines extensions, and a single file of another extension by its content."""
+    lines = [{"text": f"document {i}"} for i in range(5)]
+    (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert [d.text for d in data.iter_documents(tmp_path / name)] == [r["text"] for r in lines]
+    if not name.endswith(".data"):  # in a folder: by extension
+        assert len(list(data.iter_documents(tmp_path))) == 5
+
+
+def test_single_file_of_other_extension_is_text_or_an_error(tmp_path):
+    (tmp_path / "book.md").write_text("# A book\n\nPlain text, one document.\n")
+    assert [d.text for d in data.iter_documents(tmp_path / "book.md")] == ["# A book\n\nPlain text, one document.\n"]
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01binary\x00" * 100)
+    with pytest.raises(PipelineError, match=r"blob\.bin: neither JSON lines nor UTF-8 text"):
+        list(data.iter_documents(tmp_path / "blob.bin"))
+    (tmp_path / "latin1.dat").write_bytes("caf\xe9 au lait, d\xe9j\xe0 vu".encode("latin-1"))
+    with pytest.raises(PipelineError, match=r"latin1\.dat: neither JSON lines nor UTF-8 text"):
+        list(data.iter_documents(tmp_path / "latin1.dat"))
+
+
 def test_byte_order_mark_is_not_text(tmp_path):
     (tmp_path / "a.txt").write_bytes("\ufeffHello".encode("utf-8"))
     (tmp_path / "b.jsonl").write_bytes("\ufeff".encode("utf-8") + b'{"text": "World"}\n')
