@@ -121,6 +121,13 @@ PARAM_CASES = {
                                      r"as text: write it with a dot, e\.g\. 0\.004\)"),
     "sft.steps ten": ("sft.py", _set("sft", "steps", "ten"), r"param 'sft\.steps' must be int or null, got str 'ten'"),
     "section not a mapping": ("sft.py", lambda p: p.update(score=3), r"section 'score' must be a mapping"),
+    "pretrain.seed -1": ("pretrain.py", _set("pretrain", "seed", -1),
+                         r"param 'pretrain\.seed' must be in \[0, 2147483648\), got -1"),
+    "query.seed 2**31": ("query_neighbors.py", _set("query", "seed", 2**31),
+                         r"param 'query\.seed' must be in \[0, 2147483648\), got 2147483648"),
+    "retro.chunk_length 1000": ("embed.py", _set("retro", "chunk_length", 1000),
+                                r"param 'retro\.seq_length' \(256\) must be a multiple of 'retro\.chunk_length' "
+                                r"\(1000\), at least one chunk"),
 }
 
 
@@ -149,6 +156,52 @@ def test_known_keys_cover_the_dataclasses_that_read_them():
     assert set(P.OPTIONAL["model"]) == fields - {"vocab_size", "seq_length", "chunk_length", "retro", "name"}
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= set(P.KNOWN["pretrain"])
     assert set(TRAIN_KEYS) <= set(P.KNOWN["sft"])
+
+
+def test_every_numeric_param_has_its_range_checked_at_load():
+    """Numbers are never only type-checked: each has a ``Num`` range in KNOWN / OPTIONAL, and a
+    value outside it (a negative count or seed, a seed Faiss cannot take, an infinite float) is
+    refused by ``load`` naming the key."""
+    plain = {int, float, P.INT_OR_NULL, P.FLOAT_OR_NULL}
+    for section, keys in P.known_keys().items():
+        for key, spec in keys.items():
+            assert not (isinstance(spec, type) and spec in plain) and spec not in (P.INT_OR_NULL, P.FLOAT_OR_NULL), \
+                f"{section}.{key} is only type-checked"
+            if not isinstance(spec, P.Num):
+                continue
+            bad = [-1] if spec.typ is int else [-1.0, float("inf")]
+            if spec.typ is int and spec.hi is None:
+                assert spec(f"{section}.{key}", 2**40, "p") == 2**40
+            for value in bad + ([2**31] if spec is P.SEED or spec is P.SEED_OR_NULL else []):
+                p = shipped_params()
+                p.setdefault(section, {})[key] = value
+                with pytest.raises(PipelineError, match=rf"param '{section}\.{key}' must be"):
+                    P.check_known(p)
+    for key in ("world.seed", "index.seed", "query.seed", "sft.seed", "pretrain.seed"):
+        section, name = key.split(".")
+        assert P.known_keys()[section][name] in (P.SEED, P.SEED_OR_NULL), key
+
+
+def test_seed_bound_is_what_numpy_and_faiss_take():
+    import faiss
+
+    np.random.default_rng(2**31 - 1)
+    np.random.seed(2**31 - 1)  # the legacy generator takes < 2**32
+    cp = faiss.ClusteringParameters()
+    cp.seed = 2**31 - 1
+    assert cp.seed == 2**31 - 1
+    with pytest.raises((OverflowError, TypeError)):
+        cp.seed = 2**31  # a C int
+
+
+def test_chunk_length_must_divide_seq_length_at_load(tmp_path):
+    for chunk, seq, ok in [(64, 256, True), (64, 64, True), (64, 96, False), (512, 256, False)]:
+        params = write_params(tmp_path, lambda p: p["retro"].update(chunk_length=chunk, seq_length=seq))
+        if ok:
+            P.load(params)
+        else:
+            with pytest.raises(PipelineError, match=r"'retro\.seq_length' \(\d+\) must be a multiple of"):
+                P.load(params)
 
 
 def test_user_entry_names_inside_lists_are_not_taken_for_keys():
