@@ -453,14 +453,8 @@ def test_stage_killed_after_a_checkpoint_resumes_to_the_same_weights(tmp_path, s
     assert [row.split("\t")[0] for row in rows[1:]] == [str(i) for i in range(1, 9)]
 
 
-def test_stage_refuses_another_tokenizer_and_encoder_retrieval_for_a_gpt(tmp_path, small_world, small_tokenizer, tok):
-    """Both are one line before any retrieval or training: a checkpoint whose train.json records
-    another tokenizer, and sft.retrieval=encoder for a GPT checkpoint (no encoder to feed)."""
-    import torch
-
-    from instructretro import checkpoint, presets
-    from instructretro.model import Retro
-
+def test_stage_refuses_a_checkpoint_trained_with_another_tokenizer(tmp_path, small_world, small_tokenizer, tok):
+    """One line naming both, before any retrieval or training."""
     args = _stage_setup(tmp_path, small_world, small_tokenizer, tok)
     (tmp_path / "ckpt" / "train.json").write_text(json.dumps({"tokenizer": {"path": "old.model", "sha256": "0" * 64}}))
     proc = _run_stage(*args, cwd=tmp_path)
@@ -468,6 +462,14 @@ def test_stage_refuses_another_tokenizer_and_encoder_retrieval_for_a_gpt(tmp_pat
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith(f"error: {tmp_path / 'ckpt'}: trained with tokenizer old.model (sha256 000000000000), "
                            f"but the tokenizer here is {small_tokenizer} (sha256 "), line
+
+
+def test_stage_refuses_encoder_retrieval_for_a_gpt_checkpoint(tmp_path, small_world, small_tokenizer, tok):
+    """One line before any retrieval (it would search for minutes and change nothing)."""
+    import torch
+
+    from instructretro import checkpoint, presets
+    from instructretro.model import Retro
 
     torch.manual_seed(0)
     gpt = Retro(presets.get("tiny", vocab_size=tok.vocab_size, n_layers=2, cca_layers=(2,), retro=False))
