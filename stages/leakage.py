@@ -44,7 +44,7 @@ def main(argv=None):
     p = P.load(args.params)
     max_overlap = p.get("leakage.max_overlap", (float, type(None)))
     max_samples = p.get("leakage.max_samples", int)
-    batch_size = P.positive("leakage.batch_size", p.get("leakage.batch_size", int), args.params)
+    batch_size = p.get("leakage.batch_size", int)  # > 0: params.KNOWN checks the range
     inputs = PretrainInputs(args.tokens, args.neighbors, args.db_tokens, args.embeddings)
     metrics, t = run_leakage(inputs, args.retro, args.gpt, max_overlap, max_samples, batch_size)
     write_json(args.metrics, metrics)

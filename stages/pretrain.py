@@ -90,7 +90,8 @@ def main(argv=None):
     if args.max_overlap is not None:
         if not args.eval_only:
             raise PipelineError("--max-overlap filters neighbors at evaluation: give it with --eval-only CKPT")
-        P.fraction("--max-overlap", args.max_overlap)
+        if not 0.0 <= args.max_overlap <= 1.0:
+            raise PipelineError(f"--max-overlap is a share of the chunk, between 0 and 1; got {args.max_overlap}")
     if args.eval_only:
         init_from, skip_train = args.eval_only, True
     if init_from and not Path(init_from).is_dir():

@@ -305,8 +305,8 @@ def test_stage_writes_metrics_and_the_plot_and_eval_only_reports_the_filtered_lo
         assert exc.value.code == 1 and says in err and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("value, says", [(1.5, "must be between 0 and 1"), (-0.1, "must be between 0 and 1"), ("half", "must be float")])
-def test_max_overlap_param_is_a_fraction_or_null(tmp_path, value, says):
+@pytest.mark.parametrize("value, says", [(1.5, r"must be in \[0.0, 1.0\]"), (-0.1, r"must be in \[0.0, 1.0\]"), ("half", "must be float")])
+def test_max_overlap_param_is_a_share_or_null(tmp_path, value, says):
     import yaml
 
     from instructretro import params as P
