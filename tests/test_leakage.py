@@ -257,15 +257,15 @@ def test_the_filter_removes_exactly_the_neighbors_above_the_threshold(planted):
     assert torch.equal(valid.batch(idx, max_overlap=1.0)["neighbor_mask"], full["neighbor_mask"])
 
 
-def test_stage_writes_metrics_and_the_plot_and_eval_only_reports_the_filtered_loss(planted, tmp_path, monkeypatch,
-                                                                                  capsys):
+def test_stage_writes_metrics_and_the_plot_and_eval_only_reports_the_filtered_loss(planted, small_tokenizer, tmp_path,
+                                                                                  monkeypatch, capsys):
     import yaml
 
     root, d, expected = planted
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["leakage"].update(max_overlap=0.5, batch_size=4)
-    params["corpus"]["pretrain"] = ""  # no fact spans: the eval-only run below needs no tokenizer
+    params["corpus"]["pretrain"] = ""  # no fact spans
     params["pretrain"].update(eval_batches=100, micro_batch=4)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     data_args = ["--tokens", root / "tokens" / "pretrain", "--neighbors", root / "neighbors" / "neighbors.h5",
@@ -284,7 +284,7 @@ def test_stage_writes_metrics_and_the_plot_and_eval_only_reports_the_filtered_lo
     assert "per 1,000 chunks" in r.stderr
 
     # the same filter on any checkpoint through the pretrain stage's evaluation
-    args = ["--params", tmp_path / "params.yaml", *data_args, "--tokenizer", "unused",
+    args = ["--params", tmp_path / "params.yaml", *data_args, "--tokenizer", small_tokenizer,
             "--metrics", tmp_path / "eval.json", "--eval-only", root / "ckpt" / "retro"]
     r = run_stage("pretrain.py", *args, "--max-overlap", "0.5")
     assert r.returncode == 0, r.stderr[-3000:]
