@@ -82,6 +82,7 @@ POSITIVE, POSITIVE_OR_NULL = Num(float, 0.0, lo_open=True), Num(float, 0.0, lo_o
 NON_NEGATIVE_OR_NULL = Num(float, 0.0, null=True)
 BETA_OR_NULL = Num(float, 0.0, 1.0, hi_open=True, null=True)  # Adam betas: [0, 1)
 ZERO_STAGE_OR_NULL = Num(int, 0, 3, null=True)
+SHARE_OR_NULL = Num(float, 0.0, 1.0, null=True)  # [0, 1] or null
 
 # Every key of params.yaml: section -> key -> type (a type, a tuple of types, a checker
 # ``f(key, value, source) -> value`` such as a ``Num`` range, or ANY). Every number has its
@@ -124,6 +125,7 @@ KNOWN: dict[str, dict[str, object]] = {
                  "batch_size": SIZE, "max_questions": COUNT, "system": STR_OR_NULL, "nprobe": SIZE, "efsearch": SIZE,
                  "threads": COUNT},
     "score": {"f1_gold": str, "normalize": str},
+    "leakage": {"max_overlap": SHARE_OR_NULL, "max_samples": COUNT, "batch_size": SIZE},
 }
 
 
