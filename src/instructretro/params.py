@@ -146,7 +146,11 @@ OPTIONAL: dict[str, dict[str, object]] = {
               "cca_layers": optional(positive_int_list), "encoder_layers": SIZE_OR_NULL,
               "num_neighbors": SIZE_OR_NULL, "rotary_percent": Num(float, 0.0, 1.0, lo_open=True, null=True),
               "rotary_base": POSITIVE_OR_NULL, "cca_rotary": (bool, NONE), "norm_eps": POSITIVE_OR_NULL,
-              "init_std": POSITIVE_OR_NULL},
+              "init_std": POSITIVE_OR_NULL,
+              # the architecture switches (docs/model.md); an imported model sets them from its config.json
+              "norm": STR_OR_NULL, "mlp": STR_OR_NULL, "kv_heads": COUNT_OR_NULL, "qkv_bias": (bool, NONE),
+              "linear_bias": (bool, NONE), "rope_scaling": (dict, NONE), "learned_positions": COUNT_OR_NULL,
+              "tie_embeddings": (bool, NONE), "cca_gate": (bool, NONE)},
 }
 
 
