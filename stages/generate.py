@@ -20,11 +20,9 @@ import torch
 
 from instructretro import data, params as P
 from instructretro.decoding import greedy_generate
-from instructretro.embed import encoder_from_params
 from instructretro.errors import PipelineError, cli
 from instructretro.generate import MODES, Settings, answer_questions, parse_task
 from instructretro.io import write_json, write_jsonl
-from instructretro.retrieval import Retriever
 from instructretro.tokenizer import Tokenizer
 from instructretro.train import checkpoint_precision, init_distributed, load_model, local_device
 
@@ -87,7 +85,11 @@ def main(argv=None):
         raise PipelineError(f"{checkpoint}: model chunk_length {config.chunk_length} != param 'retro.chunk_length' {chunk_length}")
     tok = Tokenizer(args.tokenizer)
     retriever = None
-    if settings.retrieval != "none":  # the database's own encoder (embed.*), as query-neighbors and sft use
+    given = settings.retrieval == "prompt" and all("ctxs" in r for r in records)  # nothing to search
+    if settings.retrieval != "none" and not given:  # the database's own encoder (embed.*), as query-neighbors and sft use
+        from instructretro.embed import encoder_from_params
+        from instructretro.retrieval import Retriever
+
         retriever = Retriever(args.embeddings, args.index, args.db_tokens, args.tokenizer,
                               encoder=encoder_from_params(p), chunk_length=chunk_length,
                               nprobe=P.positive("generate.nprobe", p.get("generate.nprobe", int)),

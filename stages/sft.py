@@ -75,9 +75,10 @@ def check_declared(blend: list, dvc_yaml: str, source: str) -> None:
                             f"'- ${{sft.blend.{name}.path}}' to the sft deps in {path} (one line per blend entry)")
 
 
-def make_retriever(args, p: P.Params, s: dict):
-    """The Retriever over the populated index, with the database's own encoder (``embed.*``)."""
-    if s["retrieval"] == "none":
+def make_retriever(args, p: P.Params, s: dict, blend=()):
+    """The Retriever over the populated index, with the database's own encoder (``embed.*``);
+    None when nothing is searched: retrieval off, or every record carries its passages (``ctxs``)."""
+    if s["retrieval"] == "none" or sft.all_given_contexts(blend, s["retrieval"]):
         return None
     from instructretro.embed import encoder_from_params
     from instructretro.retrieval import Retriever
@@ -95,7 +96,9 @@ def open_work(args, s: dict, settings: dict, cfg, blend, p: P.Params, rank: int,
     params = {"sft": s, "settings": settings, "train": dataclasses.asdict(cfg), "world": world,
               "versions": library_versions("torch", "deepspeed", "transformers", "faiss-cpu", "faiss-gpu"),
               "embed": p.section("embed") if s["retrieval"] != "none" else None}
-    inputs = [s["init_from"], *[e.path for e in blend], args.tokenizer, args.db_tokens, args.embeddings, args.index]
+    searched = s["retrieval"] != "none" and not sft.all_given_contexts(blend, s["retrieval"])
+    inputs = [s["init_from"], *[e.path for e in blend], args.tokenizer,
+              *([args.db_tokens, args.embeddings, args.index] if searched else [])]
     key = rank0_key(lambda: content_key(params, inputs, code_files(__file__), DigestCache(args.work)))
     work = WorkDir(args.work, key, lock=rank == 0)
     if rank == 0 and (train.latest_step(work.dir) or 0) >= cfg.steps:
@@ -196,8 +199,9 @@ def main(argv=None):
     if model is None:
         model = train.build_model(config, cfg, weights=s["init_from"])
     print(f"sft: {config.name} model, {model.num_parameters():,} parameters, retrieval={s['retrieval']}")
-    retriever = make_retriever(args, p, s) if not (args.smoke and not Path(args.index).exists()) else None
-    retrieval = s["retrieval"] if retriever is not None or s["retrieval"] == "none" else "none"
+    given = sft.all_given_contexts(blend, s["retrieval"])  # prompt passages in the records: no search
+    retriever = make_retriever(args, p, s, blend) if not (args.smoke and not Path(args.index).exists()) else None
+    retrieval = s["retrieval"] if retriever is not None or s["retrieval"] == "none" or given else "none"
     if retrieval != s["retrieval"]:
         print(f"sft smoke: {args.index} not built yet, so retrieval=none for the smoke step")
     num_neighbors = s["num_neighbors"] or config.num_neighbors

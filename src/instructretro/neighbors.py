@@ -38,7 +38,6 @@ import os
 import time
 from pathlib import Path
 
-import faiss
 import h5py
 import numpy as np
 
@@ -283,6 +282,8 @@ def recall_check(index, queries: np.ndarray, approx: np.ndarray, rows: np.ndarra
     _, cand = exact_candidates(queries, db, min(n_query, db.n), block_size)
     exact = _exclude_blockwise(cand, documents, banned, valid, n_save, block_size)
     metrics = recall_at_k(queries, approx, exact, db, block_size)
+    import faiss  # here, not at the top: NeighborTokens readers (pretraining) need no faiss
+
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
         return metrics, [(0, metrics["recall_at_k"])]
@@ -308,6 +309,8 @@ def file_key(path: str | os.PathLike) -> str:
 
 
 def _search_settings(index) -> str:
+    import faiss
+
     ivf = faiss.try_extract_index_ivf(index)
     hnsw = [getattr(x, "hnsw", None) for x in (index, getattr(ivf, "quantizer", None)) if x is not None]
     return f"{getattr(ivf, 'nprobe', None)}|{[h.efSearch for h in hnsw if h is not None]}"
@@ -341,6 +344,8 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
             raise ValueError("query_neighbors: an index opener needs index_key")
         index = index()
     else:
+        import faiss
+
         index_key = hashlib.blake2b(faiss.serialize_index(index).tobytes(), digest_size=16).hexdigest()
     index_key = f"{index_key}|{_search_settings(index)}"
     if index.ntotal != db.n:
