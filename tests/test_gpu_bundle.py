@@ -56,13 +56,13 @@ def tiny_bundle(tmp_path_factory) -> Path:
 def test_bundle_runs_offline_on_a_bare_interpreter(tiny_bundle, tmp_path):
     py = node_python()
     out, work = tmp_path / "results", tmp_path / "work"
-    cmd = ["bash", str(tiny_bundle / "run.sh"), "--cpu", "--tiny", "--budget-s", "110", "--out", str(out),
+    cmd = ["bash", str(tiny_bundle / "run.sh"), "--cpu", "--tiny", "--budget-s", "150", "--out", str(out),
            "--work", str(work)]
     if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip"):
         cmd = ["unshare", "-n", "sh", "-c", "ip link set lo up && exec \"$@\"", "sh", *cmd]  # no network
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": str(py), "OMP_NUM_THREADS": "1",
            "TMPDIR": str(tmp_path)}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
     assert "installing" in log and "deepspeed==" in log and "pytest==" in log  # offline, from the bundle
@@ -78,7 +78,7 @@ def test_bundle_runs_offline_on_a_bare_interpreter(tiny_bundle, tmp_path):
     assert gpt["status"] == "pass" and math.isfinite(gpt["values"]["val_loss"]) and gpt["values"]["qa_em"] is not None
     # the budget stops what does not fit, and the results are still written
     assert all(r["status"] in ("pass", "stopped", "skipped") for r in runs.values()), runs
-    assert results["seconds"] <= 110 + 5
+    assert results["seconds"] <= 150 + 5
     assert "| GPT seed 1 | pass |" in (out / "results.md").read_text()
     # the interpreter's own packages were not touched
     assert subprocess.run([str(py), "-c", "import deepspeed"], capture_output=True, env={"PATH": "/usr/bin:/bin"}).returncode
