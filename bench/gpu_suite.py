@@ -336,8 +336,9 @@ def world_plan(args) -> dict:
             "retro.seq_length": args.seq_length, "model.name": args.preset, "query.num_neighbors_save": 4}
 
 
-def fidelity_plan(args) -> dict:
-    """Params of every run: the world, the pretraining and SFT recipe (``args.steps`` steps)."""
+def fidelity_plan(args, world: dict | None = None) -> dict:
+    """Params of every run: the world (``world``, else ``world_plan``), the pretraining and SFT
+    recipe (``args.steps`` steps)."""
     steps, micro = args.steps, args.micro_batch
     pretrain = {"pretrain.steps": steps, "pretrain.warmup": max(1, steps // 20),
                 "pretrain.micro_batch": micro, "pretrain.grad_accum": 1, "pretrain.lr": args.lr,
@@ -348,7 +349,7 @@ def fidelity_plan(args) -> dict:
            "sft.global_batch": micro, "sft.eval_interval": args.sft_steps, "sft.save_interval": args.sft_steps,
            "sft.valid_samples": 50 if not args.tiny else 4, "generate.max_questions": 0,
            "generate.max_new_tokens": 16}
-    return {"world": world_plan(args), "pretrain": pretrain, "sft": sft}
+    return {"world": world or world_plan(args), "pretrain": pretrain, "sft": sft}
 
 
 def prepare(work: Path, world: dict, timeout: float) -> Path:
@@ -710,8 +711,7 @@ def node(args) -> int:
             sizing = Sizing(sizing.seeds, args.steps, max(1, args.steps // 2), sizing.seconds_per_seed,
                             f"--steps {args.steps} given; " + sizing.note)
         plan_args.steps, plan_args.retrofit_steps = sizing.steps, sizing.retrofit_steps
-        plan = fidelity_plan(plan_args)
-        plan["world"] = world
+        plan = fidelity_plan(plan_args, world)
         results.update(plan=plan, sizing=asdict(sizing), plan_note=f"{preset} on {name or 'CPU'}; {sizing.note}")
         log(f"fidelity plan: {sizing.note}")
         seeds = list(range(1, sizing.seeds + 1))
