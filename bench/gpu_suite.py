@@ -575,11 +575,11 @@ def verdict(rows: list[Row]) -> dict:
 
 
 def markdown_table(title: str, rows: list[Row], columns: tuple[str, ...]) -> str:
-    head = "| run | result | time | " + " | ".join(columns) + " | detail |"
-    lines = [f"### {title}", "", head, "|" + "---|" * (len(columns) + 4)]
+    names = ["run", "result", "time", *columns, "detail"]
+    lines = [f"### {title}", "", "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for r in rows:
-        cells = " | ".join(_cell(r.values.get(c)) for c in columns)
-        lines.append(f"| {r.name} | {r.status} | {r.seconds:.0f} s | {cells} | {r.detail} |")
+        cells = [r.name, r.status, f"{r.seconds:.0f} s", *(_cell(r.values.get(c)) for c in columns), r.detail]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -590,9 +590,9 @@ def write_results(out: Path, results: dict, checks: list[Row], runs: list[Row]) 
                "verdict": verdict(runs)}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     v = results["verdict"]
-    md = [f"# GPU results: {results.get('environment', '')}", "", markdown_table("Checks", checks, ()),
+    md = [f"# GPU results: {results.get('environment', '')}", "", *([markdown_table("Checks", checks, ())] if checks else []),
           markdown_table(f"Fidelity: {results.get('plan_note', '')}", runs, COLUMNS),
-          "Verdict (rule: docs/findings.md, \"The GPU comparison\"): "
+          "Verdict (the rule of docs/findings.md, \"The GPU comparison and its decision rule\"): "
           + (f"**{v['result']}**: {v['why']}" if v.get("decided") else f"undecided: {v['why']}"), "",
           " ".join(f"{k} {_cell(v.get(k))};" for k in ("retro_lead", "seed_spread", "shuffled_gap", "no_retrieval_gap",
                                                        "fact_token_lead", "qa_em_lead", "retrofit_lead"))]
