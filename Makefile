@@ -15,7 +15,7 @@ DVC_RUN   := $(WORKSPACE) $(DVC)
 # Stage commands in dvc.yaml call `python`, `deepspeed`: every target runs them from .venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-fast bench clean-venv browser vega plots results overlap
+.PHONY: install repro test test-fast bench clean-venv browser vega plots results overlap gpu-bundle
 
 install: $(STAMP)
 
@@ -203,3 +203,13 @@ hf-check: install
 
 export-hf: install
 	$(BIN)/python -m instructretro.hf export CKPT=$(CKPT) OUT=$(OUT) TOKENIZER=$(TOKENIZER)
+
+# The GPU check for a compute node without a package index: `make gpu-bundle` (here, with the
+# index) writes gpu-bundle/ (git-ignored, under 60 MiB): the wheels the node lacks (DeepSpeed
+# and pytest with their dependencies, CPython 3.10-3.12), the code, the fidelity runs' inputs
+# built on this machine (world, tokenizer, token stores, database chunk table, neighbors, QA and
+# SFT passages) and run.sh. On the node: `bash gpu-bundle/run.sh --out results` (8 minutes on
+# one H100). TINY=1 builds the small world of the CPU check (`run.sh --cpu --tiny`).
+TINY ?=
+gpu-bundle: install
+	$(BIN)/python bench/gpu_bundle.py $(if $(TINY),--tiny --work data/work/gpu-bundle-tiny)
