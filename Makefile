@@ -7,10 +7,15 @@ STAMP  := $(VENV)/.installed
 MODEL  ?=
 GPUS   ?=
 DVC    := $(BIN)/dvc
+# Every target that runs stages runs them under `python -m instructretro.workspace`: it refuses to
+# start, in one line, while another run holds this workspace (another make target, or a dvc
+# command started by hand), and holds it until done. Side-by-side experiments: dvc exp run --queue.
+WORKSPACE := $(BIN)/python -m instructretro.workspace --
+DVC_RUN   := $(WORKSPACE) $(DVC)
 # Stage commands in dvc.yaml call `python`, `deepspeed`: every target runs them from .venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-fast bench clean-venv browser vega plots results overlap
+.PHONY: install repro test test-fast bench clean-venv browser vega plots results overlap gpu-bundle
 
 install: $(STAMP)
 
@@ -36,7 +41,7 @@ endif
 	touch $(STAMP)
 
 repro: install
-	$(DVC) repro
+	$(DVC_RUN) repro
 
 test: install browser vega
 	$(BIN)/python -m pytest -q tests
@@ -81,7 +86,7 @@ results: install
 # How much of the pretraining text the neighbors could give (experiments/neighbor_overlap.py on
 # the valid split), before any training: the first check when Retro ignores its neighbors.
 overlap: install
-	$(DVC) repro query-neighbors
+	$(DVC_RUN) repro query-neighbors
 	$(BIN)/python experiments/neighbor_overlap.py
 
 # Instruction tuning. `make sft` runs the sft stage (and whatever it depends on) for the default
@@ -98,14 +103,14 @@ ifneq ($(GPUS),)
 	$(MAKE) pretrain GPUS=$(GPUS) HOSTFILE=$(HOSTFILE)
 	$(call launch_stages,sft)
 else ifeq ($(SMOKE),1)
-	$(SFT_ENV) $(DVC) repro tokenizer
+	$(SFT_ENV) $(DVC_RUN) repro tokenizer
 	$(SFT_ENV) python stages/sft.py --smoke $(if $(MODEL),--model $(MODEL))
 else ifneq ($(MODEL),)
-	$(SFT_ENV) $(DVC) repro tokenizer
+	$(SFT_ENV) $(DVC_RUN) repro tokenizer
 	$(SFT_ENV) python stages/sft.py --estimate --model $(MODEL)
-	$(SFT_ENV) $(DVC) exp run -S model.name=$(MODEL) sft
+	$(SFT_ENV) $(DVC_RUN) exp run -S model.name=$(MODEL) sft
 else
-	$(SFT_ENV) $(DVC) repro sft
+	$(SFT_ENV) $(DVC_RUN) repro sft
 endif
 
 # Pretraining (stage pretrain, DeepSpeed). `make pretrain` runs `dvc repro pretrain`: one process
@@ -117,30 +122,32 @@ endif
 # `make generate GPUS=8` do the same for their stage after the stages before it. The preset
 # is params.yaml `model.name`; `make pretrain MODEL=843m` runs it as a DVC experiment on one process.
 # `make eval-ppl CKPT=folder` is the reference's --skip-train: validation loss/perplexity of an
-# exported checkpoint on the pipeline's valid split, into metrics/eval_ppl.json (GPUS= works too).
+# exported checkpoint on the pipeline's valid split, into metrics/eval_ppl.json (GPUS= works too);
+# MAX_OVERLAP=0.5 adds val_loss_filtered, the same loss with the leakage filter (docs/pretrain.md).
 HOSTFILE ?=
+MAX_OVERLAP ?=
 CKPT     ?= data/checkpoints/pretrain
 PRETRAIN_ARGS := --out data/checkpoints/pretrain --work data/work/pretrain --live dvclive/pretrain --metrics metrics/pretrain.json
 LAUNCH = $(if $(GPUS),$(BIN)/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE)) --num_gpus $(GPUS),$(BIN)/python)
 # $(call launch_stages,GLOB): the dvc.yaml stages matching GLOB under $(LAUNCH), each then committed.
-launch_stages = plan="$$($(BIN)/python -m instructretro.launch '$(1)' '$(LAUNCH)' '$(DVC)')" && echo "$$plan" && eval "$$plan"
+launch_stages = plan="$$($(BIN)/python -m instructretro.launch '$(1)' '$(LAUNCH)' '$(DVC)')" && echo "$$plan" && $(WORKSPACE) bash -c "$$plan"
 .PHONY: pretrain eval-ppl
 pretrain: install
 ifneq ($(GPUS),)
 	$(if $(MODEL),$(error with GPUS=, set model.name in params.yaml instead of MODEL=))
-	$(SFT_ENV) $(DVC) repro tokenize@db tokenize@pretrain
+	$(SFT_ENV) $(DVC_RUN) repro tokenize@db tokenize@pretrain
 	$(call launch_stages,embed)
-	$(SFT_ENV) $(DVC) repro add-index
+	$(SFT_ENV) $(DVC_RUN) repro add-index
 	$(call launch_stages,query-neighbors)
 	$(call launch_stages,pretrain)
 else ifneq ($(MODEL),)
-	$(SFT_ENV) $(DVC) exp run -S model.name=$(MODEL) pretrain
+	$(SFT_ENV) $(DVC_RUN) exp run -S model.name=$(MODEL) pretrain
 else
-	$(SFT_ENV) $(DVC) repro pretrain
+	$(SFT_ENV) $(DVC_RUN) repro pretrain
 endif
 
 eval-ppl: install
-	$(SFT_ENV) $(LAUNCH) stages/pretrain.py --eval-only $(CKPT) --metrics metrics/eval_ppl.json
+	$(SFT_ENV) $(WORKSPACE) $(LAUNCH) stages/pretrain.py --eval-only $(CKPT) --metrics metrics/eval_ppl.json $(if $(MAX_OVERLAP),--max-overlap $(MAX_OVERLAP))
 
 # Memory plan before a run: `make estimate MODEL=43b GPUS=8 GPU_MEM=80` prints per-GPU GiB of
 # parameters, gradients, optimizer state and activations for the preset's GPU recipe, whether it
@@ -161,5 +168,48 @@ ifneq ($(GPUS),)
 	$(MAKE) sft GPUS=$(GPUS) HOSTFILE=$(HOSTFILE)
 	$(call launch_stages,generate@*)
 else
-	$(SFT_ENV) $(DVC) repro --glob 'generate@*'
+	$(SFT_ENV) $(DVC_RUN) repro --glob 'generate@*'
 endif
+
+# Ask the instruction-tuned model (docs/qa.md "Ask your model"; needs `make generate`'s inputs:
+# generate.checkpoint, the database and its index). `make ask Q="..."` answers one question the
+# way the generate stage does and prints the chunks it was given (ASK_ARGS=--json: one JSON
+# object). `make serve [PORT=8000] [HOST=127.0.0.1]` serves it over HTTP: the OpenAI-compatible
+# /v1/completions and /v1/chat/completions, /v1/retrieve, /v1/documents (add documents while
+# serving) and a page at /. Neither is a DVC stage; documents added are kept in data/serve/.
+Q        ?=
+ASK_ARGS ?=
+PORT     ?= 8000
+HOST     ?= 127.0.0.1
+export Q
+.PHONY: ask serve
+ask: install
+	@test -n "$$Q" || { echo 'make ask: give the question as Q="..."'; exit 2; }
+	$(BIN)/python -m instructretro.ask "$$Q" $(ASK_ARGS)
+
+serve: install
+	$(BIN)/python -m instructretro.serve --host $(HOST) --port $(PORT)
+
+# Hugging Face decoders (docs/model.md): `make hf-check HF=<folder>` builds our model from an HF
+# folder and compares it with transformers' own (largest logit difference, greedy 32-token
+# decode; one line ending ok or MISMATCH, exit 1 on a mismatch). `make export-hf CKPT=<our
+# checkpoint> OUT=<folder> [TOKENIZER=<spm.model or HF folder>]` writes the decoder as an HF folder.
+HF        ?=
+TOKENIZER ?= data/tokenizer/spm.model
+OUT       ?=
+.PHONY: hf-check export-hf
+hf-check: install
+	$(BIN)/python -m instructretro.hf check HF=$(HF)
+
+export-hf: install
+	$(BIN)/python -m instructretro.hf export CKPT=$(CKPT) OUT=$(OUT) TOKENIZER=$(TOKENIZER)
+
+# The GPU check for a compute node without a package index: `make gpu-bundle` (here, with the
+# index) writes gpu-bundle/ (git-ignored, under 60 MiB): the wheels the node lacks (DeepSpeed
+# and pytest with their dependencies, CPython 3.10-3.12), the code, the fidelity runs' inputs
+# built on this machine (world, tokenizer, token stores, database chunk table, neighbors, QA and
+# SFT passages) and run.sh. On the node: `bash gpu-bundle/run.sh --out results` (8 minutes on
+# one H100). TINY=1 builds the small world of the CPU check (`run.sh --cpu --tiny`).
+TINY ?=
+gpu-bundle: install
+	$(BIN)/python bench/gpu_bundle.py $(if $(TINY),--tiny --work data/work/gpu-bundle-tiny)

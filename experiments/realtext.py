@@ -222,7 +222,7 @@ class ResidualProbe:
             if layer.cca is None:
                 continue
             layer.cca_norm.register_forward_pre_hook(self._hook(f"x{i + 1}", pre=True))
-            layer.cca.proj.register_forward_hook(self._hook(f"cca{i + 1}", gate=getattr(layer.cca, "gate", None)))
+            layer.cca.proj.register_forward_hook(self._hook(f"cca{i + 1}", gate=layer.cca_gate))
 
     def _hook(self, name, pre=False, gate=None):
         def hook(module, inputs, output=None):
@@ -283,7 +283,7 @@ def run_arm(root: Path, arm: str, seed: int, steps: int, lr: float, clip: float,
         if arm == "retro-gate-0.1":  # the gates start at 0.1, so CCA writes at a tenth of its strength
             for layer in model.layers:
                 if layer.cca is not None:
-                    layer.cca.gate.data.fill_(0.1)
+                    layer.cca_gate.data.fill_(0.1)
         if arm == "retro-zero-cca":
             for layer in model.layers:
                 if layer.cca is not None:

@@ -19,28 +19,13 @@ import time
 import torch
 
 from instructretro import data, params as P
-from instructretro.checkpoint import checkpoint_precision, load_model
+from instructretro.checkpoint import check_tokenizer, checkpoint_precision, load_model
 from instructretro.decoding import greedy_generate
 from instructretro.dist import init_distributed, local_device
-from instructretro.embed import encoder_from_params
 from instructretro.errors import PipelineError, cli
-from instructretro.generate import MODES, Settings, answer_questions, parse_task
+from instructretro.generate import answer_questions, parse_task, read_settings
 from instructretro.io import write_json, write_jsonl
-from instructretro.retrieval import Retriever
 from instructretro.tokenizer import Tokenizer
-
-
-def read_settings(p: P.Params) -> Settings:
-    """The ``generate.*`` decoding and retrieval params, checked; the system prompt defaults to
-    ``sft.system``, the one the model was instruction-tuned with."""
-    system = p.get("generate.system", (str, type(None)))
-    return Settings(
-        retrieval=p.get("generate.retrieval", str, choices=MODES),
-        num_contexts=p.get("generate.num_contexts", int),
-        max_new_tokens=P.positive("generate.max_new_tokens", p.get("generate.max_new_tokens", int)),
-        batch_size=P.positive("generate.batch_size", p.get("generate.batch_size", int)),
-        system=system if system is not None else p.get("sft.system", str),
-    )
 
 
 @cli
@@ -51,7 +36,7 @@ def main(argv=None):
     ap.add_argument("--tokenizer", default="data/tokenizer/spm.model")
     ap.add_argument("--db-tokens", default="data/tokens/db")
     ap.add_argument("--embeddings", default="data/db/embeddings.h5")
-    ap.add_argument("--index", default="data/index/populated.faiss")
+    ap.add_argument("--index", default="data/index/populated", help="the populated index folder (add-index)")
     ap.add_argument("--out", required=True, help="answers, JSON lines")
     ap.add_argument("--metrics", required=True)
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -59,8 +44,6 @@ def main(argv=None):
 
     p = P.load(args.params)
     settings = read_settings(p)
-    if settings.num_contexts < 0:
-        raise PipelineError(f"{args.params}: param 'generate.num_contexts' must be >= 0")
     entry = p.get(f"generate.tasks.{args.task}", default=None)  # only its own entry: its stage's param
     if entry is None:
         raise PipelineError(f"{args.params}: no task named {args.task!r} in 'generate.tasks' "
@@ -81,6 +64,7 @@ def main(argv=None):
     # (cuda:LOCAL_RANK), in the precision the checkpoint was trained in; rank 0 writes.
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = init_distributed() if multi else (0, 1)
+    check_tokenizer(checkpoint, args.tokenizer)
     dtype = torch.bfloat16 if checkpoint_precision(checkpoint) == "bf16" else torch.float32
     model = load_model(checkpoint, device=local_device(), dtype=dtype).eval()
     config = model.config
@@ -88,7 +72,11 @@ def main(argv=None):
         raise PipelineError(f"{checkpoint}: model chunk_length {config.chunk_length} != param 'retro.chunk_length' {chunk_length}")
     tok = Tokenizer(args.tokenizer)
     retriever = None
-    if settings.retrieval != "none":  # the database's own encoder (embed.*), as query-neighbors and sft use
+    given = settings.retrieval == "prompt" and all("ctxs" in r for r in records)  # nothing to search
+    if settings.retrieval != "none" and not given:  # the database's own encoder (embed.*), as query-neighbors and sft use
+        from instructretro.embed import encoder_from_params
+        from instructretro.retrieval import Retriever
+
         retriever = Retriever(args.embeddings, args.index, args.db_tokens, args.tokenizer,
                               encoder=encoder_from_params(p), chunk_length=chunk_length,
                               nprobe=P.positive("generate.nprobe", p.get("generate.nprobe", int)),

@@ -159,9 +159,9 @@ def test_cca_gate_starts_as_an_exact_no_op_and_keeps_the_invariants():
     off, and no token sees the neighbors of a chunk that has not ended."""
     torch.manual_seed(3)
     model = Retro(tiny_config(cca_gate=True)).double()
-    gates = [layer.cca.gate for layer in model.layers if layer.cca is not None]
+    gates = [layer.cca_gate for layer in model.layers if layer.cca is not None]
     assert len(gates) == 2 and all(float(g) == 0.0 for g in gates)
-    assert all(Retro.is_retro_parameter(n) for n, p in model.named_parameters() if n.endswith(".gate"))
+    assert all(Retro.is_retro_parameter(n) for n, p in model.named_parameters() if n.endswith(".cca_gate"))
     tokens, neighbors, mask = make_batch(model.config)
     out = model(tokens, neighbors, mask)
     with torch.no_grad():
@@ -169,10 +169,10 @@ def test_cca_gate_starts_as_an_exact_no_op_and_keeps_the_invariants():
     out.square().mean().backward()
     assert all(g.grad.abs().item() > 0 for g in gates)
     assert all(p.grad is None or p.grad.abs().max() == 0 for n, p in model.named_parameters()
-               if Retro.is_retro_parameter(n) and not n.endswith(".gate"))
+               if Retro.is_retro_parameter(n) and not n.endswith(".cca_gate"))
     gpt = Retro(tiny_config(retro=False)).double()  # continued pretraining from a GPT
     fresh = load_decoder_weights(model, gpt.state_dict())
-    assert {n for n in fresh if n.endswith(".gate")} == {"layers.0.cca.gate", "layers.2.cca.gate"}
+    assert {n for n in fresh if n.endswith(".cca_gate")} == {"layers.0.cca_gate", "layers.2.cca_gate"}
     with torch.no_grad():
         assert torch.equal(model(tokens, neighbors, mask), gpt(tokens))  # starts exactly as the GPT
         for g in gates:
@@ -542,6 +542,23 @@ def test_freeze_decoder_trains_only_encoder_and_cca(one_process_group):
             torch.testing.assert_close(p.detach(), decoder_before[n], rtol=0, atol=0, msg=n)
     with pytest.raises(PipelineError, match="freeze_decoder' needs a Retro model"):
         T.freeze_decoder(Retro(tiny_config(retro=False)))
+
+
+def test_zero3_tied_output_layer_and_grouped_heads_compute_the_plain_model(one_process_group):
+    """Tied embeddings under ZeRO-3: the output layer reads the embedding, a parameter of another
+    module, which is registered with ZeRO so it is gathered there too; logits and the training
+    step's loss equal a plain build's (GQA and RMSNorm as for an imported Llama)."""
+    T = one_process_group
+    config = tiny_config(n_layers=2, cca_layers=(2,), hidden=64, heads=4, kv_heads=2, norm="rmsnorm",
+                         tie_embeddings=True, cca_gate=True)
+    train_cfg = T.TrainConfig(steps=1, micro_batch=1, zero_stage=3, lr=1e-3, min_lr=1e-4, warmup=0)
+    torch.manual_seed(6)
+    plain = Retro(config)
+    torch.manual_seed(6)
+    engine = T.build_engine(T.build_model(config, train_cfg), train_cfg)
+    tokens = torch.randint(0, config.vocab_size, (1, config.seq_length))
+    with torch.no_grad():
+        torch.testing.assert_close(engine(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("zero_stage", [0, 3])

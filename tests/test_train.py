@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -175,6 +176,29 @@ def test_resume_loads_weights_only_at_every_zero_stage(zero, precision, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("latest", ["", "garbage\x00", "step00000099"])
+def test_a_broken_latest_file_falls_back_to_the_newest_complete_step(latest, tmp_path, capsys):
+    """DeepSpeed writes ``latest`` in place: a full disk can leave it empty. The run resumes from
+    the intact step folder beside it (one note line), and with none it starts afresh."""
+    c = cfg(steps=4)
+    torch.manual_seed(0)
+    engine = T.build_engine(Retro(tiny_config(False)), c)
+    work = T.open_work(tmp_path / "root", {"params": {"a": 1}, "inputs": [], "code": []}, c.steps, 0)
+    T.train(engine, c, batch_fn, T.lm_loss, None, work.dir, progress=False, stop_after=2)
+    work.release()
+    (work.dir / "latest").write_text(latest)
+    work = T.open_work(tmp_path / "root", {"params": {"a": 1}, "inputs": [], "code": []}, c.steps, 0)
+    assert "resuming from the newest complete one, step00000002" in capsys.readouterr().err
+    assert T.resume(T.build_engine(Retro(tiny_config(False)), c), work.dir) == 2
+    work.release()
+    (work.dir / "latest").write_text("")
+    shutil.rmtree(work.dir / "step00000002")
+    work = T.open_work(tmp_path / "root", {"params": {"a": 1}, "inputs": [], "code": []}, c.steps, 0)
+    assert "no complete step folder" in capsys.readouterr().err
+    assert T.resume(T.build_engine(Retro(tiny_config(False)), c), work.dir) == 0
+    work.release()
+
+
 class Payload:
     def __init__(self, path):
         self.path = path
@@ -234,9 +258,9 @@ def test_gpt_checkpoint_starts_retro_with_the_same_decoder(tmp_path):
 
 def _logged(live_dir, name):
     """{step: value} of the DVCLive metric ``name`` (``train/grad_norm`` ...)."""
-    lines = (live_dir / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
-    assert lines[0].split("\t")[0] == "step"
-    return {int(step): float(value) for step, value in (line.split("\t") for line in lines[1:])}
+    lines = [line.split("\t") for line in (live_dir / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()]
+    col = lines[0].index("step")
+    return {int(row[col]): float(row[-1]) for row in lines[1:]}
 
 
 @pytest.mark.parametrize("zero", [0, 3])
@@ -277,3 +301,27 @@ def test_gpt_logs_only_the_total_gradient_norm(tmp_path):
     assert out["train/grad_norm"] > 0 and "train/grad_norm_decoder" not in out
     assert sorted(p.name for p in (tmp_path / "live" / "plots" / "metrics" / "train").glob("grad_norm*")) == \
         ["grad_norm.tsv"]
+
+
+def test_live_log_without_dvclive_writes_dvclive_files(tmp_path, monkeypatch):
+    """Where DVCLive is not installed (the GPU bundle's node) the curves go to DVCLive's file
+    layout, which the resume truncation and the plots read."""
+    import sys as _sys
+
+    from instructretro import train as T
+
+    monkeypatch.setitem(_sys.modules, "dvclive", None)  # import dvclive raises ImportError
+    live = T.open_live(tmp_path / "live", tmp_path / "work", 0)
+    assert isinstance(live, T.TsvLive)
+    for step in (1, 2, 3):
+        live.step = step
+        live.log_metric("train/loss", 4.0 - step)
+    live.log_metric("val/loss", 1.5)
+    live.end()
+    tsv = tmp_path / "live/plots/metrics/train/loss.tsv"
+    rows = [line.split("\t") for line in tsv.read_text().splitlines()]
+    assert rows[0] == ["timestamp", "step", "loss"] and [r[1:] for r in rows[1:]] == [["1", "3.0"], ["2", "2.0"], ["3", "1.0"]]
+    summary = json.loads((tmp_path / "live/metrics.json").read_text())
+    assert summary == {"step": 3, "train": {"loss": 1.0}, "val": {"loss": 1.5}}
+    T._truncate_live_log(tmp_path / "live", 2)
+    assert [line.split("\t")[1] for line in tsv.read_text().splitlines()[1:]] == ["1", "2"]
