@@ -394,7 +394,7 @@ def main(argv=None):
     a.add_argument("--html", default="/usr/share/doc/python3.11/html")
     a.add_argument("--out", required=True)
     a.add_argument("--max-docs", type=int, default=1000)
-    a.add_argument("--max-chars", type=int, default=4000)
+    a.add_argument("--max-chars", type=int, default=3000)
     w = sub.add_parser("data-world", help="the default generated world -> tokenizer .. neighbors in --out")
     w.add_argument("--out", required=True)
     r = sub.add_parser("run", help="train arms on the data in --out; append to <out>/runs.jsonl")
