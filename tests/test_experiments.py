@@ -1,5 +1,5 @@
 """The counting and model switches of the research probes (experiments/neighbor_overlap.py,
-experiments/copy_probe.py), whose numbers the docs quote."""
+experiments/copy_probe.py, experiments/realtext.py), whose numbers the docs quote."""
 
 import sys
 from collections import defaultdict
@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 import copy_probe  # noqa: E402
 import neighbor_overlap  # noqa: E402
+import realtext  # noqa: E402
 from instructretro import presets  # noqa: E402
 from instructretro.model import Retro  # noqa: E402
 
@@ -105,3 +106,18 @@ def test_probe_neighbors_are_the_chunk_and_its_continuation_moved_by_at_most_shi
     gen = torch.Generator().manual_seed(0)
     x, y, nb, mask = copy_probe.retro_batch(gen, 2, seq, chunk, 512, 0)
     assert torch.equal(nb[:, 0, 0, :chunk], x[:, :chunk]) and torch.equal(nb[:, 0, 0, chunk:2 * chunk], x[:, chunk:2 * chunk])
+
+
+def test_realtext_takes_one_document_per_section_of_prose(tmp_path):
+    """Sphinx HTML -> one text per h1-h3 section of the main body: code blocks, the navigation
+    outside the body, heading links and short sections are left out."""
+    page = """<html><body><div class="related">Navigation index modules</div>
+    <div class="body" role="main"><section><h1>Intro<a class="headerlink" href="#i">\u00b6</a></h1>
+    <p>First paragraph of prose that is long enough.</p><pre>import this</pre><p>Second one.</p>
+    <section><h2>Details</h2><p>Only a few words.</p></section></section></div>
+    <div class="footer">Copyright</div></body></html>"""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "page.html").write_text(page)
+    (tmp_path / "genindex.html").write_text(page)  # indexes are skipped
+    docs = realtext.html_documents(tmp_path, min_chars=30)
+    assert docs == ["Intro\nFirst paragraph of prose that is long enough.\nSecond one."]

@@ -125,6 +125,68 @@ def test_all_neighbors_masked_equals_retrieval_off_and_gpt():
     assert not torch.allclose(used[:, L - 1:], off[:, L - 1:])
 
 
+def test_encoder_embedding_grad_switch_changes_only_the_embedding_gradient_from_neighbors():
+    """``encoder_embedding_grad: false``: the encoder reads the shared token embedding but its
+    gradient does not train it. Same logits, same gradients everywhere else; the embedding rows
+    of tokens that occur only in neighbors get no gradient."""
+    torch.manual_seed(2)
+    grads, logits = {}, {}
+    for flag in (True, False):
+        model = Retro(tiny_config(encoder_embedding_grad=flag)).double()
+        if flag:
+            weights = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            model.load_state_dict(weights)
+        tokens, neighbors, mask = make_batch(model.config)
+        tokens = tokens % 17 + 3  # decoder tokens 3..19, neighbor tokens 20..39
+        neighbors = neighbors % 20 + 20
+        out = model(tokens, neighbors, mask)
+        out.square().mean().backward()
+        logits[flag] = out.detach()
+        grads[flag] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert torch.equal(logits[True], logits[False])
+    for name, g in grads[True].items():
+        if name != "embed.weight":
+            assert torch.allclose(g, grads[False][name], rtol=1e-10, atol=1e-14), name
+    emb_on, emb_off = grads[True]["embed.weight"], grads[False]["embed.weight"]
+    assert torch.allclose(emb_on[:20], emb_off[:20], rtol=1e-10, atol=1e-14)
+    assert emb_off[20:].abs().max() == 0 and emb_on[20:].abs().max() > 0
+
+
+def test_cca_gate_starts_as_an_exact_no_op_and_keeps_the_invariants():
+    """``cca_gate``: at init Retro computes exactly its decoder alone (the gate is 0) and only
+    the gates get a gradient from CCA; once open, all neighbors masked still equals retrieval
+    off, and no token sees the neighbors of a chunk that has not ended."""
+    torch.manual_seed(3)
+    model = Retro(tiny_config(cca_gate=True)).double()
+    gates = [layer.cca_gate for layer in model.layers if layer.cca is not None]
+    assert len(gates) == 2 and all(float(g) == 0.0 for g in gates)
+    assert all(Retro.is_retro_parameter(n) for n, p in model.named_parameters() if n.endswith(".cca_gate"))
+    tokens, neighbors, mask = make_batch(model.config)
+    out = model(tokens, neighbors, mask)
+    with torch.no_grad():
+        assert torch.equal(out, model(tokens))
+    out.square().mean().backward()
+    assert all(g.grad.abs().item() > 0 for g in gates)
+    assert all(p.grad is None or p.grad.abs().max() == 0 for n, p in model.named_parameters()
+               if Retro.is_retro_parameter(n) and not n.endswith(".cca_gate"))
+    gpt = Retro(tiny_config(retro=False)).double()  # continued pretraining from a GPT
+    fresh = load_decoder_weights(model, gpt.state_dict())
+    assert {n for n in fresh if n.endswith(".cca_gate")} == {"layers.0.cca_gate", "layers.2.cca_gate"}
+    with torch.no_grad():
+        assert torch.equal(model(tokens, neighbors, mask), gpt(tokens))  # starts exactly as the GPT
+        for g in gates:
+            g.fill_(0.7)
+        off = model(tokens)
+        assert torch.equal(model(tokens, neighbors, torch.zeros_like(mask)), off)
+        used = model(tokens, neighbors, mask)
+        assert torch.equal(used[:, :L - 1], off[:, :L - 1]) and not torch.allclose(used[:, L - 1:], off[:, L - 1:])
+        later = neighbors.clone()
+        later[:, 2:] = (later[:, 2:] + 1) % model.config.vocab_size  # chunks 2, 3 end at 3L - 1, 4L - 1
+        changed = model(tokens, later, mask)
+        assert torch.equal(changed[:, :3 * L - 1], used[:, :3 * L - 1])
+
+
 def test_same_seed_gives_same_decoder_weights_for_retro_and_gpt():
     torch.manual_seed(7)
     retro = Retro(tiny_config())

@@ -473,3 +473,59 @@ def test_gpt_flag_trains_the_baseline_without_reading_neighbors(inputs, small_wo
     m = json.loads((tmp_path / "metrics_gpt.json").read_text())
     assert m["retro"] is False and m["steps"] == 2 and m["val_loss_shuffled"] is None
     assert json.loads((tmp_path / "ckpt_gpt" / "config.json").read_text())["retro"] is False
+
+
+def test_retro_and_gpt_runs_see_identical_samples_and_evaluation_batches(inputs, small_world, small_tokenizer,
+                                                                         tmp_path, monkeypatch):
+    """What ``run_pretrain`` hands the training loop for Retro and for GPT (stages pretrain and
+    pretrain-gpt): the same decoder weights at step 0, the same training batches (tokens,
+    labels, loss masks, fact masks) in the same order for every step and micro batch, and the
+    same evaluation batches; only Retro's carry neighbors."""
+    from instructretro import presets
+    from instructretro import train as T
+    from instructretro.pretrain import run_pretrain
+    from instructretro.pretrain_data import PretrainInputs
+
+    if not have_neighbors_module():
+        pytest.skip("needs the neighbors module")
+    seen: dict[bool, dict] = {}
+
+    def record_evaluate(model, batches, *args, **kwargs):
+        seen[model.module.config.retro]["eval"].append(list(batches))
+        return {"loss": 1.0}
+
+    def record_train(engine, cfg, batch_fn, loss_fn, eval_fn=None, *args, **kwargs):
+        run = seen[engine.module.config.retro] = {"eval": []}
+        run["weights"] = {k: v.clone() for k, v in engine.module.state_dict().items()}
+        run["train"] = [batch_fn(step, micro) for step in range(cfg.steps) for micro in range(cfg.grad_accum)]
+        eval_fn()
+        return {"val/loss": 1.0, "train/loss": 1.0}
+
+    monkeypatch.setattr(T, "evaluate", record_evaluate)
+    monkeypatch.setattr(T, "train", record_train)
+    paths = PretrainInputs(str(inputs / "tokens" / "pretrain"), str(inputs / "neighbors" / "neighbors.h5"),
+                           str(inputs / "tokens" / "db"), str(inputs / "db" / "embeddings.h5"),
+                           str(small_tokenizer), str(small_world / "documents.jsonl"))
+    cfg = T.TrainConfig(steps=3, micro_batch=2, grad_accum=2, warmup=1, eval_batches=2, seed=7)
+    vocab = TokenStore(inputs / "tokens" / "pretrain", "train").vocab_size
+    for retro in (True, False):
+        config = presets.get("tiny", vocab_size=vocab, hidden=32, heads=2, n_layers=2, cca_layers=(2,),
+                             encoder_layers=1, seq_length=SEQ, chunk_length=CL, retro=retro)
+        run_pretrain(paths, config, cfg, None, tmp_path / ("work_retro" if retro else "work_gpt"), None)
+    retro, gpt = seen[True], seen[False]
+    assert set(gpt["weights"]) < set(retro["weights"])
+    assert all(torch.equal(retro["weights"][k], v) for k, v in gpt["weights"].items())
+
+    def same(a: list[dict], b: list[dict]) -> None:
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            assert "neighbors" in x and "neighbors" not in y
+            assert set(x) - {"neighbors", "neighbor_mask"} == set(y)
+            for key in y:
+                assert x[key].dtype == y[key].dtype and x[key].numpy().tobytes() == y[key].numpy().tobytes(), key
+
+    same(retro["train"], gpt["train"])
+    assert len(gpt["eval"]) == 1 and len(retro["eval"]) == 2  # Retro: its neighbors, then shuffled ones
+    assert all("fact_mask" in b for b in gpt["eval"][0])
+    same(retro["eval"][0], gpt["eval"][0])
+    same(retro["eval"][1], gpt["eval"][0])

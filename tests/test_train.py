@@ -256,6 +256,53 @@ def test_gpt_checkpoint_starts_retro_with_the_same_decoder(tmp_path):
         checkpoint.init_from_checkpoint(Retro(tiny_config(True)), tmp_path / "wide")
 
 
+def _logged(live_dir, name):
+    """{step: value} of the DVCLive metric ``name`` (``train/grad_norm`` ...)."""
+    lines = [line.split("\t") for line in (live_dir / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()]
+    col = lines[0].index("step")
+    return {int(row[col]): float(row[-1]) for row in lines[1:]}
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_gradient_norms_are_logged_and_the_parts_add_up_to_the_total(zero, tmp_path):
+    """Every step logs the norm before clipping; Retro's decoder and retrieval parts are the
+    two halves of it (their squares add up), and the total is the norm of the gradient of the
+    step's mean loss, as plain torch computes it."""
+    from dvclive import Live
+
+    c = cfg(steps=2, zero_stage=zero, clip=0.5, lr=1e-2)
+    torch.manual_seed(0)
+    engine = T.build_engine(Retro(tiny_config(True)), c)
+    torch.manual_seed(0)
+    reference = Retro(tiny_config(True))
+    live = Live(str(tmp_path / "live"), report=None, save_dvc_exp=False, dvcyaml=None)
+    T.train(engine, c, batch_fn, T.lm_loss, None, None, live=live, progress=False)
+    live.end()
+    total, dec, ret = (_logged(tmp_path / "live", f"train/grad_norm{s}") for s in ("", "_decoder", "_retrieval"))
+    assert sorted(total) == sorted(dec) == sorted(ret) == [1, 2]
+    for step in total:
+        assert dec[step] > 0 and ret[step] > 0
+        assert dec[step] ** 2 + ret[step] ** 2 == pytest.approx(total[step] ** 2, rel=1e-5)
+    losses = [T.lm_loss(reference, batch_fn(0, m))["loss"] for m in range(c.grad_accum)]
+    (sum(s for s, _ in losses) / sum(n for _, n in losses)).backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()]))
+    assert total[1] == pytest.approx(float(norm), rel=1e-4)  # step 1: before clipping (norm > clip)
+    assert total[1] > c.clip
+
+
+def test_gpt_logs_only_the_total_gradient_norm(tmp_path):
+    from dvclive import Live
+
+    c = cfg(steps=1)
+    engine = T.build_engine(Retro(tiny_config(False)), c)
+    live = Live(str(tmp_path / "live"), report=None, save_dvc_exp=False, dvcyaml=None)
+    out = T.train(engine, c, batch_fn, T.lm_loss, None, None, live=live, progress=False)
+    live.end()
+    assert out["train/grad_norm"] > 0 and "train/grad_norm_decoder" not in out
+    assert sorted(p.name for p in (tmp_path / "live" / "plots" / "metrics" / "train").glob("grad_norm*")) == \
+        ["grad_norm.tsv"]
+
+
 def test_live_log_without_dvclive_writes_dvclive_files(tmp_path, monkeypatch):
     """Where DVCLive is not installed (the GPU bundle's node) the curves go to DVCLive's file
     layout, which the resume truncation and the plots read."""

@@ -95,6 +95,7 @@ class ModelConfig:
     rotary_percent: float = 0.5
     rotary_base: float = 10000.0
     cca_rotary: bool = True  # relative positions between decoder queries and neighbor tokens in CCA
+    encoder_embedding_grad: bool = True  # the encoder's gradient reaches the shared token embedding
     norm_eps: float = 1e-5
     init_std: float = 0.02
     norm: str = "layernorm1p"  # "layernorm1p" (gain stored as 1 + weight), "layernorm", "rmsnorm"
@@ -131,7 +132,8 @@ class ModelConfig:
             raise PipelineError(
                 f"param 'model.hidden' ({self.hidden}) must be divisible by 'model.heads' ({self.heads})"
             )
-        for key in ("retro", "cca_rotary", "qkv_bias", "linear_bias", "tie_embeddings", "cca_gate"):
+        for key in ("retro", "cca_rotary", "qkv_bias", "linear_bias", "tie_embeddings", "cca_gate",
+                    "encoder_embedding_grad"):
             if not isinstance(getattr(self, key), bool):
                 raise PipelineError(f"param 'model.{key}' must be true or false, got {getattr(self, key)!r}")
         for key, choices in (("norm", NORMS), ("mlp", MLPS)):
@@ -211,7 +213,8 @@ class ModelConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise PipelineError(f"{source}: unknown model config keys {unknown}")
-        d = {"cca_rotary": False, **d}  # configs written before the field existed had none
+        # configs written before these fields existed were trained without them
+        d = {"cca_rotary": False, "cca_gate": False, **d}
         try:
             return cls(**d)
         except PipelineError as exc:
@@ -743,6 +746,8 @@ class Retro(nn.Module):
         context = context.reshape(B * n_new, L, hidden)
         k, R = step.neighbors.shape[2:]
         emb = self.embed(step.neighbors.reshape(B * n_new, k, R))
+        if not self.config.encoder_embedding_grad:
+            emb = emb.detach()
         out = self.encoder(emb, step.neighbor_mask.reshape(B * n_new, k, R), context, context_mask)
         return out.view(B, n_new, k, R, hidden)
 

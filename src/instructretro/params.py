@@ -150,7 +150,8 @@ OPTIONAL: dict[str, dict[str, object]] = {
               # the architecture switches (docs/model.md); an imported model sets them from its config.json
               "norm": STR_OR_NULL, "mlp": STR_OR_NULL, "kv_heads": COUNT_OR_NULL, "qkv_bias": (bool, NONE),
               "linear_bias": (bool, NONE), "rope_scaling": (dict, NONE), "learned_positions": COUNT_OR_NULL,
-              "tie_embeddings": (bool, NONE), "cca_gate": (bool, NONE)},
+              "tie_embeddings": (bool, NONE), "cca_gate": (bool, NONE),
+              "encoder_embedding_grad": (bool, NONE)},
 }
 
 

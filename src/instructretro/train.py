@@ -394,6 +394,72 @@ def _accumulate(sums: dict, losses: dict) -> None:
         sums[name] = sums[name] + value if name in sums else value
 
 
+def grad_norm_groups(model: torch.nn.Module) -> dict[str, list]:
+    """The parameter groups whose gradient norms the loop logs besides the total: for Retro
+    ``decoder`` (everything GPT has, the token embedding included) and ``retrieval`` (encoder
+    and chunked cross-attention, ``Retro.is_retro_parameter``); none for a GPT."""
+    from .model import Retro
+
+    module = getattr(model, "module", model)
+    if not getattr(getattr(module, "config", None), "retro", False):
+        return {}
+    groups: dict[str, list] = {"decoder": [], "retrieval": []}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            groups["retrieval" if Retro.is_retro_parameter(name) else "decoder"].append(p)
+    return groups
+
+
+def grad_norms(engine, groups: dict[str, list]) -> dict[str, float]:
+    """Gradient 2-norms of the step, measured after the last backward and before clipping and
+    the optimizer step: ``{"grad_norm": total, "grad_norm_<group>": ...}``.
+
+    ZeRO 0 (fp32 or bf16): the total and every group from the full gradients each rank holds
+    (already averaged over ranks), so the groups' squares add up to the total. ZeRO 3: each
+    rank sums the squares of its own gradient partition per group and the sums are
+    all-reduced (exact, no gradient moves). ZeRO 1 and 2 keep the reduced gradients in
+    flattened optimizer partitions: only the total is logged, DeepSpeed's own norm, read after
+    the step (:func:`grad_norm_after_step`).
+    """
+    from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
+
+    stage = zero_stage_of(engine)
+    if stage in (1, 2):
+        return {}
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    in_group = {id(p): name for name, ps in groups.items() for p in ps}
+    names = ["grad_norm", *(f"grad_norm_{g}" for g in groups)]
+    sums = torch.zeros(len(names), dtype=torch.float64, device=engine.device)
+    slot = {g: 1 + i for i, g in enumerate(groups)}
+    for p in params:
+        g = safe_get_local_grad(p) if stage == 3 else safe_get_full_grad(p)
+        if g is None:
+            continue
+        sq = g.detach().double().pow(2).sum()
+        sums[0] += sq
+        if id(p) in in_group:
+            sums[slot[in_group[id(p)]]] += sq
+    if stage == 3 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(sums)
+    return {name: float(v) for name, v in zip(names, sums.sqrt().tolist())}
+
+
+def zero_stage_of(engine) -> int:
+    """The ZeRO stage of ``engine`` (0 for a plain module)."""
+    stage = getattr(engine, "zero_optimization_stage", None)
+    return int(stage()) if callable(stage) else 0
+
+
+def grad_norm_after_step(engine) -> dict[str, float]:
+    """``{"grad_norm": ...}`` from DeepSpeed's norm of the step just taken (ZeRO 1 and 2, where
+    :func:`grad_norms` measures nothing); empty when DeepSpeed computed none."""
+    norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+    if norm is None:
+        return {}
+    norm = float(norm.item() if torch.is_tensor(norm) else norm)
+    return {"grad_norm": norm} if math.isfinite(norm) else {}
+
+
 def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_fn: LossFn,
           eval_fn: Callable[[], dict] | None = None, work_dir: str | os.PathLike | None = None,
           start_step: int = 0, live=None, progress: bool = True, stop_after: int | None = None) -> dict:
@@ -408,7 +474,9 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
     process and on many. ``eval_fn()`` runs every
     ``eval_interval`` steps and at the end (its values are logged under ``val/``); a resume
     checkpoint is saved to ``work_dir`` every ``save_interval`` steps before the last one, and
-    where ``stop_after`` stops the run.
+    where ``stop_after`` stops the run. Every step also logs the gradient norm before clipping
+    (``train/grad_norm``) and, for Retro, its decoder and retrieval parts
+    (``train/grad_norm_decoder``, ``train/grad_norm_retrieval``; :func:`grad_norms`).
     ``live`` is a DVCLive ``Live`` on rank 0 (None elsewhere).
     """
     from .progress import progress as progress_bar
@@ -419,6 +487,7 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
     bar = progress_bar(total=cfg.steps, initial=start_step, desc="train", unit="step",
                        disable=not (progress and is_rank0()))
     end = cfg.steps if stop_after is None else max(start_step, min(cfg.steps, stop_after))
+    groups = grad_norm_groups(engine)
     for step in range(start_step, end):
         t0 = time.perf_counter()
         losses, tokens = [], 0
@@ -433,12 +502,16 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
         if world > 1:
             torch.distributed.all_reduce(step_tokens)
         scale = (world * cfg.grad_accum) / step_tokens.clamp(min=1)
-        for batch in batches:
+        norms: dict[str, float] = {}
+        for micro, batch in enumerate(batches):
             loss_sum, _ = loss_fn(engine, batch)["loss"]
             engine.backward(loss_sum * scale.to(loss_sum.dtype))
+            if micro == len(batches) - 1:  # the step's gradients, before clipping and the update
+                norms = grad_norms(engine, groups)
             engine.step()
             losses.append(loss_sum.detach().double())
             tokens += int(batch["tokens"].numel()) if "tokens" in batch else 0
+        norms = norms or grad_norm_after_step(engine)
         loss_total = torch.stack(losses).sum()
         if world > 1:
             torch.distributed.all_reduce(loss_total)
@@ -450,7 +523,8 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
             raise PipelineError(f"training diverged: loss is {train_loss} at step {step + 1} (lower the lr?)")
         done = step + 1
         last = {"step": done, "train/loss": train_loss, "train/lr": lr,
-                "train/tokens_per_s": tokens * world / dt if dt > 0 else 0.0}
+                "train/tokens_per_s": tokens * world / dt if dt > 0 else 0.0,
+                **{f"train/{k}": v for k, v in norms.items()}}
         if done % cfg.eval_interval == 0 or done == cfg.steps:
             if eval_fn is not None:
                 last.update({f"val/{k}": v for k, v in eval_fn().items() if not k.endswith("_count")})
