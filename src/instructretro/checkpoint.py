@@ -10,6 +10,7 @@ decoder into a Retro model. Reading a checkpoint needs only this module and ``mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -68,22 +69,67 @@ def read_config(folder: str | os.PathLike):
     return ModelConfig.from_dict(raw, str(path))
 
 
-def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+def _unreadable(path, exc) -> PipelineError:
+    first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+    return PipelineError(f"{path}: not a readable safetensors file ({first})")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike):
+    """``safe_open`` of a safetensors file, read tensor by tensor (``f.keys()``, ``f.get_tensor``);
+    an unreadable header, or a tensor cut off by a truncated file, is one line naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        f = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _unreadable(path, exc) from None
+    try:
+        with f:
+            yield f
+    except SafetensorError as exc:
+        raise _unreadable(path, exc) from None
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a truncated or foreign file is one line naming it.
+
+    The one reader of safetensors files we load ourselves (exported checkpoints, imported
+    weights): ``SafetensorError`` (e.g. ``incomplete metadata`` of a cut file) is not an
+    ``OSError``, so callers must not catch the file's errors on their own.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(folder) / "model.safetensors"
-    if not path.is_file():
-        raise PipelineError(f"{folder}: not an exported checkpoint (no model.safetensors)")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise PipelineError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+        raise _unreadable(path, exc) from None
+
+
+def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise PipelineError(f"{folder}: not an exported checkpoint (no model.safetensors)")
+    return read_safetensors(path)
 
 
 def memory_bytes() -> int:
-    """Physical memory of this machine (bytes)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """Memory this process may use (bytes): the machine's physical memory, or less where an
+    address-space limit (``ulimit -v``, RLIMIT_AS) or a cgroup memory limit says so."""
+    import resource
+
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft not in (resource.RLIM_INFINITY, -1) and soft > 0:
+        limits.append(soft)
+    try:
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if text.isdigit():
+            limits.append(int(text))
+    except OSError:
+        pass
+    return min(limits)
 
 
 def check_fits(config, source: str, bytes_per_param: int = 4, limit: int | None = None) -> int:

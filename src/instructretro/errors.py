@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
+import os
 import sys
+from pathlib import Path
 
 
 class PipelineError(Exception):
@@ -20,8 +24,65 @@ def cli(main):
         except PipelineError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            print(f"error: {no_space_message(exc.filename)}", file=sys.stderr)
+            sys.exit(1)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
 
     return wrapper
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """Whether ``exc`` says the disk (or the user's quota) is full.
+
+    ``errno`` ENOSPC/EDQUOT (h5py's OSError carries it too). Writers that lose the errno
+    (numpy's ``OSError('n requested and m written')``, Faiss's and torch's RuntimeError) count
+    when the file system of ``path`` has less than 1 MiB left.
+    """
+    if isinstance(exc, OSError) and (exc.errno in _FULL or any(f"errno = {e}," in str(exc) for e in _FULL)):
+        return True
+    if path is None or not isinstance(exc, (OSError, RuntimeError)):
+        return False
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < 1 << 20
+
+
+def no_space_message(path) -> str:
+    return f"no space left on device writing {path}" if path else \
+        "no space left on device (the system did not name the file)"
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike):
+    """Turn a full disk while the block writes ``path`` into one line naming ``path``.
+
+    Wrap writes whose own error does not name the file (h5py, ``np.save``, ``torch.save``,
+    DeepSpeed's checkpoint files). Whatever was finished before stays: outputs are written to a
+    temporary and renamed (``io.atomic_path``), resumable work keeps its finished blocks.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if disk_full(exc, path):
+            raise PipelineError(no_space_message(path)) from None
+        raise
+
+
+def damaged(path, stage: str, detail: str) -> PipelineError:
+    """The error for a pipeline file that cannot be read whole (cut short by a full disk, a copy
+    that stopped, an edit): names the file and the stage that writes it."""
+    return PipelineError(f"{path}: truncated or damaged ({detail}); stage {stage} writes it: "
+                         f"rebuild it with dvc repro -f {stage}")

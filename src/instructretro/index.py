@@ -31,8 +31,8 @@ import faiss
 import h5py
 import numpy as np
 
-from .dbfile import DBFile
-from .errors import PipelineError
+from .dbfile import DBFile, open_h5
+from .errors import PipelineError, damaged
 from .io import atomic_path
 from .progress import progress
 
@@ -198,7 +198,7 @@ def train_index(embeddings_h5: str | os.PathLike, factory: str, train_points: in
     path = Path(embeddings_h5)
     if not path.is_file():
         raise PipelineError(f"{path}: embeddings file not found; run the embed stage")
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "embed") as f:
         n_db, dim = f["embeddings"].shape
     if train_points <= 0:
         raise PipelineError(f"params.yaml: param 'index.train_points' must be > 0, got {train_points}")
@@ -242,12 +242,20 @@ def write_index(index, path: str | os.PathLike) -> None:
         faiss.write_index(index, str(tmp))
 
 
-def read_index(path: str | os.PathLike):
-    """Read a Faiss index written by this module."""
+def read_index(path: str | os.PathLike, stage: str | None = None):
+    """Read a Faiss index written by this module; one that Faiss cannot read (cut short, not an
+    index) is one line naming it and the stage that writes it (``stage``; by default add-index
+    for ``populated.faiss``, else train-index)."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: index file not found; run the train-index / add-index stages")
-    return faiss.read_index(str(path))
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        stage = stage or ("add-index" if path.name.startswith("populated") else "train-index")
+        text = " ".join(str(exc).split()) or "Faiss could not read it"
+        detail = text[text.rfind("Error: ") + 7:] if "Error: " in text else text  # Faiss's own words, not its C++ frame
+        raise damaged(path, stage, f"Faiss: {detail[:160]}") from None
 
 
 def code_bytes(index, n: int) -> int:
