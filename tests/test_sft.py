@@ -198,10 +198,23 @@ def test_blend_mixes_generated_sets_and_files_anywhere(tmp_path):
     assert [(e.name, e.path, e.prob) for e in blend] == [
         ("chat", tmp_path / "data/world/sft/chat.jsonl", 0.75), ("mine", tmp_path / "mine/alpaca_data.jsonl", 0.25)]
     assert sft.load_split(blend[1], 0.0)[0][0]["turns"] == [("user", "Say hi."), ("assistant", "hi")]
-    deps = ["stages/sft.py", "${sft.init_from}", "${sft.blend.chat.path}"]
-    assert sft.undeclared_entries(blend, deps, root=tmp_path) == ["mine"]
-    assert sft.undeclared_entries(blend, deps + ["${sft.blend.mine.path}"], root=tmp_path) == []
-    assert sft.undeclared_entries(blend, deps + ["mine"], root=tmp_path) == []  # a folder above the file
+
+
+def test_blend_records_must_match_the_files_and_stale_ones_are_removed(tmp_path):
+    """The sft stage checks what the sft-blend@<name> stages recorded against the files."""
+    _write_jsonl(tmp_path / "a.jsonl", [_conv("q?", "a.")] * 3)
+    blend = sft.parse_blend({"a": {"path": "a.jsonl", "format": "conversation", "prob": 1}}, root=tmp_path)
+    records = tmp_path / "records"
+    assert sft.check_stamps(blend, records) == []  # no folder: the script run outside DVC
+    records.mkdir()
+    with pytest.raises(PipelineError, match=r"'sft\.blend\.a': .*a\.json does not record .*stage sft-blend@a"):
+        sft.check_stamps(blend, records)
+    (records / "a.json").write_text(json.dumps(sft.blend_stamp(blend[0], 3)))
+    (records / "gone.json").write_text("{}")
+    assert sft.check_stamps(blend, records) == ["gone"] and not (records / "gone.json").exists()
+    _write_jsonl(tmp_path / "a.jsonl", [_conv("q?", "b.")] * 3)  # edited after it was recorded
+    with pytest.raises(PipelineError, match=r"does not record"):
+        sft.check_stamps(blend, records)
 
 
 def test_blend_sampling_matches_the_probabilities():

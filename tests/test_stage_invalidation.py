@@ -78,15 +78,39 @@ def test_one_generate_and_score_stage_per_task_named_by_it(repo):
 
 
 def test_sft_depends_on_each_blend_file_not_on_its_folder(repo):
-    _commit(repo, "sft")
-    assert _changed(repo, "sft") == set()
+    """Each blend file is the dependency of its own sft-blend@<name> stage, whose record sft
+    depends on: an unrelated file next to the SFT data stales nothing, an edited blend file
+    stales its record stage (and so sft)."""
+    blend = yaml.safe_load((repo / "params.yaml").read_text())["sft"]["blend"]
+    records = [f"sft-blend@{name}" for name in blend]
+    _commit(repo, "sft", *records)
+    assert _changed(repo, "sft", *records) == set()
 
     chat = repo / "data" / "world" / "sft" / "chat.jsonl"  # the default blend's generated chat set
     (chat.parent / "notes.txt").write_text("an unrelated file next to the SFT data\n")
     (chat.parent / "other.jsonl").write_text("{}\n")
-    assert _changed(repo, "sft") == set()
+    assert _changed(repo, "sft", *records) == set()
 
     chat.write_text(chat.read_text() + "changed\n")
-    assert _changed(repo, "sft") == {"sft"}
-    blend = yaml.safe_load((repo / "params.yaml").read_text())["sft"]["blend"]
-    assert {e["path"] for e in blend.values()} <= {d.def_path for d in _stages(repo)["sft"].deps}
+    assert _changed(repo, "sft", *records) == {"sft-blend@chat"}
+    stages = _stages(repo)
+    assert {e["path"] for e in blend.values()} == {d.def_path for s in records for d in stages[s].deps
+                                                   if not d.def_path.startswith(("stages/", "src/", "params.yaml"))}
+    assert "data/sft-blend" in {d.def_path for d in stages["sft"].deps}
+
+
+def test_adding_a_blend_entry_needs_params_only(repo):
+    """`dvc exp run -S '+sft.blend.mine={...}'` writes this entry into params.yaml: a new
+    sft-blend@mine stage appears, dvc.yaml unedited, and sft sees it through data/sft-blend."""
+    dvc_yaml = (repo / "dvc.yaml").read_text()
+    (repo / "mine").mkdir()
+    (repo / "mine" / "alpaca.jsonl").write_text(json.dumps({"instruction": "Say hi.", "output": "hi"}) + "\n")
+    _edit_params(repo, lambda p: p["sft"]["blend"].update(mine={"path": "mine/alpaca.jsonl", "format": "alpaca",
+                                                               "prob": 0.1}))
+    stages = _stages(repo)
+    assert "mine/alpaca.jsonl" in {d.def_path for d in stages["sft-blend@mine"].deps}
+    assert "sft-blend@mine" in dvc(repo, "dag", "--md", "sft").stdout  # upstream of sft
+    assert (repo / "dvc.yaml").read_text() == dvc_yaml
+    dvc(repo, "repro", "sft-blend@mine")  # the real stage: checks the file, records it
+    record = json.loads((repo / "data" / "sft-blend" / "mine.json").read_text())
+    assert record["records"] == 1 and record["format"] == "alpaca"

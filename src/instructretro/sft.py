@@ -109,8 +109,8 @@ def parse_blend(entries, source: str = "params.yaml", root: str | os.PathLike = 
 
     Each ``path`` names one file, relative to ``root`` (the repository root, where DVC runs the
     stage) or absolute; the generated sets (``data/world/sft/*.jsonl``) and a user's own files
-    mix freely. Each file is a dependency of the sft stage in dvc.yaml (``${sft.blend.<name>.path}``,
-    see :func:`undeclared_entries`), so an unrelated file next to it does not rerun the stage. A
+    mix freely. Each file is a dependency of its own stage ``sft-blend@<name>`` in dvc.yaml, whose
+    record the sft stage depends on, so an unrelated file next to it does not rerun the stage. A
     missing file, a folder, a file inside the stage's own output ``out``, the same file under two
     names, an unknown format or a prob <= 0 is an error naming the key.
     """
@@ -143,7 +143,7 @@ def parse_blend(entries, source: str = "params.yaml", root: str | os.PathLike = 
             raise PipelineError(f"{source}: param '{key}.path' {path!r} is a folder; name one file of it "
                                 "(each file is its own blend entry and DVC dependency)")
         if not full.is_file():
-            raise PipelineError(f"{source}: param '{key}.path': {path} not found")
+            raise PipelineError(f"{source}: param '{key}.path': {path} not found{data.experiment_copy_hint(full)}")
         resolved = full.resolve()
         if out_dir is not None and resolved.is_relative_to(out_dir):
             raise PipelineError(f"{source}: param '{key}.path' {path!r} is inside the sft stage's own output {out}")
@@ -155,24 +155,44 @@ def parse_blend(entries, source: str = "params.yaml", root: str | os.PathLike = 
     return [BlendEntry(e.name, e.path, e.format, e.prob / total) for e in result]
 
 
-def undeclared_entries(blend: list[BlendEntry], deps: Iterable[str], root: str | os.PathLike = ".") -> list[str]:
-    """Names of blend entries whose file is not a dependency in ``deps`` (the sft stage's raw
-    dvc.yaml deps): neither ``${sft.blend.<name>.path}`` nor a literal path of the file or of a
-    folder above it."""
-    root = Path(root)
-    named, literal = set(), []
-    for d in deps:
-        m = re.fullmatch(r"\$\{\s*sft\.blend\.([A-Za-z0-9_-]+)\.path\s*\}", str(d))
-        if m:
-            named.add(m.group(1))
-        elif "${" not in str(d):
-            literal.append((root / str(d)).resolve())
-    out = []
+def blend_stamp(entry: BlendEntry, records: int) -> dict:
+    """What stage ``sft-blend@<name>`` records of one blend entry (``data/sft-blend/<name>.json``):
+    the entry as given, its record count and a hash of the file's bytes."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    with open(entry.path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return {"name": entry.name, "path": str(entry.path), "format": entry.format, "records": records,
+            "blake2b": h.hexdigest()}
+
+
+def check_stamps(blend: list[BlendEntry], folder: str | os.PathLike, source: str = "params.yaml",
+                 prune: bool = True) -> list[str]:
+    """Check that ``folder`` (``data/sft-blend``, what the ``sft-blend@<name>`` stages write) holds
+    an up-to-date record of every blend entry; remove the records of entries no longer in the
+    blend and return their names. Skipped (``[]``) when ``folder`` does not exist: the stage
+    script run by hand, outside DVC."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
     for e in blend:
-        f = e.path.resolve()
-        if e.name not in named and not any(f == d or f.is_relative_to(d) for d in literal):
-            out.append(e.name)
-    return out
+        stamp = folder / f"{e.name}.json"
+        current = blend_stamp(e, 0)
+        try:
+            recorded = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if not isinstance(recorded, dict) or recorded.get("blake2b") != current["blake2b"] \
+                or recorded.get("path") != current["path"]:
+            raise PipelineError(f"{source}: param 'sft.blend.{e.name}': {stamp} does not record {e.path} as it is "
+                                f"now; run dvc repro sft (stage sft-blend@{e.name} writes it)")
+    names = {e.name for e in blend}
+    stale = sorted(f for f in folder.glob("*.json") if f.stem not in names)
+    for f in stale if prune else []:
+        f.unlink()
+    return [f.stem for f in stale]
 
 
 def record_key(conv: dict) -> int:
