@@ -114,3 +114,56 @@ def test_adding_a_blend_entry_needs_params_only(repo):
     dvc(repo, "repro", "sft-blend@mine")  # the real stage: checks the file, records it
     record = json.loads((repo / "data" / "sft-blend" / "mine.json").read_text())
     assert record["records"] == 1 and record["format"] == "alpaca"
+
+
+def _apply_set_flags(params: dict, flags: list[str]) -> None:
+    """What `dvc exp run -S` does to params.yaml: `key=value` sets, `+key=value` adds, `~key`
+    deletes (values read as YAML)."""
+    for flag in flags:
+        if flag.startswith("~"):
+            *parents, last = flag[1:].split(".")
+            node = params
+            for part in parents:
+                node = node[part]
+            del node[last]
+            continue
+        add = flag.startswith("+")
+        key, value = flag.lstrip("+").split("=", 1)
+        *parents, last = key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        assert add != (last in node), f"{flag}: '+' adds a new key, a plain key=value sets an existing one"
+        node[last] = yaml.safe_load(value)
+
+
+def test_the_readmes_own_data_command_leaves_nothing_synthetic(repo, tmp_path):
+    """The README's "Use your own data" command, its -S flags applied to params.yaml as DVC
+    applies them, on tiny files: no synthetic task or SFT set is left, and the first stages run."""
+    import re
+    import shlex
+
+    readme = (repo / "README.md").read_text()
+    block = re.search(r"<!-- own-data:start -->\n```bash\n(.*?)```", readme, re.S).group(1)
+    words = shlex.split(block.replace("\\\n", " "))
+    assert words[:3] == ["dvc", "exp", "run"]
+    flags = [words[i + 1] for i, w in enumerate(words) if w == "-S"]
+    data_dir = tmp_path / "data"
+    flags = [f.replace("/data/", f"{data_dir}/") for f in flags]
+    data_dir.mkdir()
+    (data_dir / "wiki.jsonl").write_text("".join(
+        json.dumps({"text": f"Article {i}. The river {i} flows past the town of Name{i} in the north."}) + "\n"
+        for i in range(40)))
+    (data_dir / "NQ-open.dev.jsonl").write_text(json.dumps({"question": "where?", "answer": ["north"]}) + "\n")
+    (data_dir / "alpaca.jsonl").write_text(json.dumps({"instruction": "Say hi.", "output": "hi"}) + "\n")
+    _edit_params(repo, lambda p: _apply_set_flags(p, flags))
+    _edit_params(repo, lambda p: p["tokenizer"].update(vocab_size=300))  # a ceiling for 40 short lines
+
+    stages = set(_stages(repo))
+    assert {"generate@nq", "score@nq", "sft-blend@alpaca_real"} <= stages
+    assert not {s for s in stages if "world_qa" in s or s.startswith("sft-blend@") and s != "sft-blend@alpaca_real"}
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert "data/world" not in json.dumps({k: params[k] for k in ("corpus", "sft", "generate")})
+    dvc(repo, "repro", "tokenize@db", "tokenize@pretrain", "sft-blend@alpaca_real")
+    assert json.loads((repo / "data" / "sft-blend" / "alpaca_real.json").read_text())["records"] == 1
+    assert not (repo / "data" / "world").exists()  # nothing on the way read the synthetic world
