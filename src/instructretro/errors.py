@@ -14,6 +14,10 @@ class PipelineError(Exception):
     """Bad input or settings. The message names the file, line or param key at fault."""
 
 
+class DiskFull(PipelineError):
+    """No space left writing a file (the message names it)."""
+
+
 def cli(main):
     """Wrap a stage's ``main`` so a PipelineError becomes a one-line message and exit code 1."""
 
@@ -21,19 +25,29 @@ def cli(main):
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
+        except DiskFull as exc:
+            _exit_now(f"error: {exc}")
         except PipelineError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
         except OSError as exc:
             if not disk_full(exc):
                 raise
-            print(f"error: {no_space_message(exc.filename)}", file=sys.stderr)
-            sys.exit(1)
+            _exit_now(f"error: {no_space_message(exc.filename)}")
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
 
     return wrapper
+
+
+def _exit_now(line: str) -> None:
+    """Print ``line`` and exit 1 without the interpreter's exit handlers: after a failed write
+    HDF5's own exit handler flushes the half-written file again and crashes (signal 11)."""
+    print(line, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -77,7 +91,7 @@ def writing(path: str | os.PathLike):
         yield
     except (OSError, RuntimeError) as exc:
         if disk_full(exc, path):
-            raise PipelineError(no_space_message(path)) from None
+            raise DiskFull(no_space_message(path)) from None
         raise
 
 
