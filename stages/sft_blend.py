@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from instructretro import data, params as P, sft
+from instructretro import blend as B, data, params as P
 from instructretro.errors import PipelineError, cli
 from instructretro.io import write_json
 
@@ -29,9 +29,9 @@ def main(argv=None):
     value = p.get(f"sft.blend.{args.name}", default=None)  # this entry only (its DVC param)
     if value is None:
         raise PipelineError(f"{p.source}: no entry 'sft.blend.{args.name}'")
-    (entry,) = sft.parse_blend({args.name: value}, p.source)
+    (entry,) = B.parse_blend({args.name: value}, p.source)
     records = sum(1 for _ in data.iter_conversations(entry.path, entry.format))
-    write_json(args.out, sft.blend_stamp(entry, records))
+    write_json(args.out, B.blend_stamp(entry, records))
     print(f"sft-blend@{args.name}: {entry.path} ({entry.format}), {records} records")
 
 
