@@ -56,16 +56,28 @@ STAGE_ORDER = (1, 0, 2, 3)  # preferred ZeRO stage among settings that fit equal
 # ----------------------------------------------------------------------------- parameters
 
 
+def layer_parameters(config: ModelConfig) -> int:
+    """Parameters of one decoder (or encoder) layer: two norms, attention, MLP."""
+    h, f = config.hidden, config.ffn_hidden
+    kv = config.n_kv_heads * config.head_dim
+    norm = h if config.norm == "rmsnorm" else 2 * h  # gain (and bias)
+    attention = h * (h + 2 * kv) + h * h  # qkv (grouped keys/values), proj
+    attention += (h + 2 * kv if config.qkv_bias or config.linear_bias else 0) + (h if config.linear_bias else 0)
+    mlp = 3 * h * f if config.mlp == "swiglu" else 2 * h * f  # gate_up + down, or up + down
+    mlp += ((2 * f if config.mlp == "swiglu" else f) + h) if config.linear_bias else 0
+    return 2 * norm + attention + mlp
+
+
 def parameter_counts(config: ModelConfig) -> dict[str, int]:
     """Parameters per part of the model, counted from the architecture (no model is built)."""
-    h, f, V = config.hidden, config.ffn_hidden, config.vocab_size
-    norm = 2 * h  # LayerNorm-1p: gain and bias
-    layer = norm + 4 * h * h + norm + 3 * h * f  # attention (qkv + proj), SwiGLU (gate_up + down)
-    cca = norm + 4 * h * h  # q, kv, proj
+    h, V = config.hidden, config.vocab_size
+    norm = h if config.norm == "rmsnorm" else 2 * h
+    layer = layer_parameters(config)
+    cca = norm + 4 * h * h + (1 if config.cca_gate else 0)  # norm, q, kv, proj (and the gate)
     counts = {
-        "embedding": V * h,
+        "embedding": V * h + config.learned_positions * h,
         "decoder": config.n_layers * layer + norm,  # + final norm
-        "output": V * h,
+        "output": 0 if config.tie_embeddings else V * h,
         "cca": len(config.cca_layers) * cca if config.retro else 0,
         "encoder": (config.encoder_layers * layer + norm + 4 * h * h + norm) if config.retro else 0,
     }
@@ -75,8 +87,8 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
 
 def largest_module(config: ModelConfig) -> int:
     """Parameters of the largest module ZeRO-3 gathers at once (a layer, the embedding or the output)."""
-    h, f = config.hidden, config.ffn_hidden
-    layer = 4 * h * h + 3 * h * f + 4 * h + (4 * h * h + 2 * h if config.retro else 0)
+    h = config.hidden
+    layer = layer_parameters(config) + (4 * h * h + 2 * h if config.retro else 0)
     return max(layer, config.vocab_size * h)
 
 
