@@ -10,7 +10,6 @@ decoder into a Retro model. Reading a checkpoint needs only this module and ``mo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -74,29 +73,34 @@ def _unreadable(path, exc) -> PipelineError:
     return PipelineError(f"{path}: not a readable safetensors file ({first})")
 
 
-@contextlib.contextmanager
-def open_safetensors(path: str | os.PathLike):
-    """``safe_open`` of a safetensors file, read tensor by tensor (``f.keys()``, ``f.get_tensor``);
-    an unreadable header, or a tensor cut off by a truncated file, is one line naming the file."""
+def safetensors_handle(path: str | os.PathLike):
+    """``safe_open`` of a safetensors file, to read tensor by tensor (``keys()``, and
+    :func:`read_tensor`); a header that cannot be read is one line naming the file."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        f = safe_open(str(path), framework="pt")
+        return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise _unreadable(path, exc) from None
+
+
+def read_tensor(handle, path: str | os.PathLike, name: str) -> torch.Tensor:
+    """Tensor ``name`` of an open :func:`safetensors_handle`; data cut off by a truncated file
+    (safetensors raises several kinds of error for it) is one line naming the file and tensor."""
     try:
-        with f:
-            yield f
-    except SafetensorError as exc:
-        raise _unreadable(path, exc) from None
+        return handle.get_tensor(name)
+    except Exception as exc:  # noqa: BLE001 (SafetensorError, OSError, RuntimeError, ...)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise PipelineError(f"{path}: cannot read tensor '{name}' ({first})") from None
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; a truncated or foreign file is one line naming it.
 
-    The one reader of safetensors files we load ourselves (exported checkpoints, imported
-    weights): ``SafetensorError`` (e.g. ``incomplete metadata`` of a cut file) is not an
-    ``OSError``, so callers must not catch the file's errors on their own.
+    With :func:`safetensors_handle` and :func:`read_tensor`, the one reader of safetensors files
+    we load ourselves (exported checkpoints, imported HF weights): ``SafetensorError`` (e.g.
+    ``incomplete metadata`` of a cut file) is not an ``OSError``, so callers do not catch the
+    file's errors on their own.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -282,21 +282,21 @@ def build_model(config, cfg: TrainConfig, world_size: int | None = None, weights
 
 
 def _load_weights(model, folder) -> None:
-    from .checkpoint import open_safetensors
+    from .checkpoint import read_tensor, safetensors_handle
     from .model import assign_parameter, full_shape, is_partitioned
 
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
         raise PipelineError(f"{folder}: not an exported checkpoint (no model.safetensors)")
     own = dict(model.named_parameters())
-    with open_safetensors(path) as f:
+    with safetensors_handle(path) as f:
         names = set(f.keys())
         if names != set(own):
             raise PipelineError(f"{folder}: weights do not match config.json ({len(names ^ set(own))} names differ)")
         reader = not any(is_partitioned(p) for p in own.values()) or not torch.distributed.is_initialized() \
             or torch.distributed.get_rank() == 0
         for name, p in own.items():
-            value = f.get_tensor(name) if reader else None
+            value = read_tensor(f, path, name) if reader else None
             if value is not None and tuple(value.shape) != tuple(full_shape(p)):
                 raise PipelineError(f"{folder}: {name} has shape {tuple(value.shape)}, config.json gives {tuple(full_shape(p))}")
             assign_parameter(p, value)
