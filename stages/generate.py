@@ -19,7 +19,7 @@ import time
 import torch
 
 from instructretro import data, params as P
-from instructretro.checkpoint import check_vocab, checkpoint_precision, load_model, read_config
+from instructretro.checkpoint import check_tokenizer, check_vocab, checkpoint_precision, load_model, read_config
 from instructretro.decoding import greedy_generate
 from instructretro.dist import init_distributed, local_device
 from instructretro.embed import encoder_from_params
@@ -38,7 +38,7 @@ def main(argv=None):
     ap.add_argument("--tokenizer", default="data/tokenizer/spm.model")
     ap.add_argument("--db-tokens", default="data/tokens/db")
     ap.add_argument("--embeddings", default="data/db/embeddings.h5")
-    ap.add_argument("--index", default="data/index/populated.faiss")
+    ap.add_argument("--index", default="data/index/populated", help="the populated index folder (add-index)")
     ap.add_argument("--out", required=True, help="answers, JSON lines")
     ap.add_argument("--metrics", required=True)
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -66,6 +66,7 @@ def main(argv=None):
     # (cuda:LOCAL_RANK), in the precision the checkpoint was trained in; rank 0 writes.
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = init_distributed() if multi else (0, 1)
+    check_tokenizer(checkpoint, args.tokenizer)
     tok = Tokenizer(args.tokenizer)
     check_vocab(read_config(checkpoint), tok.vocab_size, checkpoint, args.tokenizer)
     dtype = torch.bfloat16 if checkpoint_precision(checkpoint) == "bf16" else torch.float32

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_vocab, init_from_checkpoint, load_model, read_config
+from .checkpoint import (check_tokenizer, check_vocab, init_from_checkpoint, load_model, read_config,
+                         tokenizer_record)
 from .dist import init_distributed, is_rank0, local_device
 from .errors import PipelineError
 from .pretrain_data import PretrainInputs, PretrainSamples, TrainOrder, all_eval_batches, eval_indices, load_split
@@ -104,6 +105,8 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
     rank, world = init_distributed()
     if skip_train and not init_from:
         raise PipelineError("params.yaml: 'pretrain.skip_train' needs 'pretrain.init_from' (the checkpoint to evaluate)")
+    if init_from:  # continued pretraining or evaluation: the tokens must mean what they meant
+        check_tokenizer(init_from, inputs.tokenizer)
     torch.manual_seed(cfg.seed)
     if skip_train:
         check_vocab(read_config(init_from), model_config.vocab_size, init_from, inputs.tokenizer)
@@ -160,7 +163,8 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
         "valid_samples_evaluated": min(len(valid), cfg.eval_batches * cfg.micro_batch * world),
     }
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-    T.finish(engine, model_config, out, {"steps": metrics["steps"], "init_from": init_from, "precision": cfg.precision},
+    T.finish(engine, model_config, out, {"steps": metrics["steps"], "init_from": init_from, "precision": cfg.precision,
+                                            "tokenizer": tokenizer_record(inputs.tokenizer)},
              None if skip_train else work)
     return metrics
 
