@@ -149,6 +149,17 @@ def test_truncated_index_names_it_and_the_stage(tmp_path):
     path.write_bytes(path.read_bytes()[:2000])
     with pytest.raises(PipelineError, match=r"populated\.faiss: truncated or damaged \(Faiss: .*\); stage add-index"):
         read_index(path)
+    from instructretro.index import INDEX_FILE, write_populated
+
+    folder = tmp_path / "populated"  # the add-index output: a folder
+    write_populated(index, folder)
+    (folder / INDEX_FILE).write_bytes((folder / INDEX_FILE).read_bytes()[:2000])
+    with pytest.raises(PipelineError, match=r"populated/index\.faiss: truncated or damaged .*stage add-index"):
+        read_index(folder)
+    trained = tmp_path / "trained.faiss"
+    trained.write_bytes(b"\0" * 100)
+    with pytest.raises(PipelineError, match=r"trained\.faiss: truncated or damaged .*dvc repro -f train-index"):
+        read_index(trained)
 
 
 # ---------------------------------------------------------------------------- safetensors
