@@ -128,8 +128,10 @@ endif
 # `make generate GPUS=8` do the same for their stage after the stages before it. The preset
 # is params.yaml `model.name`; `make pretrain MODEL=843m` runs it as a DVC experiment on one process.
 # `make eval-ppl CKPT=folder` is the reference's --skip-train: validation loss/perplexity of an
-# exported checkpoint on the pipeline's valid split, into metrics/eval_ppl.json (GPUS= works too).
+# exported checkpoint on the pipeline's valid split, into metrics/eval_ppl.json (GPUS= works too);
+# MAX_OVERLAP=0.5 adds val_loss_filtered, the same loss with the leakage filter (docs/pretrain.md).
 HOSTFILE ?=
+MAX_OVERLAP ?=
 CKPT     ?= data/checkpoints/pretrain
 PRETRAIN_ARGS := --out data/checkpoints/pretrain --work data/work/pretrain --live dvclive/pretrain --metrics metrics/pretrain.json
 LAUNCH = $(if $(GPUS),$(BIN)/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE)) --num_gpus $(GPUS),$(BIN)/python)
@@ -152,7 +154,7 @@ else
 endif
 
 eval-ppl: install
-	$(SFT_ENV) $(WORKSPACE) $(LAUNCH) stages/pretrain.py --eval-only $(CKPT) --metrics metrics/eval_ppl.json
+	$(SFT_ENV) $(WORKSPACE) $(LAUNCH) stages/pretrain.py --eval-only $(CKPT) --metrics metrics/eval_ppl.json $(if $(MAX_OVERLAP),--max-overlap $(MAX_OVERLAP))
 
 # Memory plan before a run: `make estimate MODEL=43b GPUS=8 GPU_MEM=80` prints per-GPU GiB of
 # parameters, gradients, optimizer state and activations for the preset's GPU recipe, whether it

@@ -359,14 +359,19 @@ def to_device(batch: Batch, device) -> Batch:
 EXTRA_LOSS_MASKS = {"fact_mask": "loss_facts"}
 
 
+def token_losses(model, batch: Batch) -> torch.Tensor:
+    """Next-token cross-entropy at every position (B, T), fp32, before any loss mask."""
+    logits = model(batch["tokens"], batch.get("neighbors"), batch.get("neighbor_mask"))
+    labels = batch["labels"]
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+    ).view_as(labels)
+
+
 def lm_loss(model, batch: Batch) -> dict:
     """Next-token cross-entropy: ``{"loss": (sum over loss_mask, tokens)}``, plus one entry per
     extra mask in the batch (``fact_mask`` -> ``"loss_facts"``). Logits are upcast to fp32."""
-    logits = model(batch["tokens"], batch.get("neighbors"), batch.get("neighbor_mask"))
-    labels = batch["labels"]
-    ce = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
-    ).view_as(labels)
+    ce = token_losses(model, batch)
     mask = batch["loss_mask"].float()
     out = {"loss": ((ce * mask).sum(), mask.sum())}
     for key, name in EXTRA_LOSS_MASKS.items():
