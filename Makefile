@@ -40,7 +40,12 @@ endif
 	$(PIP) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# DVC reads params.yaml before any stage runs (a task name with a dot is then "Parameters ...
+# are missing"): the targets that start DVC check the file as the stages do, first.
+PARAMS_CHECK := $(BIN)/python -m instructretro.params params.yaml
+
 repro: install
+	$(PARAMS_CHECK)
 	$(DVC_RUN) repro
 
 test: install browser vega
@@ -98,6 +103,7 @@ SMOKE  ?=
 SFT_ENV := PATH=$(abspath $(BIN)):$$PATH
 .PHONY: sft generate
 sft: install
+	$(PARAMS_CHECK)
 ifneq ($(GPUS),)
 	$(if $(MODEL),$(error with GPUS=, set model.name in params.yaml instead of MODEL=))
 	$(MAKE) pretrain GPUS=$(GPUS) HOSTFILE=$(HOSTFILE)
@@ -133,6 +139,7 @@ LAUNCH = $(if $(GPUS),$(BIN)/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE)) 
 launch_stages = plan="$$($(BIN)/python -m instructretro.launch '$(1)' '$(LAUNCH)' '$(DVC)')" && echo "$$plan" && $(WORKSPACE) bash -c "$$plan"
 .PHONY: pretrain eval-ppl
 pretrain: install
+	$(PARAMS_CHECK)
 ifneq ($(GPUS),)
 	$(if $(MODEL),$(error with GPUS=, set model.name in params.yaml instead of MODEL=))
 	$(SFT_ENV) $(DVC_RUN) repro tokenize@db tokenize@pretrain
@@ -164,6 +171,7 @@ estimate: install
 # then runs each task's generate script under the launcher (each rank decodes a share of the
 # questions on its GPU; rank 0 writes the answers in question order) and commits it.
 generate: install
+	$(PARAMS_CHECK)
 ifneq ($(GPUS),)
 	$(MAKE) sft GPUS=$(GPUS) HOSTFILE=$(HOSTFILE)
 	$(call launch_stages,generate@*)

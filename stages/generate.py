@@ -19,7 +19,7 @@ import time
 import torch
 
 from instructretro import data, params as P
-from instructretro.checkpoint import check_tokenizer, checkpoint_precision, load_model
+from instructretro.checkpoint import check_tokenizer, check_vocab, checkpoint_precision, load_model, read_config
 from instructretro.decoding import greedy_generate
 from instructretro.dist import init_distributed, local_device
 from instructretro.errors import PipelineError, cli
@@ -65,12 +65,13 @@ def main(argv=None):
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = init_distributed() if multi else (0, 1)
     check_tokenizer(checkpoint, args.tokenizer)
+    tok = Tokenizer(args.tokenizer)
+    check_vocab(read_config(checkpoint), tok.vocab_size, checkpoint, args.tokenizer)
     dtype = torch.bfloat16 if checkpoint_precision(checkpoint) == "bf16" else torch.float32
     model = load_model(checkpoint, device=local_device(), dtype=dtype).eval()
     config = model.config
     if config.chunk_length != chunk_length:
         raise PipelineError(f"{checkpoint}: model chunk_length {config.chunk_length} != param 'retro.chunk_length' {chunk_length}")
-    tok = Tokenizer(args.tokenizer)
     retriever = None
     given = settings.retrieval == "prompt" and all("ctxs" in r for r in records)  # nothing to search
     if settings.retrieval != "none" and not given:  # the database's own encoder (embed.*), as query-neighbors and sft use

@@ -94,6 +94,9 @@ def main(argv=None):
             raise PipelineError(f"--max-overlap is a share of the chunk, between 0 and 1; got {args.max_overlap}")
     if args.eval_only:
         init_from, skip_train = args.eval_only, True
+    if args.eval_only and not Path(init_from).is_dir():  # make eval-ppl CKPT=...
+        raise PipelineError(f"--eval-only (make eval-ppl CKPT=...): {init_from} is not a checkpoint folder "
+                            "(an exported checkpoint: config.json + model.safetensors)")
     if init_from and not Path(init_from).is_dir():
         raise PipelineError(f"{args.params}: 'pretrain.init_from' is {init_from}, which is not a checkpoint folder")
     inputs = inputs_from_args(args, p)

@@ -55,22 +55,6 @@ def read_params(p: P.Params) -> dict:
     return out
 
 
-def check_declared(blend: list, dvc_yaml: str, source: str) -> None:
-    """Every blend file must be a dependency of the sft stage in ``dvc_yaml`` (skipped without
-    one), so that DVC reruns the stage when the file changes."""
-    import yaml
-
-    path = Path(dvc_yaml)
-    if not path.is_file():
-        return
-    stage = (yaml.safe_load(path.read_text()) or {}).get("stages", {}).get("sft", {})
-    missing = sft.undeclared_entries(blend, stage.get("deps", []) if isinstance(stage, dict) else [])
-    if missing:
-        name = missing[0]
-        raise PipelineError(f"{source}: param 'sft.blend.{name}': its file is not a dependency of stage sft; add "
-                            f"'- ${{sft.blend.{name}.path}}' to the sft deps in {path} (one line per blend entry)")
-
-
 def make_retriever(args, p: P.Params, s: dict):
     """The Retriever over the populated index, with the database's own encoder (``embed.*``)."""
     if s["retrieval"] == "none":
@@ -99,8 +83,8 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="one step of the --model preset's real graph")
     ap.add_argument("--estimate", action="store_true", help="print the cost of the --model preset's SFT run and exit")
     ap.add_argument("--model", default=None, help="preset for --smoke / --estimate (default: model.name)")
-    ap.add_argument("--dvc-yaml", default="dvc.yaml", help="where the sft stage's deps are declared (checked "
-                    "to list every blend file; skipped when the file does not exist)")
+    ap.add_argument("--blend-records", default="data/sft-blend", help="what the sft-blend@<name> stages "
+                    "wrote (checked to match every blend file; skipped when the folder does not exist)")
     ap.add_argument("--local_rank", type=int, default=None)  # set by the deepspeed launcher
     args = ap.parse_args(argv)
     p = P.load(args.params)
@@ -117,7 +101,9 @@ def main(argv=None):
         print_cost(config, sft.sft_settings(name, s["overrides"]))
         return
     blend = sft.parse_blend(s["blend"], p.source, out=args.out)  # before any slow loading
-    check_declared(blend, args.dvc_yaml, p.source)
+    for name in sft.check_stamps(blend, args.blend_records, p.source, prune=dist.is_rank0()):
+        if dist.is_rank0():
+            print(f"sft: removed {args.blend_records}/{name}.json (no longer in sft.blend)")
     unavailable = None
     if args.smoke:
         name = args.model or p.get("model.name", str)
@@ -133,6 +119,7 @@ def main(argv=None):
     else:
         config = checkpoint.read_config(s["init_from"])
         checkpoint.check_tokenizer(s["init_from"], args.tokenizer)
+        checkpoint.check_vocab(config, tok.vocab_size, s["init_from"], args.tokenizer)
         sft.check_retrieval(config, s["retrieval"], p.source)
         settings = full = sft.sft_settings(config.name, s["overrides"])
 

@@ -122,7 +122,10 @@ def _check_script(script: str, args: list[str], errors: list[str]) -> None:
 
 def _check_param(assignment: str, keys: set[str], errors: list[str]) -> None:
     key = assignment.split("=", 1)[0]
-    if key.startswith("+"):  # dvc exp run -S +key=value adds a key: its section must exist
+    if key.startswith("~"):  # dvc exp run -S ~key deletes a key: it must exist
+        if key[1:] not in keys:
+            errors.append(f"param {key[1:]} (deleted by {key}) is not in params.yaml")
+    elif key.startswith("+"):  # dvc exp run -S +key=value adds a key: its section must exist
         if key[1:].rsplit(".", 1)[0] not in keys:
             errors.append(f"param section of {key} is not in params.yaml")
     elif key not in keys:

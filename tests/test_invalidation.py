@@ -113,7 +113,8 @@ CHANGES = {
     "pretrain lr": (lambda r: _set(r, "pretrain.lr", 0.0123), MODEL + GPT + ["leakage"]),
     "leakage filter": (lambda r: _set(r, "leakage.max_overlap", 0.5), ["leakage"]),
     "sft lr": (lambda r: _set(r, "sft.lr", 0.0123), MODEL[1:]),
-    "sft dataset file": (lambda r: _edit_first_record(r / "corpora" / "sft" / "chat.jsonl"), MODEL[1:]),
+    "sft dataset file": (lambda r: _edit_first_record(r / "corpora" / "sft" / "chat.jsonl"),
+                         ["sft-blend"] + MODEL[1:]),  # sft-blend@chat records the file, sft reads the record
     "file next to the sft data": (lambda r: (r / "corpora" / "sft" / "notes.jsonl").write_text("{}\n"), []),
     "generate setting": (lambda r: _set(r, "generate.max_new_tokens", 5), MODEL[2:]),
     "qa file": (lambda r: _edit_first_record(r / "corpora" / "qa.jsonl"), MODEL[2:]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -198,10 +199,23 @@ def test_blend_mixes_generated_sets_and_files_anywhere(tmp_path):
     assert [(e.name, e.path, e.prob) for e in blend] == [
         ("chat", tmp_path / "data/world/sft/chat.jsonl", 0.75), ("mine", tmp_path / "mine/alpaca_data.jsonl", 0.25)]
     assert sft.load_split(blend[1], 0.0)[0][0]["turns"] == [("user", "Say hi."), ("assistant", "hi")]
-    deps = ["stages/sft.py", "${sft.init_from}", "${sft.blend.chat.path}"]
-    assert sft.undeclared_entries(blend, deps, root=tmp_path) == ["mine"]
-    assert sft.undeclared_entries(blend, deps + ["${sft.blend.mine.path}"], root=tmp_path) == []
-    assert sft.undeclared_entries(blend, deps + ["mine"], root=tmp_path) == []  # a folder above the file
+
+
+def test_blend_records_must_match_the_files_and_stale_ones_are_removed(tmp_path):
+    """The sft stage checks what the sft-blend@<name> stages recorded against the files."""
+    _write_jsonl(tmp_path / "a.jsonl", [_conv("q?", "a.")] * 3)
+    blend = sft.parse_blend({"a": {"path": "a.jsonl", "format": "conversation", "prob": 1}}, root=tmp_path)
+    records = tmp_path / "records"
+    assert sft.check_stamps(blend, records) == []  # no folder: the script run outside DVC
+    records.mkdir()
+    with pytest.raises(PipelineError, match=r"'sft\.blend\.a': .*a\.json does not record .*stage sft-blend@a"):
+        sft.check_stamps(blend, records)
+    (records / "a.json").write_text(json.dumps(sft.blend_stamp(blend[0], 3)))
+    (records / "gone.json").write_text("{}")
+    assert sft.check_stamps(blend, records) == ["gone"] and not (records / "gone.json").exists()
+    _write_jsonl(tmp_path / "a.jsonl", [_conv("q?", "b.")] * 3)  # edited after it was recorded
+    with pytest.raises(PipelineError, match=r"does not record"):
+        sft.check_stamps(blend, records)
 
 
 def test_blend_sampling_matches_the_probabilities():
@@ -496,21 +510,28 @@ def test_stage_names_a_malformed_record(tmp_path, small_world, small_tokenizer, 
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "chat.jsonl:4:" in proc.stderr
 
 
-def test_stage_refuses_a_blend_file_dvc_yaml_does_not_list(tmp_path, small_world, small_tokenizer, tok):
-    _write_jsonl(tmp_path / "mine" / "own.jsonl", [{"instruction": "Say hi.", "output": "hi"}] * 3)
+def test_stage_checks_the_blend_records_and_trains_on_every_entry(tmp_path, small_world, small_tokenizer, tok):
+    """The records the sft-blend@<name> stages write must match the blend files; then the
+    generated set and the user's own file train together."""
+    _write_jsonl(tmp_path / "mine" / "own.jsonl", [{"instruction": "Say hello.", "output": "hello"}] * 3)
     blend = {"chat": {"path": str(small_world / "sft" / "chat.jsonl"), "format": "conversation", "prob": 1},
              "own": {"path": "mine/own.jsonl", "format": "alpaca", "prob": 1}}
     args = _stage_setup(tmp_path, small_world, small_tokenizer, tok, blend=blend)
-    (tmp_path / "dvc.yaml").write_text("stages:\n  sft:\n    cmd: python stages/sft.py\n    deps:\n"
-                                       "      - ${sft.blend.chat.path}\n")
+    records = tmp_path / "data" / "sft-blend"
+    records.mkdir(parents=True)
+    for name in blend:
+        r = subprocess.run([sys.executable, str(REPO / "stages" / "sft_blend.py"), name, "--params",
+                            str(tmp_path / "params.yaml"), "--out", str(records / f"{name}.json")],
+                           cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+    _write_jsonl(tmp_path / "mine" / "own.jsonl", [{"instruction": "Say hi.", "output": "hi"}] * 3)  # edited
     proc = _run_stage(*args, cwd=tmp_path)
-    assert proc.returncode == 1
-    assert proc.stderr.strip() == ("error: " + str(tmp_path / "params.yaml") + ": param 'sft.blend.own': its file is "
-                                   "not a dependency of stage sft; add '- ${sft.blend.own.path}' to the sft deps in "
-                                   "dvc.yaml (one line per blend entry)")
-    # listed: the generated set and the user's own file train together
-    (tmp_path / "dvc.yaml").write_text("stages:\n  sft:\n    cmd: python stages/sft.py\n    deps:\n"
-                                       "      - ${sft.blend.chat.path}\n      - ${sft.blend.own.path}\n")
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert "param 'sft.blend.own'" in proc.stderr and "stage sft-blend@own writes it" in proc.stderr
+    r = subprocess.run([sys.executable, str(REPO / "stages" / "sft_blend.py"), "own", "--params",
+                        str(tmp_path / "params.yaml"), "--out", str(records / "own.json")],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and "3 records" in r.stdout, r.stderr[-2000:]
     proc = _run_stage(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads((tmp_path / "metrics.json").read_text())

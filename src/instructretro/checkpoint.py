@@ -71,22 +71,72 @@ def read_config(folder: str | os.PathLike):
     return ModelConfig.from_dict(raw, str(path))
 
 
-def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+def _unreadable(path, exc) -> PipelineError:
+    first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+    return PipelineError(f"{path}: not a readable safetensors file ({first})")
+
+
+def safetensors_handle(path: str | os.PathLike):
+    """``safe_open`` of a safetensors file, to read tensor by tensor (``keys()``, and
+    :func:`read_tensor`); a header that cannot be read is one line naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def read_tensor(handle, path: str | os.PathLike, name: str) -> torch.Tensor:
+    """Tensor ``name`` of an open :func:`safetensors_handle`; data cut off by a truncated file
+    (safetensors raises several kinds of error for it) is one line naming the file and tensor."""
+    try:
+        return handle.get_tensor(name)
+    except Exception as exc:  # noqa: BLE001 (SafetensorError, OSError, RuntimeError, ...)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise PipelineError(f"{path}: cannot read tensor '{name}' ({first})") from None
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a truncated or foreign file is one line naming it.
+
+    With :func:`safetensors_handle` and :func:`read_tensor`, the one reader of safetensors files
+    we load ourselves (exported checkpoints, imported HF weights): ``SafetensorError`` (e.g.
+    ``incomplete metadata`` of a cut file) is not an ``OSError``, so callers do not catch the
+    file's errors on their own.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(folder) / "model.safetensors"
-    if not path.is_file():
-        raise PipelineError(f"{folder}: not an exported checkpoint (no model.safetensors)")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise PipelineError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+        raise _unreadable(path, exc) from None
+
+
+def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise PipelineError(f"{folder}: not an exported checkpoint (no model.safetensors)")
+    return read_safetensors(path)
 
 
 def memory_bytes() -> int:
-    """Physical memory of this machine (bytes)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """Memory this process may use (bytes): the machine's physical memory, or less where an
+    address-space limit (``ulimit -v``, RLIMIT_AS) or a cgroup memory limit says so."""
+    import resource
+
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft not in (resource.RLIM_INFINITY, -1) and soft > 0:
+        limits.append(soft)
+    try:
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if text.isdigit():
+            limits.append(int(text))
+    except OSError:
+        pass
+    return min(limits)
 
 
 def check_fits(config, source: str, bytes_per_param: int = 4, limit: int | None = None) -> int:
@@ -109,6 +159,14 @@ def check_fits(config, source: str, bytes_per_param: int = 4, limit: int | None 
             f"weights), more than this machine's {limit / 2**30:.1f} GiB of memory "
             f"(vocab_size {config.vocab_size}, n_layers {config.n_layers}, hidden {config.hidden})")
     return n
+
+
+def check_vocab(config, vocab_size: int, folder: str | os.PathLike, tokenizer: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose vocabulary is smaller than the tokenizer's: a token id past its
+    embedding table would fail deep inside the model (``IndexError: index out of range``)."""
+    if config.vocab_size < vocab_size:
+        raise PipelineError(f"{folder}: the checkpoint's vocab_size {config.vocab_size} is smaller than the "
+                            f"tokenizer's {vocab_size} pieces ({tokenizer}); it was trained with another tokenizer")
 
 
 def load_model(folder: str | os.PathLike, device=None, dtype: torch.dtype | None = None):

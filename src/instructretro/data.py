@@ -141,8 +141,19 @@ def corpus_files(path: str | os.PathLike, skipped_files: "SkipCounter | None" = 
                                 f"hidden files and folders and symlinked folders are skipped)")
         return files
     if not path.exists():
-        raise PipelineError(f"{path}: corpus file not found")
+        raise PipelineError(f"{path}: corpus file not found{experiment_copy_hint(path)}")
     return [path]
+
+
+def experiment_copy_hint(path: str | os.PathLike) -> str:
+    """For a missing input inside a ``dvc exp run --temp`` / ``--queue`` run: that run works in a
+    copy of the repository under ``.dvc/tmp/exps`` holding what git tracks (and DVC outputs), so
+    data the user left untracked in the repo is not there. '' elsewhere."""
+    where = str(Path(os.getcwd()).resolve() / path)
+    if f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}" not in where:
+        return ""
+    return ("; this run works in a copy of the repository (dvc exp run --temp / --queue), which holds only "
+            "files git or DVC tracks: 'dvc add' the data and commit its .dvc file, or give an absolute path")
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -226,7 +237,7 @@ def iter_documents(path: str | os.PathLike, skipped: SkipCounter | None = None,
 def _records(path: Path) -> Iterator[tuple[int, object]]:
     """JSON lines, or one JSON list (``.json`` starting with '[') with the list index as line."""
     if not path.is_file():
-        raise PipelineError(f"{path}: file not found")
+        raise PipelineError(f"{path}: file not found{experiment_copy_hint(path)}")
     if path.suffix.lower() == ".json":
         with open(path, "rb") as f:
             head = f.read(64).removeprefix(BOM.encode()).lstrip()

@@ -26,7 +26,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import PipelineError
+from .errors import PipelineError, damaged
 from .tokenizer import EOD_ID
 from .tokenstore import TokenStore
 
@@ -84,7 +84,7 @@ class _FileRows:
         want = (hi - lo) * self.row_bytes
         buf = os.pread(self._fd, want, self.offset + lo * self.row_bytes)
         if len(buf) != want:
-            raise OSError(f"{self.path}: short read ({len(buf)} of {want} bytes); the file is truncated")
+            raise damaged(self.path, "embed", f"short read, {len(buf)} of {want} bytes")
         return np.frombuffer(buf, dtype=self.dtype).reshape((hi - lo,) + self.shape[1:])  # read-only, no copy
 
     def take(self, ids) -> np.ndarray:
@@ -130,6 +130,26 @@ def file_digest(path: str | os.PathLike) -> bytes:
     return h.digest()
 
 
+def open_h5(path: str | os.PathLike, stage: str):
+    """``h5py.File(path, "r")``; a file h5py cannot open (cut short, not HDF5) is one line naming
+    it and ``stage``, the stage that writes it."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise damaged(path, stage, str(exc).splitlines()[0][:200]) from None
+
+
+def check_extent(path: str | os.PathLike, f, names, stage: str) -> None:
+    """Every contiguous dataset ``names`` of the open file ``f`` lies inside the file's bytes."""
+    size = os.path.getsize(path)
+    for name in names:
+        ds = f[name]
+        offset = ds.id.get_offset()
+        end = (offset or 0) + int(np.prod(ds.shape, dtype=np.int64)) * ds.dtype.itemsize
+        if offset is not None and end > size:
+            raise damaged(path, stage, f"dataset {name!r} ends at byte {end:,}, the file has {size:,}")
+
+
 class DBFile:
     """``DBFile(path)``: ``.chunks``, ``.doc_ids``, ``.embeddings`` as row readers, ``.attrs``."""
 
@@ -137,10 +157,11 @@ class DBFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise PipelineError(f"{self.path}: embeddings file not found; run the embed stage")
-        with h5py.File(self.path, "r") as f:
+        with open_h5(self.path, "embed") as f:
             missing = [n for n in DATASETS if n not in f and (need_embeddings or n != "embeddings")]
             if missing:
                 raise PipelineError(f"{self.path}: no dataset {missing[0]!r} (has {sorted(f.keys())}); rerun embed")
+            check_extent(self.path, f, [n for n in DATASETS if n in f], "embed")
             self.attrs = dict(f.attrs)
             layout = {n: (f[n].id.get_offset(), f[n].shape, f[n].dtype, f[n].chunks is None and f[n].compression is None)
                       for n in DATASETS if n in f}

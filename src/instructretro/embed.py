@@ -104,6 +104,7 @@ class Encoder:
     def __init__(self, path: str | os.PathLike = "", precision: str = "float32", batch_size: int = 64,
                  max_length: int = 256, device: str | None = None, gpu_batch_size: int | None = None):
         import torch
+        from safetensors import SafetensorError
         from transformers import AutoModel, AutoTokenizer
 
         self.path = resolve_encoder(path)
@@ -120,8 +121,9 @@ class Encoder:
             self.model = AutoModel.from_pretrained(
                 str(self.path), local_files_only=True, attn_implementation="sdpa", dtype=dtype
             )
-        except (OSError, ValueError) as exc:
-            raise PipelineError(f"embed.encoder '{self.path}': cannot load a Hugging Face model ({str(exc).splitlines()[0]})") from None
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # e.g. truncated weights
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+            raise PipelineError(f"embed.encoder '{self.path}': cannot load a Hugging Face model ({first})") from None
         self.model.eval().to(self.device)
         self.dim = int(self.model.config.hidden_size)
         self.max_length = min(self.max_length, int(getattr(self.model.config, "max_position_embeddings", 512)))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_fits, read_config, read_state_dict
+from .checkpoint import check_fits, read_config, read_state_dict, read_tensor, safetensors_handle
 from .errors import PipelineError
 from .model import ModelConfig, Retro, load_decoder_weights
 
@@ -231,12 +231,7 @@ def _safetensors_files(folder: Path) -> tuple[dict[str, Path] | None, Path]:
 
 
 def _open(path: Path):
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise PipelineError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+    return safetensors_handle(path)  # the shared reader: a truncated file is one line naming it
 
 
 def _weight_names(folder: Path) -> set[str]:
@@ -277,10 +272,7 @@ class _Weights:
         handle = self._handle(path)
         if name not in handle.keys():
             raise PipelineError(f"{path}: lacks tensor '{name}' that {self.source.name} places there")
-        try:
-            return handle.get_tensor(name)
-        except Exception as exc:  # safetensors raises several kinds for truncated data
-            raise PipelineError(f"{path}: cannot read tensor '{name}' ({str(exc).splitlines()[0][:200]})") from None
+        return read_tensor(handle, path, name)
 
 
 def _hf_prefix(weights: _Weights, model_type: str) -> str:

@@ -33,8 +33,8 @@ import faiss
 import h5py
 import numpy as np
 
-from .dbfile import DBFile
-from .errors import PipelineError
+from .dbfile import DBFile, open_h5
+from .errors import PipelineError, damaged
 from .io import atomic_path
 from .progress import progress
 
@@ -200,7 +200,7 @@ def train_index(embeddings_h5: str | os.PathLike, factory: str, train_points: in
     path = Path(embeddings_h5)
     if not path.is_file():
         raise PipelineError(f"{path}: embeddings file not found; run the embed stage")
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "embed") as f:
         n_db, dim = f["embeddings"].shape
     if train_points <= 0:
         raise PipelineError(f"params.yaml: param 'index.train_points' must be > 0, got {train_points}")
@@ -246,13 +246,25 @@ def write_index(index, path: str | os.PathLike) -> None:
 
 def read_index(path: str | os.PathLike):
     """Read a Faiss index written by this module: a file (``trained.faiss``) or a populated
-    index folder (:func:`write_populated`), whose on-disk lists are checked against the record."""
+    index folder (:func:`write_populated`), whose on-disk lists are checked against the record.
+    An index file Faiss cannot read (cut short, not an index) is one line naming it and the
+    stage that writes it."""
     path = Path(path)
     if path.is_dir():
         return read_populated(path)
     if not path.is_file():
         raise PipelineError(f"{path}: index file not found; run the train-index / add-index stages")
-    return faiss.read_index(str(path))
+    return _read_faiss(path, "add-index" if path.name.startswith("populated") else "train-index")
+
+
+def _read_faiss(path: Path, stage: str, flags: int = 0):
+    """``faiss.read_index``; a file Faiss cannot read is one line naming it and ``stage``."""
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError as exc:
+        text = " ".join(str(exc).split()) or "Faiss could not read it"
+        detail = text[text.rfind("Error: ") + 7:] if "Error: " in text else text  # Faiss's own words, not its C++ frame
+        raise damaged(path, stage, f"Faiss: {detail[:160]}") from None
 
 
 # The populated index is one folder, one DVC output: the index file, its on-disk inverted lists
@@ -322,7 +334,7 @@ def read_populated(folder: str | os.PathLike):
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR
     elif (folder / LISTS_FILE).exists():
         raise PipelineError(f"{folder}: holds {LISTS_FILE} but its index keeps its lists in RAM; {rebuild}")
-    return faiss.read_index(str(folder / INDEX_FILE), flags)
+    return _read_faiss(folder / INDEX_FILE, "add-index", flags)
 
 
 def code_bytes(index, n: int) -> int:

@@ -13,6 +13,8 @@ import re
 import shutil
 from pathlib import Path
 
+from .errors import writing
+
 _TMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # what atomic_path writes: .<name>.tmp-<pid>
 
 
@@ -21,7 +23,9 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
 
     Works for files and directories. The temporary is removed if the block raises; the
-    temporaries of ``path`` that killed processes left behind are removed first.
+    temporaries of ``path`` that killed processes left behind are removed first. A full disk
+    while the block writes is one line naming ``path`` (``errors.writing``); the previous
+    ``path`` and everything else already finished stay as they were.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,7 +33,8 @@ def atomic_path(path: str | os.PathLike):
     _remove(tmp)
     remove_stale_temporaries(path.parent, name=path.name)
     try:
-        yield tmp
+        with writing(path):
+            yield tmp
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(tmp, path)

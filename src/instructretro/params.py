@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -217,8 +218,29 @@ def load(path: str | os.PathLike = "params.yaml") -> "Params":
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise PipelineError(f"{where}: not valid YAML ({problem})") from None
     check_known(data, str(path))
+    check_entry_names(data, str(path))
     check_lengths(data, str(path))
     return Params(data, str(path))
+
+
+# Mappings keyed by the user's own names. DVC addresses an entry as a dotted param key
+# (``generate.tasks.<name>``) before any stage runs, so a dot in a name splits it into keys that
+# do not exist and DVC reports ``Parameters 'generate.tasks.qa.v2' are missing``.
+ENTRY_MAPPINGS = (("generate", "tasks", "task"), ("sft", "blend", "dataset"))
+ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+def check_entry_names(data: dict, source: str = "params.yaml") -> None:
+    """Refuse a task or blend name with a dot (or other characters DVC keys cannot carry)."""
+    for section, key, what in ENTRY_MAPPINGS:
+        entries = (data.get(section) or {}).get(key) if isinstance(data.get(section), dict) else None
+        if not isinstance(entries, dict):
+            continue
+        for name in entries:
+            if not isinstance(name, str) or not ENTRY_NAME.match(name):
+                dot = " may not contain dots (DVC reads a dot as a nested key);" if "." in str(name) else ""
+                raise PipelineError(f"{source}: {what} name {name!r} in '{section}.{key}'{dot} use letters, digits, "
+                                    f"'_' or '-'" + (f", e.g. {str(name).replace('.', '_')!r}" if dot else ""))
 
 
 def check_lengths(data: dict, source: str = "params.yaml") -> None:
@@ -292,3 +314,22 @@ def positive(key: str, value, source: str = "params.yaml"):
     if value <= 0:
         raise PipelineError(f"{source}: param '{key}' must be > 0, got {value!r}")
     return value
+
+
+def main(argv=None) -> int:
+    """``python -m instructretro.params [params.yaml]``: check the params file as every stage
+    does when it starts (the Make targets run this before DVC, whose own errors about params
+    come before any stage runs)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        load(args[0] if args else "params.yaml")
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

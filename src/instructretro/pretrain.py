@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_tokenizer, init_from_checkpoint, load_model, tokenizer_record
+from .checkpoint import (check_tokenizer, check_vocab, init_from_checkpoint, load_model, read_config,
+                         tokenizer_record)
 from .dist import init_distributed, is_rank0, local_device
 from .errors import PipelineError
 from .pretrain_data import PretrainInputs, PretrainSamples, TrainOrder, all_eval_batches, eval_indices, load_split
@@ -116,6 +117,7 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
         check_tokenizer(init_from, inputs.tokenizer)
     torch.manual_seed(cfg.seed)
     if skip_train:
+        check_vocab(read_config(init_from), model_config.vocab_size, init_from, inputs.tokenizer)
         model = load_model(init_from)
         model_config = model.config
     else:

@@ -269,13 +269,16 @@ def read_neighbor_ids(path: str | os.PathLike, split: str) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: neighbors file not found (run query-neighbors)")
-    with h5py.File(path, "r") as f:
+    from .dbfile import check_extent, open_h5
+
+    with open_h5(path, "query-neighbors") as f:
         if split not in f:
             raise PipelineError(f"{path}: no dataset {split!r} (has {sorted(f.keys())})")
         ds = f[split]
         offset, shape, dtype = ds.id.get_offset(), ds.shape, ds.dtype
         if offset is None or ds.chunks is not None or ds.compression is not None or not shape[0]:
             return np.asarray(ds[...], dtype=np.int64)
+        check_extent(path, f, [split], "query-neighbors")
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 

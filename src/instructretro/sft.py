@@ -31,14 +31,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field, replace as dataclasses_replace
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from . import data
+from .blend import FORMATS, BlendEntry, blend_stamp, check_stamps, parse_blend  # noqa: F401 (sft.* API)
 from .errors import PipelineError
 from .prompts import prompt_segments, tokenize_segments
 from .tokenizer import PAD_ID
@@ -52,7 +52,6 @@ TRAIN_KEYS = ("seq_length", "steps", "global_batch", "micro_batch", "lr", "lr_sc
               "beta1", "beta2", "weight_decay", "clip", "zero_stage", "precision",
               "activation_checkpointing", "offload_optimizer", "offload_params")
 RETRIEVAL_MODES = ("prompt", "encoder", "none")
-FORMATS = ("conversation", "alpaca", "auto")
 
 
 def sft_settings(preset: str, overrides: dict | None = None, gpu: bool | None = None) -> dict:
@@ -97,90 +96,8 @@ def check_retrieval(config, retrieval: str, source: str = "params.yaml") -> None
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Blend.
-
-
-@dataclass(frozen=True)
-class BlendEntry:
-    name: str
-    path: Path
-    format: str
-    prob: float  # normalised so that the blend sums to 1
-
-
-_BLEND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a param key and a metrics key: no dots
-
-
-def parse_blend(entries, source: str = "params.yaml", root: str | os.PathLike = ".",
-                out: str | os.PathLike | None = None) -> list[BlendEntry]:
-    """Validate ``sft.blend`` (a mapping ``name -> {path, format, prob}``) and normalise the probs.
-
-    Each ``path`` names one file, relative to ``root`` (the repository root, where DVC runs the
-    stage) or absolute; the generated sets (``data/world/sft/*.jsonl``) and a user's own files
-    mix freely. Each file is a dependency of the sft stage in dvc.yaml (``${sft.blend.<name>.path}``,
-    see :func:`undeclared_entries`), so an unrelated file next to it does not rerun the stage. A
-    missing file, a folder, a file inside the stage's own output ``out``, the same file under two
-    names, an unknown format or a prob <= 0 is an error naming the key.
-    """
-    if isinstance(entries, list):
-        raise PipelineError(f"{source}: param 'sft.blend' is a list; write it as a mapping name -> "
-                            "{path, format, prob}, e.g. 'chat: {path: data/world/sft/chat.jsonl, format: conversation, prob: 1}'")
-    if not isinstance(entries, dict) or not entries:
-        raise PipelineError(f"{source}: param 'sft.blend' must be a non-empty mapping name -> {{path, format, prob}}")
-    root = Path(root)
-    out_dir = (root / out).resolve() if out is not None else None
-    result, files = [], {}
-    for name, e in entries.items():
-        key = f"sft.blend.{name}"
-        if not isinstance(name, str) or not _BLEND_NAME.match(name):
-            raise PipelineError(f"{source}: dataset name {name!r} in 'sft.blend' must be letters, digits, '_' or '-'")
-        if not isinstance(e, dict):
-            raise PipelineError(f"{source}: param '{key}' must be a mapping {{path, format, prob}}")
-        unknown = set(e) - {"path", "format", "prob"}
-        if unknown:
-            raise PipelineError(f"{source}: param '{key}' has unknown keys {sorted(unknown)}; expected path, format, prob")
-        path, fmt, prob = e.get("path"), e.get("format", "auto"), e.get("prob")
-        if not isinstance(path, str) or not path:
-            raise PipelineError(f"{source}: param '{key}.path' must be a file path (relative to the repository root)")
-        if fmt not in FORMATS:
-            raise PipelineError(f"{source}: param '{key}.format' is {fmt!r}; expected one of {list(FORMATS)}")
-        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not prob > 0 or not math.isfinite(prob):
-            raise PipelineError(f"{source}: param '{key}.prob' must be a number > 0, got {prob!r}")
-        full = root / path
-        if full.is_dir():
-            raise PipelineError(f"{source}: param '{key}.path' {path!r} is a folder; name one file of it "
-                                "(each file is its own blend entry and DVC dependency)")
-        if not full.is_file():
-            raise PipelineError(f"{source}: param '{key}.path': {path} not found")
-        resolved = full.resolve()
-        if out_dir is not None and resolved.is_relative_to(out_dir):
-            raise PipelineError(f"{source}: param '{key}.path' {path!r} is inside the sft stage's own output {out}")
-        if resolved in files:
-            raise PipelineError(f"{source}: param '{key}.path' {path!r} is also the file of 'sft.blend.{files[resolved]}'")
-        files[resolved] = name
-        result.append(BlendEntry(name, full, fmt, float(prob)))
-    total = sum(e.prob for e in result)
-    return [BlendEntry(e.name, e.path, e.format, e.prob / total) for e in result]
-
-
-def undeclared_entries(blend: list[BlendEntry], deps: Iterable[str], root: str | os.PathLike = ".") -> list[str]:
-    """Names of blend entries whose file is not a dependency in ``deps`` (the sft stage's raw
-    dvc.yaml deps): neither ``${sft.blend.<name>.path}`` nor a literal path of the file or of a
-    folder above it."""
-    root = Path(root)
-    named, literal = set(), []
-    for d in deps:
-        m = re.fullmatch(r"\$\{\s*sft\.blend\.([A-Za-z0-9_-]+)\.path\s*\}", str(d))
-        if m:
-            named.add(m.group(1))
-        elif "${" not in str(d):
-            literal.append((root / str(d)).resolve())
-    out = []
-    for e in blend:
-        f = e.path.resolve()
-        if e.name not in named and not any(f == d or f.is_relative_to(d) for d in literal):
-            out.append(e.name)
-    return out
+# 2. Blend. The entries, their check and the record each sft-blend@<name> stage writes live in
+# blend.py (that stage reads them without the training code); here: each dataset's split.
 
 
 def record_key(conv: dict) -> int:

@@ -36,7 +36,7 @@ import torch
 
 from .checkpoint import PRECISIONS, export_checkpoint
 from .dist import accelerator_name, barrier, init_distributed, is_rank0
-from .errors import PipelineError
+from .errors import PipelineError, writing
 from .workdir import DigestCache, WorkDir, rank0_key, resume_key
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
@@ -228,12 +228,54 @@ def freeze_decoder(model: torch.nn.Module) -> int:
     return frozen
 
 
+def check_fits_training(config, cfg: TrainConfig, world_size: int = 1, source: str = "params.yaml",
+                        gpu_bytes: int | None = None, host_bytes: int | None = None) -> dict:
+    """Refuse a model that would not fit before anything is allocated, naming the keys that size it.
+
+    The bytes are ``estimate.memory``'s, the plan ``make estimate`` prints, for ``cfg``'s
+    precision, ZeRO stage, micro batch, checkpointing and offloads. On a GPU (``gpu_bytes``, the
+    device's memory; 85% of it is usable) the per-GPU total must fit and the offloaded state of
+    all local ranks must fit host memory. On CPU every rank's model state (weights, gradients,
+    optimizer state) must fit this machine's memory (``checkpoint.memory_bytes``: physical
+    memory, an address-space or cgroup limit). Returns the estimate.
+    """
+    from .checkpoint import memory_bytes
+    from .estimate import GIB, USABLE_FRACTION, Settings, memory, parameter_counts
+
+    settings = Settings(cfg.zero_stage, cfg.micro_batch, cfg.activation_checkpointing, cfg.offload_optimizer,
+                        cfg.offload_params, cfg.precision)
+    m = memory(config, settings, max(1, world_size), config.seq_length)
+    host_limit = memory_bytes() if host_bytes is None else host_bytes
+    n = parameter_counts(config)["total"]
+    size = (f"model.n_layers {config.n_layers}, model.hidden {config.hidden}, model.heads {config.heads}, "
+            f"vocab {config.vocab_size}: {n:,} parameters")
+    plan = f"{settings.describe()}; make estimate prints the plan and settings that fit"
+    if gpu_bytes is not None:
+        budget = USABLE_FRACTION * gpu_bytes
+        if m["total"] > budget:
+            raise PipelineError(f"{source}: {size} need {m['total'] / GIB:.1f} GiB per GPU ({plan}), more than "
+                                f"{budget / GIB:.1f} GiB usable of this GPU's {gpu_bytes / GIB:.1f} GiB")
+        host = m["host"] * max(1, min(world_size, torch.cuda.device_count() or 1))
+    else:
+        host = (m["parameters"] + m["gradients"] + m["optimizer"] + m["host"]) * max(1, world_size)
+    if host > host_limit:
+        raise PipelineError(f"{source}: {size} need {host / GIB:.1f} GiB of host memory for weights, gradients "
+                            f"and optimizer state ({plan}), more than this machine's {host_limit / GIB:.1f} GiB")
+    return m
+
+
 def build_model(config, cfg: TrainConfig, world_size: int | None = None, weights: str | os.PathLike | None = None):
     """A model for training with ``cfg``: at ZeRO-3 built under ``deepspeed.zero.Init``, so
     every rank holds only its shard from the start (initialisation gathers one tensor at a
     time; ``Retro.reset_parameters``); activation checkpointing as ``cfg`` says. ``weights``:
     an exported checkpoint folder whose weights replace the initialisation, read one tensor at
-    a time (rank 0 reads, ZeRO-3 scatters), so no rank ever holds the whole model."""
+    a time (rank 0 reads, ZeRO-3 scatters), so no rank ever holds the whole model. A model
+    that would not fit memory is refused first (``check_fits_training``)."""
+    world = world_size or (torch.distributed.get_world_size() if torch.distributed.is_initialized()
+                           else int(os.environ.get("WORLD_SIZE", "1")))
+    gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory \
+        if torch.cuda.is_available() else None
+    check_fits_training(config, cfg, world, gpu_bytes=gpu)
     model = _build(config, cfg, world_size)
     if weights is not None:
         _load_weights(model, weights)
@@ -241,22 +283,21 @@ def build_model(config, cfg: TrainConfig, world_size: int | None = None, weights
 
 
 def _load_weights(model, folder) -> None:
-    from safetensors import safe_open
-
+    from .checkpoint import read_tensor, safetensors_handle
     from .model import assign_parameter, full_shape, is_partitioned
 
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
         raise PipelineError(f"{folder}: not an exported checkpoint (no model.safetensors)")
     own = dict(model.named_parameters())
-    with safe_open(str(path), framework="pt") as f:
+    with safetensors_handle(path) as f:
         names = set(f.keys())
         if names != set(own):
             raise PipelineError(f"{folder}: weights do not match config.json ({len(names ^ set(own))} names differ)")
         reader = not any(is_partitioned(p) for p in own.values()) or not torch.distributed.is_initialized() \
             or torch.distributed.get_rank() == 0
         for name, p in own.items():
-            value = f.get_tensor(name) if reader else None
+            value = read_tensor(f, path, name) if reader else None
             if value is not None and tuple(value.shape) != tuple(full_shape(p)):
                 raise PipelineError(f"{folder}: {name} has shape {tuple(value.shape)}, config.json gives {tuple(full_shape(p))}")
             assign_parameter(p, value)
@@ -556,7 +597,8 @@ def save_checkpoint(engine, work_dir: str | os.PathLike, step: int) -> None:
     """Save a DeepSpeed resume checkpoint tagged ``step{N}`` and drop the older ones (rank 0)."""
     work_dir = Path(work_dir)
     tag = f"step{step:08d}"
-    engine.save_checkpoint(str(work_dir), tag=tag, client_state={"step": step})
+    with writing(work_dir / tag):  # a full disk: one line naming the folder; older checkpoints stay
+        engine.save_checkpoint(str(work_dir), tag=tag, client_state={"step": step})
     barrier()
     if is_rank0():
         for old in work_dir.glob("step*"):
