@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -47,7 +48,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--task", required=True, help="a name in generate.tasks")
-    ap.add_argument("--tokenizer", default="data/tokenizer/spm.model")
+    ap.add_argument("--tokenizer", default="data/tokenizer")
     ap.add_argument("--db-tokens", default="data/tokens/db")
     ap.add_argument("--embeddings", default="data/db/embeddings.h5")
     ap.add_argument("--index", default="data/index/populated.faiss")
@@ -86,6 +87,7 @@ def main(argv=None):
     if config.chunk_length != chunk_length:
         raise PipelineError(f"{checkpoint}: model chunk_length {config.chunk_length} != param 'retro.chunk_length' {chunk_length}")
     tok = Tokenizer(args.tokenizer)
+    tok.check_fits(config.vocab_size, Path(checkpoint) / "config.json")
     retriever = None
     if settings.retrieval != "none":  # the database's own encoder (embed.*), as query-neighbors and sft use
         retriever = Retriever(args.embeddings, args.index, args.db_tokens, args.tokenizer,

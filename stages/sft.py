@@ -141,7 +141,7 @@ def _finite(x) -> float | None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--tokenizer", default="data/tokenizer/spm.model")
+    ap.add_argument("--tokenizer", default="data/tokenizer")
     ap.add_argument("--db-tokens", default="data/tokens/db")
     ap.add_argument("--embeddings", default="data/db/embeddings.h5")
     ap.add_argument("--index", default="data/index/populated.faiss")
@@ -186,6 +186,7 @@ def main(argv=None):
         args.out = str(Path(tempfile.mkdtemp(prefix="sft-smoke-")) / "checkpoint")
     else:
         config = train.read_config(s["init_from"])
+        tok.check_fits(config.vocab_size, Path(s["init_from"]) / "config.json")
         settings = sft.sft_settings(config.name, s["overrides"])
         model = None  # built below with the run's ZeRO stage (partitioned at creation at ZeRO-3)
         full = settings
@@ -230,7 +231,8 @@ def main(argv=None):
     seconds = time.perf_counter() - t0
     export_config = dataclasses.replace(config, seq_length=max(config.seq_length, settings["seq_length"]))
     train.export_checkpoint(engine, export_config, args.out,
-                            extra={"stage": "sft", "steps": cfg.steps, "precision": cfg.precision})
+                            extra={"stage": "sft", "steps": cfg.steps, "precision": cfg.precision,
+                                   "tokenizer_sha256": tok.digest})
     if work is not None:
         train.barrier()
         if rank == 0:

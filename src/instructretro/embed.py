@@ -485,7 +485,7 @@ def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.Pa
     if len(table) == 0:
         raise PipelineError(f"{db_tokens_dir}: the database corpus has no train-split tokens to chunk")
     key = hashlib.blake2b(
-        f"{store_fingerprint(db_tokens_dir)}|{_file_digest(Path(tokenizer_path)).hex()}|{encoder.fingerprint()}"
+        f"{store_fingerprint(db_tokens_dir)}|{tok.digest}|{encoder.fingerprint()}"
         f"|{chunk_length}|{block_size}|{content_key({}, code=code_files(__file__))}".encode(),
         digest_size=12).hexdigest()
     rank, world = start_ranks()

@@ -43,12 +43,12 @@ import h5py
 import numpy as np
 
 from .chunks import SampleLayout
-from .dbfile import DBFile, file_digest
+from .dbfile import DBFile
 from .embed import BlockCache, Encoder, chunk_texts, embed_block, end_ranks, gather_to_rank0, start_ranks, store_fingerprint
 from .errors import PipelineError
 from .io import atomic_path
 from .progress import progress
-from .tokenizer import EOD_ID, Tokenizer
+from .tokenizer import Tokenizer
 from .tokenstore import TokenStore
 
 FEWER_THAN_K_WARNING = 0.5  # warn when more query chunks than this have fewer than k neighbors
@@ -96,7 +96,7 @@ class NeighborTokens:
         pos = np.arange(self.width)
         mask = pos[None, :] < length[:, None]
         where = np.where(mask, begin[:, None] + pos[None, :], 0)
-        tokens = np.where(mask, self.store.tokens[where] if len(self.store.tokens) else 0, EOD_ID).astype(np.int64)
+        tokens = np.where(mask, self.store.tokens[where] if len(self.store.tokens) else 0, self.store.eod_id).astype(np.int64)
         shape = ids.shape + (self.width,)
         return tokens.reshape(shape), mask.reshape(shape)
 
@@ -352,7 +352,7 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
     for name in ("train", "valid"):  # every rank embeds and searches its blocks of both splits
         split = QuerySplit(pretrain_tokens_dir, name, chunk_length, seq_length)
         emb_key = hashlib.blake2b(
-            f"{name}|{store_fingerprint(pretrain_tokens_dir, name)}|{file_digest(tokenizer_path).hex()}"
+            f"{name}|{store_fingerprint(pretrain_tokens_dir, name)}|{tok.digest}"
             f"|{db.fingerprint}|{encoder.fingerprint()}|{chunk_length}|{seq_length}|{block_size}".encode(),
             digest_size=12).hexdigest()
         emb_cache = BlockCache(Path(work_dir) / "embed" / name, emb_key)

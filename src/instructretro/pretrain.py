@@ -1,7 +1,7 @@
 """The pretraining run: what ``stages/pretrain.py`` calls.
 
-``run_pretrain`` builds the model (fresh, from a GPT checkpoint's decoder, or loaded for
-evaluation only), trains it with DeepSpeed on the samples of ``pretrain_data``, validates it
+``run_pretrain`` builds the model (fresh, from the decoder of a GPT checkpoint or of a Hugging
+Face folder, or loaded for evaluation only), trains it with DeepSpeed on the samples of ``pretrain_data``, validates it
 with two retrieval controls, and exports it. Resume checkpoints live in a work folder keyed by
 everything the run depends on.
 """
@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from . import hf
 from .errors import PipelineError
 from .pretrain_data import PretrainInputs, PretrainSamples, TrainOrder, all_eval_batches, eval_indices, load_split
+from .tokenizer import Tokenizer
 from .tokenstore import TokenStore
 from .workdir import DigestCache, WorkDir, code_files, content_key, library_versions, rank0_key
 
@@ -28,6 +30,33 @@ def run_key(inputs: PretrainInputs, model_config, cfg, init_from: str, world: in
                        "world": world, "versions": library_versions("torch", "deepspeed")},
             "inputs": [*paths, *([init_from] if init_from else [])],
             "code": code_files(__file__, *code)}
+
+
+def init_decoder(model, init_from: str) -> list[str]:
+    """Copy the decoder weights of ``init_from`` into ``model``: an exported checkpoint of ours or
+    a Hugging Face folder (converted by ``hf``). Returns the names left fresh (encoder, CCA)."""
+    if hf.is_hf_folder(init_from):
+        from .model import load_decoder_weights
+
+        try:
+            return load_decoder_weights(model, hf.read_hf_state_dict(init_from, model.config))
+        except PipelineError as exc:
+            raise PipelineError(f"{init_from}: {exc}") from None
+    from . import train as T
+
+    return T.init_from_checkpoint(model, init_from)
+
+
+def load_for_eval(init_from: str, model_config):
+    """The model of ``init_from`` to evaluate (``skip_train``): our export, or a Hugging Face
+    folder with ``model_config``'s Retro additions."""
+    if hf.is_hf_folder(init_from):
+        from .presets import retro_additions
+
+        return hf.load_hf_model(init_from, **retro_additions(model_config))
+    from . import train as T
+
+    return T.load_model(init_from)
 
 
 def empty_valid_message(tokens) -> str:
@@ -104,11 +133,11 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
         raise PipelineError("params.yaml: 'pretrain.skip_train' needs 'pretrain.init_from' (the checkpoint to evaluate)")
     torch.manual_seed(cfg.seed)
     if skip_train:
-        model = T.load_model(init_from)
+        model = load_for_eval(init_from, model_config)
         model_config = model.config
     else:
         model = T.build_model(model_config, cfg)  # at ZeRO-3 already partitioned
-        fresh = T.init_from_checkpoint(model, init_from) if init_from else []
+        fresh = init_decoder(model, init_from) if init_from else []
         if init_from and is_main():
             print(f"pretrain: decoder weights from {init_from}; {len(fresh)} retrieval tensors fresh")
         if cfg.freeze_decoder:  # retrofitting: only encoder and CCA train
@@ -167,7 +196,8 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
     if out is not None:
         T.export_checkpoint(engine, model_config, out, extra={"steps": metrics["steps"], "init_from": init_from,
-                                                                   "precision": cfg.precision})
+                                                                   "precision": cfg.precision,
+                                                                   "tokenizer_sha256": Tokenizer(inputs.tokenizer).digest})
     if not skip_train:
         T.barrier()
         if rank == 0:
