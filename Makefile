@@ -164,3 +164,14 @@ ifneq ($(GPUS),)
 else
 	$(SFT_ENV) $(DVC) repro --glob 'generate@*'
 endif
+
+# Hugging Face decoders (docs/model.md): `make hf-check HF=<folder>` builds our model from an HF
+# folder and compares it with transformers' own (largest logit difference, greedy 32-token
+# decode; one line ending ok or MISMATCH, exit 1 on a mismatch). `make export-hf CKPT=<our
+# checkpoint> OUT=<folder> [TOKENIZER=<spm.model or HF folder>]` writes the decoder as an HF folder.
+.PHONY: hf-check export-hf
+hf-check: install
+	$(BIN)/python -m instructretro.hf check HF=$(HF)
+
+export-hf: install
+	$(BIN)/python -m instructretro.hf export CKPT=$(CKPT) OUT=$(OUT) TOKENIZER=$(or $(TOKENIZER),data/tokenizer/spm.model)

@@ -20,6 +20,13 @@ no linear biases. Retro adds
 
 ``retro=False`` builds the same decoder without encoder and CCA (GPT); its parameter names are
 the decoder part of Retro's, so a GPT state dict loads into Retro (``load_decoder_weights``).
+
+The decoder of an imported Hugging Face model (``hf.py``) is described by the same config, as
+data: norm kind (``norm``), MLP kind (``mlp``), key/value heads (``kv_heads``, grouped-query
+attention), biases (``qkv_bias``, ``linear_bias``), rotary fraction, base and ``rope_scaling``,
+``learned_positions`` instead of rotary, and ``tie_embeddings``. ``cca_gate`` multiplies each
+CCA output by ``tanh(g)`` with ``g`` initialised to 0, so a Retro built on a pretrained decoder
+starts as exactly that decoder. The defaults are our own architecture.
 """
 
 from __future__ import annotations
@@ -52,6 +59,23 @@ def default_cca_layers(n_layers: int) -> tuple[int, ...]:
     return tuple(range(start, n_layers + 1, 3))
 
 
+NORMS = ("layernorm1p", "layernorm", "rmsnorm")
+MLPS = ("swiglu", "gelu_tanh", "gelu")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def check_rope_scaling(scaling) -> None:
+    """Only Llama 3's frequency-dependent scaling is supported (others are refused)."""
+    if not isinstance(scaling, dict) or scaling.get("rope_type") != "llama3":
+        raise PipelineError(f"param 'model.rope_scaling': only rope_type 'llama3' is supported, got {scaling!r}")
+    for key in LLAMA3_ROPE_KEYS:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise PipelineError(f"param 'model.rope_scaling': '{key}' must be a number > 0, got {value!r}")
+    if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise PipelineError("param 'model.rope_scaling': 'high_freq_factor' must exceed 'low_freq_factor'")
+
+
 @dataclass
 class ModelConfig:
     """Everything that fixes the architecture; saved as ``config.json`` next to the weights."""
@@ -72,6 +96,15 @@ class ModelConfig:
     cca_rotary: bool = True  # relative positions between decoder queries and neighbor tokens in CCA
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    norm: str = "layernorm1p"  # "layernorm1p" (gain stored as 1 + weight), "layernorm", "rmsnorm"
+    mlp: str = "swiglu"  # "swiglu", "gelu_tanh" (GPT-2's), "gelu"
+    kv_heads: int = 0  # key/value heads; 0: as many as query heads (fewer: grouped-query attention)
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
+    linear_bias: bool = False  # biases on every decoder linear layer but the output layer (GPT-2)
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    learned_positions: int = 0  # > 0: a learned absolute position table of this size (GPT-2), no rotary in the decoder
+    tie_embeddings: bool = False  # output layer = token embedding
+    cca_gate: bool = False  # CCA output times tanh(gate), gate initialised to 0 (retrofit of a pretrained decoder)
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):
@@ -97,9 +130,26 @@ class ModelConfig:
             raise PipelineError(
                 f"param 'model.hidden' ({self.hidden}) must be divisible by 'model.heads' ({self.heads})"
             )
-        for key in ("retro", "cca_rotary"):
+        for key in ("retro", "cca_rotary", "qkv_bias", "linear_bias", "tie_embeddings", "cca_gate"):
             if not isinstance(getattr(self, key), bool):
                 raise PipelineError(f"param 'model.{key}' must be true or false, got {getattr(self, key)!r}")
+        for key, choices in (("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, key) not in choices:
+                raise PipelineError(f"param 'model.{key}' must be one of {list(choices)}, got {getattr(self, key)!r}")
+        for key in ("kv_heads", "learned_positions"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise PipelineError(f"param 'model.{key}' must be an integer >= 0, got {value!r}")
+        if self.kv_heads and self.heads % self.kv_heads:
+            raise PipelineError(
+                f"param 'model.heads' ({self.heads}) must be a multiple of 'model.kv_heads' ({self.kv_heads})"
+            )
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
+        if self.learned_positions and self.learned_positions < self.seq_length:
+            raise PipelineError(
+                f"param 'model.seq_length' ({self.seq_length}) exceeds the {self.learned_positions} learned positions"
+            )
         if not 0.0 < self.rotary_percent <= 1.0:
             raise PipelineError(f"param 'model.rotary_percent' must be in (0, 1], got {self.rotary_percent}")
         if self.rotary_dim % 2:
@@ -113,7 +163,7 @@ class ModelConfig:
                 f"chunk_length ({self.chunk_length})"
             )
         if self.ffn_hidden == 0:
-            self.ffn_hidden = swiglu_ffn_hidden(self.hidden)
+            self.ffn_hidden = swiglu_ffn_hidden(self.hidden) if self.mlp == "swiglu" else 4 * self.hidden
         if self.ffn_hidden < 0:
             raise PipelineError(f"param 'model.ffn_hidden' must be >= 0, got {self.ffn_hidden}")
         if self.cca_layers is None:
@@ -133,6 +183,10 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads or self.heads
 
     @property
     def rotary_dim(self) -> int:
@@ -181,10 +235,49 @@ class LayerNorm1p(nn.Module):
         return F.layer_norm(x, x.shape[-1:], self.weight + 1.0, self.bias, self.eps)
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama): computed in float32, the gain applied in the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.hidden, config.norm_eps)
+    if config.norm == "layernorm":
+        return nn.LayerNorm(config.hidden, eps=config.norm_eps)
+    return LayerNorm1p(config.hidden, config.norm_eps)
+
+
+def rope_inv_freq(config: ModelConfig, device=None):
+    """Inverse frequencies (rotary_dim / 2,) of the rotary embedding, with Llama 3's scaling:
+    wavelengths beyond ``original_max_position_embeddings / low_freq_factor`` are stretched by
+    ``factor``, those below ``... / high_freq_factor`` kept, and the band between interpolated."""
+    rot = config.rotary_dim
+    inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, rot, 2, device=device).float() / rot))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    between = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(between, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
 def rope_at(positions, config: ModelConfig, dtype):
     """cos, sin of shape (P, rotary_dim) for a 1-D tensor of P positions."""
-    rot = config.rotary_dim
-    inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, rot, 2, device=positions.device).float() / rot))
+    inv_freq = rope_inv_freq(config, positions.device)
     angles = torch.outer(positions.float(), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -233,27 +326,41 @@ def masked_attention(q, k, v, key_mask):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with rotary embeddings; causal in the decoder."""
+    """Multi-head self-attention with rotary embeddings (``rope`` None: none); causal in the
+    decoder. With fewer key/value heads than query heads (grouped-query attention) query head
+    ``i`` reads key/value head ``i // (heads / kv_heads)``."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.heads, self.head_dim = config.heads, config.head_dim
-        self.qkv = nn.Linear(config.hidden, 3 * config.hidden, bias=False)
-        self.proj = nn.Linear(config.hidden, config.hidden, bias=False)
+        self.heads, self.kv_heads, self.head_dim = config.heads, config.n_kv_heads, config.head_dim
+        kv = self.kv_heads * self.head_dim
+        self.qkv = nn.Linear(config.hidden, config.hidden + 2 * kv, bias=config.qkv_bias or config.linear_bias)
+        self.proj = nn.Linear(config.hidden, config.hidden, bias=config.linear_bias)
 
     def forward(self, x, rope, causal=True, attn_mask=None, cache=None):
         """x (B,T,h). attn_mask (B,1,T,S) bool overrides ``causal``. ``cache`` is a
         (keys, values, start) triple: new keys/values are written at ``start`` and attention
         runs over everything cached so far."""
         B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim)
-        qk = apply_rope(qkv[:, :, :2], *rope)  # queries and keys rotated in one go
-        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        H, KV, d = self.heads, self.kv_heads, self.head_dim
+        if KV == H:
+            qkv = self.qkv(x).view(B, T, 3, H, d)
+            qk = apply_rope(qkv[:, :, :2], *rope) if rope is not None else qkv[:, :, :2]  # rotated in one go
+            q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        else:
+            q, k, v = self.qkv(x).split([H * d, KV * d, KV * d], dim=-1)
+            q, k, v = q.view(B, T, H, d), k.view(B, T, KV, d), v.view(B, T, KV, d)
+            if rope is not None:
+                cos, sin = rope[0][:, 0], rope[1][:, 0]  # (T, 1, rot) over (B, T, heads, d)
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
         if cache is not None:
             k_cache, v_cache, start = cache
             k_cache[:, :, start:start + T] = k
             v_cache[:, :, start:start + T] = v
             k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
+        if KV != H:
+            k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None and T > 1
         )
@@ -291,12 +398,29 @@ class CrossAttention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_up = nn.Linear(config.hidden, 2 * config.ffn_hidden, bias=False)
-        self.down = nn.Linear(config.ffn_hidden, config.hidden, bias=False)
+        self.gate_up = nn.Linear(config.hidden, 2 * config.ffn_hidden, bias=config.linear_bias)
+        self.down = nn.Linear(config.ffn_hidden, config.hidden, bias=config.linear_bias)
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
+
+
+class GeluMLP(nn.Module):
+    """Two-layer MLP with GELU (GPT-2: the tanh approximation)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
+        self.up = nn.Linear(config.hidden, config.ffn_hidden, bias=config.linear_bias)
+        self.down = nn.Linear(config.ffn_hidden, config.hidden, bias=config.linear_bias)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x), approximate=self.approximate))
+
+
+def make_mlp(config: ModelConfig) -> nn.Module:
+    return SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
 
 
 # ----------------------------------------------------------------------------- the encoder
@@ -308,15 +432,15 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, config: ModelConfig, cross: bool):
         super().__init__()
-        self.norm1 = LayerNorm1p(config.hidden, config.norm_eps)
+        self.norm1 = make_norm(config)
         self.attn = SelfAttention(config)
         if cross:
-            self.cross_norm = LayerNorm1p(config.hidden, config.norm_eps)
+            self.cross_norm = make_norm(config)
             self.cross = CrossAttention(config)
         else:
             self.cross = None
-        self.norm2 = LayerNorm1p(config.hidden, config.norm_eps)
-        self.mlp = SwiGLU(config)
+        self.norm2 = make_norm(config)
+        self.mlp = make_mlp(config)
 
     def forward(self, x, rope, self_mask, context_kv, context_mask):
         x = x + self.attn(self.norm1(x), rope, causal=False, attn_mask=self_mask)
@@ -331,7 +455,7 @@ class RetroEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.layers = nn.ModuleList(EncoderLayer(config, cross=i == 0) for i in range(config.encoder_layers))
-        self.norm = LayerNorm1p(config.hidden, config.norm_eps)
+        self.norm = make_norm(config)
         self.checkpointing = False  # recompute each layer in backward (Retro.set_checkpointing)
 
     def forward(self, neighbors, neighbor_mask, context, context_mask=None):
@@ -343,7 +467,7 @@ class RetroEncoder(nn.Module):
         """
         N, k, R, h = neighbors.shape
         x = neighbors.reshape(N * k, R, h)
-        rope = rope_tables(0, R, self.config, x.device, x.dtype)
+        rope = rope_tables(0, R, self.config, x.device, x.dtype)  # rotary also where the decoder has learned positions
         key_mask = neighbor_mask.reshape(N * k, R)
         # A neighbor with no valid token attends to all of its tokens (its output is never used).
         # The mask is always passed: deciding to drop it would read the mask on the host (a
@@ -407,19 +531,20 @@ def chunked_cross_attention(q, keys, values, key_mask, start, chunk_length, chun
 
 class DecoderLayer(nn.Module):
     """Pre-norm layer: self-attention, then (Retro, CCA layers only) chunked cross-attention,
-    then the SwiGLU MLP."""
+    then the MLP. With ``cca_gate`` the CCA output is scaled by ``tanh(cca_gate)`` (0 at init)."""
 
     def __init__(self, config: ModelConfig, cca: bool):
         super().__init__()
-        self.norm1 = LayerNorm1p(config.hidden, config.norm_eps)
+        self.norm1 = make_norm(config)
         self.attn = SelfAttention(config)
         if cca:
-            self.cca_norm = LayerNorm1p(config.hidden, config.norm_eps)
+            self.cca_norm = make_norm(config)
             self.cca = CrossAttention(config)
         else:
             self.cca = None
-        self.norm2 = LayerNorm1p(config.hidden, config.norm_eps)
-        self.mlp = SwiGLU(config)
+        self.cca_gate = nn.Parameter(torch.zeros(1)) if cca and config.cca_gate else None
+        self.norm2 = make_norm(config)
+        self.mlp = make_mlp(config)
 
 
 class Retro(nn.Module):
@@ -433,11 +558,13 @@ class Retro(nn.Module):
         seed = int(torch.randint(0, 2**62, (), device="cpu").item())
         with torch.random.fork_rng(devices=[]):
             self.embed = nn.Embedding(config.vocab_size, config.hidden)
+            self.pos_embed = nn.Embedding(config.learned_positions, config.hidden) if config.learned_positions else None
             cca = set(config.cca_layers) if config.retro else set()
             self.layers = nn.ModuleList(DecoderLayer(config, i + 1 in cca) for i in range(config.n_layers))
             self.encoder = RetroEncoder(config) if config.retro else None
-            self.final_norm = LayerNorm1p(config.hidden, config.norm_eps)
-            self.lm_head = nn.Linear(config.hidden, config.vocab_size, bias=False)
+            self.final_norm = make_norm(config)
+            # tied: the output layer is the token embedding (no parameter of its own)
+            self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden, config.vocab_size, bias=False)
         self.checkpointing = False
         self.reset_parameters(seed)
 
@@ -454,12 +581,13 @@ class Retro(nn.Module):
     @staticmethod
     def is_retro_parameter(name: str) -> bool:
         """True for encoder and CCA parameters (absent from the GPT decoder)."""
-        return name.startswith("encoder.") or ".cca." in name or ".cca_norm." in name
+        return name.startswith("encoder.") or ".cca." in name or ".cca_norm." in name or name.endswith(".cca_gate")
 
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0):
         """Normal(0, init_std) for weights, std / sqrt(2 * n_layers) for the projections into
-        the residual stream, zeros for norms; decoder parameters first, then Retro's.
+        the residual stream, zeros for biases, the CCA gates and the stored LayerNorm-1p gains
+        (ones for the gains of LayerNorm and RMSNorm); decoder parameters first, then Retro's.
 
         Parameters partitioned by ZeRO-3 (built under ``deepspeed.zero.Init``) are gathered one
         at a time, rank 0 writes them and ZeRO re-partitions them: the same values as an
@@ -477,6 +605,9 @@ class Retro(nn.Module):
             shape = full_shape(p)
             writer = not is_partitioned(p) or _rank() == 0  # others receive rank 0's values
             if "norm" in name.rsplit(".", 2)[-2]:
+                one = self.config.norm != "layernorm1p" and name.endswith("weight")
+                value = (torch.ones(shape) if one else torch.zeros(shape)) if writer else None
+            elif name.endswith((".bias", ".cca_gate")):
                 value = torch.zeros(shape) if writer else None
             elif name.endswith(("proj.weight", "down.weight")):
                 value = torch.randn(shape, generator=gen) * out_std if writer else None
@@ -489,7 +620,7 @@ class Retro(nn.Module):
         count also for ZeRO-3 partitioned parameters."""
         n = sum(full_numel(p) for p in self.parameters())
         if exclude_embeddings:
-            n -= full_numel(self.embed.weight) + full_numel(self.lm_head.weight)
+            n -= full_numel(self.embed.weight) + (full_numel(self.lm_head.weight) if self.lm_head is not None else 0)
         return n
 
     # -- forward
@@ -529,10 +660,16 @@ class Retro(nn.Module):
             neighbor_mask = neighbor_mask.bool()
 
         x = self.embed(tokens)
+        if self.pos_embed is not None:  # learned positions count from each row's first real token
+            positions = cache.positions(T) if cache is not None else torch.arange(T, device=tokens.device)
+            last = int(positions.max()) if cache is not None else T - 1
+            if last >= cfg.learned_positions:
+                raise PipelineError(f"position {last} is beyond the {cfg.learned_positions} learned positions")
+            x = x + self.pos_embed(positions)
         step = _Step(
             start=start, first_chunk=first_chunk, n_new=n_new, retrieval=retrieval, cache=cache,
             neighbors=neighbors, neighbor_mask=neighbor_mask,
-            rope=rope_tables(start, T, cfg, x.device, x.dtype),
+            rope=rope_tables(start, T, cfg, x.device, x.dtype) if self.pos_embed is None else None,
             attn_mask=cache.self_attention_mask(T) if cache is not None else None,
             # CCA query positions are the same in every CCA layer: one table per call
             cca_rope=cca_query_rope(start, T, cfg, x.device, x.dtype) if retrieval and cfg.cca_rotary else None,
@@ -547,7 +684,8 @@ class Retro(nn.Module):
                 x, encoded = self._layer(i, x, encoded, step)
         if cache is not None:
             cache.advance(T, n_new, retrieval)
-        return self.lm_head(self.final_norm(x))
+        x = self.final_norm(x)
+        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
 
     def _layer(self, i: int, x, encoded, step: "_Step"):
         """Decoder layer ``i``: self-attention, CCA (running the encoder at the first CCA layer),
@@ -566,7 +704,8 @@ class Retro(nn.Module):
                 if step.cca_rope is not None:
                     q = apply_rope(q, *step.cca_rope)
                 y = chunked_cross_attention(q, keys, values, mask, step.start, self.config.chunk_length, offset)
-                x = x + layer.cca.output(y)
+                y = layer.cca.output(y)
+                x = x + (y * torch.tanh(layer.cca_gate) if layer.cca_gate is not None else y)
         return x + layer.mlp(layer.norm2(x)), encoded
 
     def _encode(self, h, step: "_Step"):
@@ -709,7 +848,7 @@ class KVCache:
         cfg = model.config
         p = next(model.parameters())
         device, dtype = p.device, p.dtype
-        B, H, d = batch_size, cfg.heads, cfg.head_dim
+        B, H, d = batch_size, cfg.n_kv_heads, cfg.head_dim
         self.pos = 0
         self.max_length = max_length
         self.chunk_length = cfg.chunk_length
@@ -717,6 +856,8 @@ class KVCache:
             pad_mask = torch.ones(B, max_length, dtype=torch.bool, device=device)
         self.pad_mask = pad_mask.to(device)
         self.has_padding = not bool(self.pad_mask.all())
+        # learned positions: each token's position counted from its row's first real token
+        self.position_ids = (self.pad_mask.long().cumsum(dim=1) - 1).clamp(min=0) if cfg.learned_positions else None
         self.k = [torch.zeros(B, H, max_length, d, device=device, dtype=dtype) for _ in model.layers]
         self.v = [torch.zeros(B, H, max_length, d, device=device, dtype=dtype) for _ in model.layers]
         self.has_neighbors = False  # the last completed chunk has a valid neighbor token
@@ -724,9 +865,13 @@ class KVCache:
             S = cfg.num_neighbors * cfg.neighbor_length
             self.context = torch.zeros(B, cfg.chunk_length, cfg.hidden, device=device, dtype=dtype)
             cca = [i for i, layer in enumerate(model.layers) if layer.cca is not None]
-            self.chunk_k = {i: torch.zeros(B, H, S, d, device=device, dtype=dtype) for i in cca}
-            self.chunk_v = {i: torch.zeros(B, H, S, d, device=device, dtype=dtype) for i in cca}
+            self.chunk_k = {i: torch.zeros(B, cfg.heads, S, d, device=device, dtype=dtype) for i in cca}
+            self.chunk_v = {i: torch.zeros(B, cfg.heads, S, d, device=device, dtype=dtype) for i in cca}
             self.chunk_mask = {i: torch.zeros(B, S, dtype=torch.bool, device=device) for i in cca}
+
+    def positions(self, T: int):
+        """(B, T) positions of the next T tokens, counted from each row's first real token."""
+        return self.position_ids[:, self.pos:self.pos + T]
 
     def self_attention_mask(self, T: int):
         """(B,1,T,pos+T) bool for T new queries, or None when plain causal attention is right."""
@@ -799,7 +944,9 @@ def flops_per_token(config: ModelConfig, seq_length: int | None = None) -> float
     tokens per chunk. Attention scores count causal self-attention at half of T keys."""
     T = seq_length or config.seq_length
     h, f, L = config.hidden, config.ffn_hidden, config.chunk_length
-    layer = 2 * (4 * h * h + 3 * h * f)  # projections and MLP, per token
+    kv = config.n_kv_heads * config.head_dim
+    mlp = 3 * h * f if config.mlp == "swiglu" else 2 * h * f
+    layer = 2 * (2 * h * h + 2 * h * kv + mlp)  # projections and MLP, per token
     fwd = config.n_layers * (layer + 2 * h * T) + 2 * h * config.vocab_size
     if config.retro:
         k, R = config.num_neighbors, config.neighbor_length
