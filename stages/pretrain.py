@@ -12,7 +12,6 @@ its ``config.json`` and the preset supplies only the Retro additions (``presets.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -54,8 +53,7 @@ def model_config_from_params(p, vocab_size: int, gpt: bool = False, init_from: s
         if key not in ("name", *presets.RETRO_ADDITIONS) and value is not None:
             raise PipelineError(f"{p.source}: param 'model.{key}' is set by {Path(init_from) / 'config.json'} "
                                 "(pretrain.init_from); remove it")
-    # the preset's name stays: it names the training and SFT recipes of the run
-    config = dataclasses.replace(hf.read_hf_config(init_from, **presets.retro_additions(config)), name=name)
+    config = hf.read_hf_config(init_from, **presets.retro_additions(config))
     Tokenizer(tokenizer).check_fits(config.vocab_size, Path(init_from) / "config.json")
     return config
 

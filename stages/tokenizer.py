@@ -4,10 +4,10 @@ Without ``tokenizer.model`` it trains a SentencePiece BPE model on a bounded sam
 database corpus into ``spm.model``; training on the database corpus alone means a change to the
 pretraining corpus never changes the tokenizer, so it never invalidates the retrieval database.
 ``tokenizer.model`` may instead name our own SentencePiece ``.model`` (copied to ``spm.model``)
-or a Hugging Face model folder: then only its tokenizer files (``tokenizer.json``,
-``tokenizer.model``, ``tokenizer_config.json``, ``special_tokens_map.json``) are copied, never
-its weights, so new weights with the same tokenizer leave the folder, and every stage that
-reads only it, unchanged.
+or a Hugging Face model folder: then only its tokenizer files (``tokenizer.json`` or
+``tokenizer.model``, ``tokenizer_config.json``, ``special_tokens_map.json`` and the others of
+``tokenizer.HF_TOKENIZER_FILES``) are copied, never its weights or ``config.json``, so new
+weights with the same tokenizer leave the folder, and every stage that reads only it, unchanged.
 """
 
 from __future__ import annotations

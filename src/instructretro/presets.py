@@ -109,8 +109,9 @@ RETRO_ADDITIONS = ("retro", "cca_layers", "encoder_layers", "num_neighbors", "ch
 
 
 def retro_additions(config: ModelConfig) -> dict:
-    """The Retro parts and sample layout of ``config`` (``RETRO_ADDITIONS``), for ``hf.read_hf_config``."""
-    return {k: getattr(config, k) for k in RETRO_ADDITIONS}
+    """The Retro parts and sample layout of ``config`` (``RETRO_ADDITIONS``) and its name (the
+    preset, which names the training and SFT recipes), for ``hf.read_hf_config``."""
+    return {**{k: getattr(config, k) for k in RETRO_ADDITIONS}, "name": config.name}
 
 
 def _check(name: str) -> None:

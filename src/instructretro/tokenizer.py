@@ -41,7 +41,8 @@ EOD_ID = 2
 
 SPM_FILE = "spm.model"  # our own model inside the tokenizer folder
 # The files of a Hugging Face tokenizer (the tokenizer stage copies these, never the weights).
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                      "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
 def is_hf_tokenizer_folder(path: str | os.PathLike) -> bool:
