@@ -169,9 +169,12 @@ endif
 # folder and compares it with transformers' own (largest logit difference, greedy 32-token
 # decode; one line ending ok or MISMATCH, exit 1 on a mismatch). `make export-hf CKPT=<our
 # checkpoint> OUT=<folder> [TOKENIZER=<spm.model or HF folder>]` writes the decoder as an HF folder.
+HF        ?=
+TOKENIZER ?= data/tokenizer/spm.model
+OUT       ?=
 .PHONY: hf-check export-hf
 hf-check: install
 	$(BIN)/python -m instructretro.hf check HF=$(HF)
 
 export-hf: install
-	$(BIN)/python -m instructretro.hf export CKPT=$(CKPT) OUT=$(OUT) TOKENIZER=$(or $(TOKENIZER),data/tokenizer/spm.model)
+	$(BIN)/python -m instructretro.hf export CKPT=$(CKPT) OUT=$(OUT) TOKENIZER=$(TOKENIZER)

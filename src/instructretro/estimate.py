@@ -31,10 +31,9 @@ Accounting:
 - Budget: 85% of each GPU's memory (allocator fragmentation, CUDA context, communication
   buffers).
 
-Parameters are counted on the model built on the meta device (no memory), so every
-architecture switch of ``ModelConfig`` counts exactly. ``--hf FOLDER`` sizes an imported Hugging
-Face decoder: its architecture from ``config.json``, the Retro additions (CCA layers, encoder,
-neighbors) and the GPU recipe from ``--model`` (``make estimate HF=<folder> MODEL=843m``).
+``--hf FOLDER`` sizes an imported Hugging Face decoder: its architecture from ``config.json``,
+the Retro additions (CCA layers, encoder, neighbors) and the GPU recipe from ``--model``
+(``make estimate HF=<folder> MODEL=843m``).
 
 ``tests/test_estimate.py`` checks the parameter counts against the model built on the meta
 device (every preset) and the activation count against the tensors a CPU forward saves.
@@ -60,36 +59,40 @@ STAGE_ORDER = (1, 0, 2, 3)  # preferred ZeRO stage among settings that fit equal
 # ----------------------------------------------------------------------------- parameters
 
 
-def _meta_model(config: ModelConfig):
-    """The model built on the meta device: shapes only, no memory."""
-    import torch
-
-    from .model import Retro
-
-    with torch.device("meta"):
-        return Retro(config)
+def layer_parameters(config: ModelConfig) -> int:
+    """Parameters of one decoder (or encoder) layer: two norms, attention, MLP."""
+    h, f = config.hidden, config.ffn_hidden
+    kv = config.n_kv_heads * config.head_dim
+    norm = h if config.norm == "rmsnorm" else 2 * h  # gain (and bias)
+    attention = h * (h + 2 * kv) + h * h  # qkv (grouped keys/values), proj
+    attention += (h + 2 * kv if config.qkv_bias or config.linear_bias else 0) + (h if config.linear_bias else 0)
+    mlp = 3 * h * f if config.mlp == "swiglu" else 2 * h * f  # gate_up + down, or up + down
+    mlp += ((2 * f if config.mlp == "swiglu" else f) + h) if config.linear_bias else 0
+    return 2 * norm + attention + mlp
 
 
 def parameter_counts(config: ModelConfig) -> dict[str, int]:
-    """Parameters per part of the model (embedding: token and learned position embeddings;
-    output: 0 when tied to the embedding), counted on the model built on the meta device."""
-    counts = dict.fromkeys(("embedding", "decoder", "output", "cca", "encoder"), 0)
-    for name, p in _meta_model(config).named_parameters():  # a tied output weight is listed once
-        part = ("encoder" if name.startswith("encoder.") else "cca" if ".cca" in name
-                else "output" if name.startswith("lm_head.") else "embedding" if name.split(".")[0].startswith(("embed", "pos"))
-                else "decoder")
-        counts[part] += p.numel()
+    """Parameters per part of the model, counted from the architecture (no model is built)."""
+    h, V = config.hidden, config.vocab_size
+    norm = h if config.norm == "rmsnorm" else 2 * h
+    layer = layer_parameters(config)
+    cca = norm + 4 * h * h + (1 if config.cca_gate else 0)  # norm, q, kv, proj (and the gate)
+    counts = {
+        "embedding": V * h + config.learned_positions * h,
+        "decoder": config.n_layers * layer + norm,  # + final norm
+        "output": 0 if config.tie_embeddings else V * h,
+        "cca": len(config.cca_layers) * cca if config.retro else 0,
+        "encoder": (config.encoder_layers * layer + norm + 4 * h * h + norm) if config.retro else 0,
+    }
     counts["total"] = sum(counts.values())
     return counts
 
 
 def largest_module(config: ModelConfig) -> int:
     """Parameters of the largest module ZeRO-3 gathers at once (a layer, the embedding or the output)."""
-    model = _meta_model(config)
-    parts = [*model.layers, *(model.encoder.layers if getattr(model, "encoder", None) is not None else ())]
-    sizes = [sum(p.numel() for p in m.parameters()) for m in parts]
-    sizes += [p.numel() for n, p in model.named_parameters() if n.startswith(("embed", "lm_head"))]
-    return max(sizes)
+    h = config.hidden
+    layer = layer_parameters(config) + (4 * h * h + 2 * h if config.retro else 0)
+    return max(layer, config.vocab_size * h)
 
 
 # ----------------------------------------------------------------------------- activations

@@ -307,6 +307,9 @@ def cca_query_rope(start: int, length: int, config: ModelConfig, device, dtype):
 def apply_rope(x, cos, sin):
     """Rotate the first ``rotary_dim`` dims of each head (rotate-half pairs i, i + rot/2)."""
     rot = cos.shape[-1]
+    if rot == x.shape[-1]:  # every dim rotates (Llama): no pass-through part to join
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     x1, x2 = x_rot.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
@@ -359,10 +362,13 @@ class SelfAttention(nn.Module):
             k_cache[:, :, start:start + T] = k
             v_cache[:, :, start:start + T] = v
             k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
-        if KV != H:
+        gqa = {}
+        if KV != H and attn_mask is None:  # SDPA shares each key/value head across its query heads
+            gqa = {"enable_gqa": True}
+        elif KV != H:
             k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None and T > 1
+            q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None and T > 1, **gqa
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
