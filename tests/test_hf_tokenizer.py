@@ -103,3 +103,20 @@ def test_a_vocabulary_larger_than_the_embedding_is_refused_naming_the_tokenizer(
     with pytest.raises(PipelineError, match="tokenizer.json: vocabulary of"):
         tok.check_fits(tok.vocab_size - 1, "ckpt/config.json")
     tok.check_fits(tok.vocab_size, "ckpt/config.json")
+
+
+def test_estimate_sizes_the_imported_architecture(tmp_path, capsys):
+    """``make estimate HF=<folder>``: the GPT count is transformers' own; Retro adds the preset's
+    encoder and CCA on the imported decoder."""
+    from transformers import AutoModelForCausalLM
+
+    from instructretro import estimate
+
+    save_llama(tmp_path / "llama", 320, 1, seed=0)
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "llama")).num_parameters()
+    gpt = estimate.imported_config(str(tmp_path / "llama"), "tiny", retro=False)
+    assert gpt.kv_heads == 2 and estimate.parameter_counts(gpt)["total"] == theirs
+    retro = estimate.parameter_counts(estimate.imported_config(str(tmp_path / "llama"), "tiny"))
+    assert retro["encoder"] > 0 and retro["cca"] > 0 and retro["total"] > theirs
+    assert estimate.main(["--hf", str(tmp_path / "llama"), "--model", "tiny", "--gpus", "1", "--gpu-mem", "80"]) == 0
+    assert f"{theirs + retro['encoder'] + retro['cca']:,} parameters" in capsys.readouterr().out
