@@ -16,6 +16,7 @@ import subprocess
 import pytest
 import yaml
 
+from conftest import run_stage
 from e2e import copy_repo, dvc, ran_stages
 
 pytestmark = pytest.mark.slow
@@ -107,6 +108,12 @@ def test_every_stage_runs_on_the_imported_model_and_its_tokenizer(built):
     for stage in ("pretrain", "sft"):
         info = json.loads((repo / "data" / "checkpoints" / stage / "train.json").read_text())
         assert info["tokenizer_sha256"] == ours.digest
+    # the imported model evaluated as it is (make eval-ppl CKPT=<HF folder>): Retro with closed gates
+    r = run_stage("pretrain.py", "--eval-only", "hf1", "--metrics", "eval.json", cwd=repo)
+    assert r.returncode == 0, r.stderr[-2000:]
+    evaluated = json.loads((repo / "eval.json").read_text())
+    assert evaluated["steps"] == 0 and evaluated["val_loss"] == pytest.approx(evaluated["val_loss_no_retrieval"])
+    assert evaluated["val_loss"] > json.loads((repo / "metrics" / "pretrain.json").read_text())["val_loss"]
     answers = [json.loads(line) for line in (repo / "data" / "answers" / "world_qa.jsonl").read_text().splitlines()]
     assert answers and all(isinstance(a["prediction"], str) and a["prompt_tokens"] > 0 for a in answers)
     score = json.loads((repo / "metrics" / "score" / "world_qa.json").read_text())

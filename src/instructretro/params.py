@@ -87,7 +87,11 @@ OPTIONAL: dict[str, dict[str, object]] = {
     "model": {"n_layers": INT_OR_NULL, "hidden": INT_OR_NULL, "heads": INT_OR_NULL, "ffn_hidden": INT_OR_NULL,
               "cca_layers": optional(int_list), "encoder_layers": INT_OR_NULL, "num_neighbors": INT_OR_NULL,
               "rotary_percent": FLOAT_OR_NULL, "rotary_base": FLOAT_OR_NULL, "cca_rotary": (bool, NONE),
-              "norm_eps": FLOAT_OR_NULL, "init_std": FLOAT_OR_NULL},
+              "norm_eps": FLOAT_OR_NULL, "init_std": FLOAT_OR_NULL,
+              # the architecture switches (model.py); an imported model takes them from its config.json
+              "norm": STR_OR_NULL, "mlp": STR_OR_NULL, "kv_heads": INT_OR_NULL, "qkv_bias": (bool, NONE),
+              "linear_bias": (bool, NONE), "rope_scaling": (dict, NONE), "learned_positions": INT_OR_NULL,
+              "tie_embeddings": (bool, NONE), "cca_gate": (bool, NONE)},
 }
 
 
