@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -114,6 +115,15 @@ def test_every_stage_runs_on_the_imported_model_and_its_tokenizer(built):
     evaluated = json.loads((repo / "eval.json").read_text())
     assert evaluated["steps"] == 0 and evaluated["val_loss"] == pytest.approx(evaluated["val_loss_no_retrieval"])
     assert evaluated["val_loss"] > json.loads((repo / "metrics" / "pretrain.json").read_text())["val_loss"]
+    # make export-hf of the SFT checkpoint with the pipeline's tokenizer folder: transformers loads both
+    r = subprocess.run([sys.executable, "-m", "instructretro.hf", "export", "CKPT=data/checkpoints/sft", "OUT=export",
+                        "TOKENIZER=data/tokenizer"], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    exported = AutoModelForCausalLM.from_pretrained(str(repo / "export"))
+    assert exported.config.vocab_size == 448 and exported.config.num_key_value_heads == 2
+    assert AutoTokenizer.from_pretrained(str(repo / "export")).encode(text, add_special_tokens=False) == ours.encode(text)
     answers = [json.loads(line) for line in (repo / "data" / "answers" / "world_qa.jsonl").read_text().splitlines()]
     assert answers and all(isinstance(a["prediction"], str) and a["prompt_tokens"] > 0 for a in answers)
     score = json.loads((repo / "metrics" / "score" / "world_qa.json").read_text())
