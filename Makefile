@@ -76,7 +76,7 @@ plots: install browser vega
 	$(BIN)/python -m instructretro.plots --out plots --png docs/plots.png
 
 results: install
-	$(BIN)/python -m instructretro.report --write README.md
+	$(BIN)/python -m instructretro.report --write README.md --contracts docs/CONTRACTS.md
 
 # How much of the pretraining text the neighbors could give (experiments/neighbor_overlap.py on
 # the valid split), before any training: the first check when Retro ignores its neighbors.

@@ -31,6 +31,7 @@ import time
 import torch
 
 from instructretro import presets
+from instructretro import checkpoint, dist
 from instructretro import train as T
 from instructretro.model import flops_per_token
 
@@ -63,7 +64,7 @@ def main(argv=None):
     ap.add_argument("--gpt", action="store_true", help="the same decoder without retrieval")
     ap.add_argument("--seq-length", type=int, default=2048)
     ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--precision", default="bf16", choices=T.PRECISIONS)
+    ap.add_argument("--precision", default="bf16", choices=checkpoint.PRECISIONS)
     ap.add_argument("--zero-stage", type=int, default=0)
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps (allocator, kernels)")
@@ -72,7 +73,7 @@ def main(argv=None):
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    rank, world = T.init_distributed()
+    rank, world = dist.init_distributed()
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()

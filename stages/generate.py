@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 
 from instructretro import data, params as P
+from instructretro.checkpoint import checkpoint_precision, load_model
 from instructretro.decoding import greedy_generate
+from instructretro.dist import init_distributed, local_device
 from instructretro.embed import encoder_from_params
 from instructretro.errors import PipelineError, cli
 from instructretro.generate import MODES, Settings, answer_questions, parse_task
 from instructretro.io import write_json, write_jsonl
 from instructretro.retrieval import Retriever
 from instructretro.tokenizer import Tokenizer
-from instructretro.train import checkpoint_precision, init_distributed, load_model, local_device
 
 
 def read_settings(p: P.Params) -> Settings:

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from instructretro import hf, params as P, presets
+from instructretro.dist import is_rank0
 from instructretro.errors import PipelineError, cli
 from instructretro.io import write_json
-from instructretro.pretrain import check_global_batch, is_main, preset_training, run_pretrain
+from instructretro.pretrain import check_global_batch, preset_training, run_pretrain
 from instructretro.pretrain_data import PretrainInputs
 from instructretro.tokenizer import Tokenizer
 from instructretro.tokenstore import TokenStore
@@ -113,7 +114,7 @@ def main(argv=None):
                            code=[__file__])
     if metrics is None:
         print(f"pretrain: stopped after {args.stop_after} steps; run again to continue", file=sys.stderr)
-    elif is_main():
+    elif is_rank0():
         write_json(args.metrics, metrics)
         shuffled, alone = metrics["val_loss_shuffled"], metrics["val_loss_no_retrieval"]
         facts = metrics["val_loss_facts"]

@@ -16,21 +16,17 @@ a scratch folder, then the estimated cost of the full run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
-import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from instructretro import params as P, presets, sft, train
+from instructretro import checkpoint, dist, params as P, presets, sft
 from instructretro.errors import PipelineError, cli
+from instructretro.estimate import print_cost
 from instructretro.io import write_json
-from instructretro.model import Retro, flops_per_token
+from instructretro.model import Retro
 from instructretro.tokenizer import Tokenizer
-from instructretro.workdir import DigestCache, WorkDir, code_files, content_key, library_versions, rank0_key
 
 
 def read_params(p: P.Params) -> dict:
@@ -86,57 +82,6 @@ def make_retriever(args, p: P.Params, s: dict):
                      chunk_length=s["chunk_length"], nprobe=s["nprobe"], efsearch=s["efsearch"])
 
 
-def open_work(args, s: dict, settings: dict, cfg, blend, p: P.Params, rank: int, world: int) -> WorkDir:
-    """The locked work folder of this run's resume checkpoints, ``--work/<key>``. The key (rank
-    0's, for every rank) hashes the params (``sft.*``, ``embed.*``, ``retro.chunk_length``), the
-    training settings and library versions, every input by content (the checkpoint, the blend
-    files, tokenizer, database, index) and the code (this script and its imports): ``workdir``. A run of this key that had finished is never
-    resumed (its folder is emptied), so a forced rerun trains from scratch."""
-    params = {"sft": s, "settings": settings, "train": dataclasses.asdict(cfg), "world": world,
-              "versions": library_versions("torch", "deepspeed", "transformers", "faiss-cpu", "faiss-gpu"),
-              "embed": p.section("embed") if s["retrieval"] != "none" else None}
-    inputs = [s["init_from"], *[e.path for e in blend], args.tokenizer, args.db_tokens, args.embeddings, args.index]
-    key = rank0_key(lambda: content_key(params, inputs, code_files(__file__), DigestCache(args.work)))
-    work = WorkDir(args.work, key, lock=rank == 0)
-    if rank == 0 and (train.latest_step(work.dir) or 0) >= cfg.steps:
-        work.clear()
-    train.barrier()
-    return work
-
-
-def machine_flops() -> float:
-    """fp32 matmul FLOP/s of this machine (a 0.2 s probe), for cost estimates."""
-    a = torch.randn(1024, 1024)
-    a @ a
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 0.2:
-        a @ a
-        n += 1
-    return n * 2 * 1024**3 / (time.perf_counter() - t0)
-
-
-def cost_line(config, settings: dict, flops_per_s: float, where: str) -> str:
-    """One line: tokens, FLOPs and time of the full run at ``flops_per_s``."""
-    tokens = settings["steps"] * settings["global_batch"] * settings["seq_length"]
-    flops = flops_per_token(config, settings["seq_length"]) * tokens
-    secs = flops / flops_per_s
-    human = f"{secs / 86400:.1f} days" if secs > 86400 else f"{secs / 3600:.1f} h" if secs > 3600 else f"{secs / 60:.1f} min"
-    return (f"sft cost: {settings['steps']} steps x {settings['global_batch']} x {settings['seq_length']} tokens "
-            f"= {tokens:.2e} tokens, {flops:.2e} FLOPs: about {human} {where}")
-
-
-def print_cost(config, settings: dict) -> None:
-    """The full run's cost here (at this machine's fp32 matmul speed, a lower bound) and on GPUs."""
-    here = machine_flops()
-    print(cost_line(config, settings, here, f"here at best ({here / 1e9:.0f} GFLOP/s fp32 matmul)"))
-    h100 = 8 * 989e12 * 0.4  # 8 H100s, bf16 dense peak, 40% model FLOPs utilisation
-    print(cost_line(config, settings, h100, "on 8 H100 GPUs at 40% MFU"))
-
-
-def _finite(x) -> float | None:
-    return round(x, 6) if x is not None and math.isfinite(x) else None
-
-
 @cli
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
@@ -173,6 +118,7 @@ def main(argv=None):
         return
     blend = sft.parse_blend(s["blend"], p.source, out=args.out)  # before any slow loading
     check_declared(blend, args.dvc_yaml, p.source)
+    unavailable = None
     if args.smoke:
         name = args.model or p.get("model.name", str)
         config = presets.get(name, vocab_size=tok.vocab_size, chunk_length=s["chunk_length"])
@@ -182,86 +128,23 @@ def main(argv=None):
                         precision="bf16" if torch.cuda.is_available() else "fp32", zero_stage=0)
         print(f"sft smoke: one step of the {name} graph ({config.n_layers} layers, hidden {config.hidden}, "
               f"vocab {config.vocab_size}), fresh weights, sequence {settings['seq_length']}")
-        model = Retro(config)
         args.out = str(Path(tempfile.mkdtemp(prefix="sft-smoke-")) / "checkpoint")
+        unavailable = None if Path(args.index).exists() else f"{args.index} not built yet"
     else:
-        config = train.read_config(s["init_from"])
+        config = checkpoint.read_config(s["init_from"])
         tok.check_fits(config.vocab_size, Path(s["init_from"]) / "config.json")
-        settings = sft.sft_settings(config.name, s["overrides"])
-        model = None  # built below with the run's ZeRO stage (partitioned at creation at ZeRO-3)
-        full = settings
+        settings = full = sft.sft_settings(config.name, s["overrides"])
 
-    rank, world = train.init_distributed()
-    cfg = sft.train_config(settings, world, seed=s["seed"], eval_interval=s["eval_interval"],
-                           save_interval=s["save_interval"])
-    if model is None:
-        model = train.build_model(config, cfg, weights=s["init_from"])
-    print(f"sft: {config.name} model, {model.num_parameters():,} parameters, retrieval={s['retrieval']}")
-    retriever = make_retriever(args, p, s) if not (args.smoke and not Path(args.index).exists()) else None
-    retrieval = s["retrieval"] if retriever is not None or s["retrieval"] == "none" else "none"
-    if retrieval != s["retrieval"]:
-        print(f"sft smoke: {args.index} not built yet, so retrieval=none for the smoke step")
-    num_neighbors = s["num_neighbors"] or config.num_neighbors
-    sdata = sft.build_data(blend, tok, seq_length=settings["seq_length"], chunk_length=s["chunk_length"],
-                           num_draws=cfg.steps * settings["global_batch"], retrieval=retrieval, retriever=retriever,
-                           num_contexts=s["num_contexts"], num_neighbors=num_neighbors, system=s["system"],
-                           valid_fraction=s["valid_fraction"], valid_samples=4 if args.smoke else s["valid_samples"],
-                           seed=s["seed"], rank=rank, world_size=world)
-    if rank == 0:
-        print(sft.format_report(sdata.report))
-    if not args.smoke and settings["steps"] * settings["global_batch"] * settings["seq_length"] > 5e7 \
-            and not torch.cuda.is_available():
+    metrics = sft.run_sft(
+        config, settings, s, blend, tok, args.out, args.work, args.live,
+        open_retriever=lambda: make_retriever(args, p, s), retrieval_unavailable=unavailable,
+        embed_params=p.section("embed") if s["retrieval"] != "none" else None,
+        inputs=[s["init_from"], *[e.path for e in blend], args.tokenizer, args.db_tokens, args.embeddings, args.index],
+        code=[__file__], stop_after=args.stop_after, smoke=args.smoke, full_settings=full)
+    if args.smoke and dist.is_rank0():
         print_cost(config, full)
-
-    work = None if args.smoke else open_work(args, s, settings, cfg, blend, p, rank, world)
-    engine = train.build_engine(model, cfg)
-    start = train.resume(engine, work.dir) if work is not None else 0
-    if start and rank == 0:
-        print(f"sft: resumed from {work.dir} at step {start}")
-    live = train.open_live(args.live, work.dir, start) if rank == 0 and work is not None else None
-    t0 = time.perf_counter()
-    last = sft.finetune(engine, cfg, sdata, chunk_length=s["chunk_length"], retriever=retriever, rank=rank,
-                        world_size=world, live=live, work_dir=work.dir if work is not None else None,
-                        start_step=start, stop_after=args.stop_after)
-    if live is not None:
-        live.end()
-    if args.stop_after is not None and args.stop_after < cfg.steps:
-        print(f"sft: stopped after {args.stop_after} steps; run again to continue")
-        return
-    seconds = time.perf_counter() - t0
-    export_config = dataclasses.replace(config, seq_length=max(config.seq_length, settings["seq_length"]))
-    train.export_checkpoint(engine, export_config, args.out,
-                            extra={"stage": "sft", "steps": cfg.steps, "precision": cfg.precision,
-                                   "tokenizer_sha256": tok.digest})
-    if work is not None:
-        train.barrier()
-        if rank == 0:
-            work.finish()  # exported: nothing left to resume
-    if rank != 0:
-        return
-    if args.smoke:
-        size = sum(f.stat().st_size for f in Path(args.out).iterdir())
-        reloaded = train.read_config(args.out)
-        shutil.rmtree(Path(args.out).parent)
-        print(f"sft smoke: one step (forward, backward, AdamW, validation) in {seconds:.1f} s, train loss "
-              f"{last['train/loss']:.3f}, val loss {last.get('val/loss', float('nan')):.3f}; exported "
-              f"{size / 1e9:.2f} GB ({reloaded.name}, read back, then deleted)")
-        print_cost(config, full)
-        return
-    metrics = {
-        "val_loss": _finite(last.get("val/loss")),
-        "val_loss_by_dataset": {n: _finite(last.get(f"val/loss_{n}")) for n in sdata.names},
-        "train_loss": round(last["train/loss"], 6),
-        "steps": cfg.steps,
-        "resumed_at": start,
-        "retrieval": retrieval,
-        "truncated": sum(c["train_truncated"] + c["valid_truncated"] for c in sdata.report.values()),
-        "dropped": sum(c["train_dropped"] + c["valid_dropped"] for c in sdata.report.values()),
-        "blend": {n: {k: c[k] for k in ("prob", "train_samples", "drawn", "epochs", "held_out")}
-                  for n, c in sdata.report.items()},
-    }
-    write_json(args.metrics, metrics)
-    print(f"sft: {cfg.steps} steps in {seconds:.0f} s, val_loss {metrics['val_loss']:.4f}")
+    if metrics is not None:
+        write_json(args.metrics, metrics)
 
 
 if __name__ == "__main__":

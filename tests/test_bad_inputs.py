@@ -164,7 +164,7 @@ def test_user_entry_names_inside_lists_are_not_taken_for_keys():
 def checkpoint(tmp_path):
     from instructretro import presets
     from instructretro.model import Retro
-    from instructretro.train import export_checkpoint
+    from instructretro.checkpoint import export_checkpoint
 
     cfg = presets.get("tiny", vocab_size=64, n_layers=2, hidden=16, heads=2, cca_layers=(2,), num_neighbors=1)
     export_checkpoint(Retro(cfg), cfg, tmp_path / "ckpt")
@@ -194,7 +194,7 @@ CHECKPOINT_CASES = {
 
 @pytest.mark.parametrize("case", sorted(CHECKPOINT_CASES))
 def test_bad_exported_checkpoint_names_the_file(case, checkpoint):
-    from instructretro.train import load_model
+    from instructretro.checkpoint import load_model
 
     spoil, pattern = CHECKPOINT_CASES[case]
     load_model(checkpoint)  # fine before

@@ -294,6 +294,20 @@ def test_readme_pipeline_picture_is_the_dag_of_dvc_yaml():
     assert report.table_in(text, report.DAG_START, report.DAG_END) == report.dag(REPO), "run `make results`"
 
 
+def test_contracts_stage_module_table_is_the_one_of_dvc_yaml(tmp_path):
+    text = (REPO / "docs" / "CONTRACTS.md").read_text()
+    assert report.table_in(text, report.DEPS_START, report.DEPS_END) == report.deps_table(REPO / "dvc.yaml"), \
+        "run `make results`"
+    generate = next(line for line in report.deps_table(REPO / "dvc.yaml").splitlines() if line.startswith("| generate@*"))
+    for module in ("train", "sft", "presets", "neighbors"):
+        assert f" {module}," not in generate and not generate.endswith(f" {module} |"), module
+    gpt = next(line for line in report.deps_table(REPO / "dvc.yaml").splitlines() if line.startswith("| pretrain-gpt"))
+    assert " embed," not in gpt and " neighbors," not in gpt
+    (tmp_path / "dvc.yaml").write_text("stages:\n  a:\n    cmd: python stages/a.py\n    deps:\n      - stages/a.py\n"
+                                       "      - src/instructretro/io.py\n")
+    assert report.deps_table(tmp_path / "dvc.yaml").splitlines()[-1] == "| a | `stages/a.py` | 1: io |"
+
+
 def test_the_docs_describe_the_product_not_its_history():
     for path in DOCS:
         text = path.read_text()

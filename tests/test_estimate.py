@@ -101,3 +101,37 @@ def test_cli_prints_one_table_per_preset(capsys):
     out = capsys.readouterr().out
     assert out.count("GiB per GPU") == 2 and "43b Retro" in out and "[fits]" in out
     print(out)
+
+
+@pytest.mark.parametrize("name", ["843m", "2b", "4b", "43b"])
+def test_sft_on_gpus_gets_the_estimators_pick_for_8_gpus_of_80_gb(name):
+    """SFT takes its device settings from the preset's GPU recipe exactly as pretraining does:
+    they are the estimator's pick at SFT's own sequence length and global batch."""
+    from instructretro import sft
+
+    s = sft.sft_settings(name, gpu=True)
+    best = E.search(presets.get(name), 8, 80, s["seq_length"], s["global_batch"])[0][0]
+    got = E.Settings(s["zero_stage"], s["micro_batch"], s["activation_checkpointing"], s["offload_optimizer"],
+                     s["offload_params"], s["precision"])
+    assert got == best
+
+
+@pytest.mark.parametrize("name", presets.NAMES)
+def test_sft_and_pretraining_apply_one_device_recipe(name):
+    """On a GPU both take every recipe key (843m SFT at ZeRO 2, tiny SFT in bf16); on CPU both run
+    fp32 at ZeRO 0 with their table's micro batch."""
+    from instructretro import sft
+    from instructretro.pretrain import preset_training
+
+    for gpu in (True, False):
+        recipe = presets.device_recipe(name, gpu=gpu)
+        s = sft.sft_settings(name, gpu=gpu)
+        pre = preset_training(presets.training(name), 1, recipe=recipe)
+        for key in presets.RECIPE_KEYS:
+            want = recipe.get(key, presets.sft(name)[key] if key == "micro_batch" else None)
+            assert s[key] == want, (gpu, key)
+            if key != "micro_batch":
+                assert pre[key] == want, (gpu, key)
+    assert sft.sft_settings("843m", gpu=True)["zero_stage"] == 2
+    assert sft.sft_settings("tiny", gpu=True)["precision"] == "bf16"
+    assert sft.sft_settings("tiny", gpu=False)["precision"] == "fp32"

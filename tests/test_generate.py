@@ -8,9 +8,10 @@ import pytest
 from instructretro import data, tokenizer as tk
 from instructretro.errors import PipelineError
 from instructretro.generate import (
-    EncoderNeighbors, Settings, answer_questions, build_prompt, clean_prediction, encode_prompt, fit_prompt,
-    Task, parse_task, parse_tasks, prompt_budget,
+    EncoderNeighbors, Settings, answer_questions, clean_prediction, fit_prompt, Task, parse_task, parse_tasks,
+    prompt_budget,
 )
+from instructretro.prompts import build_prompt, encode_prompt
 
 CL = 8  # chunk length in these tests
 
@@ -306,7 +307,7 @@ def _stage_setup(tmp_path, small_tokenizer, qa_lines, retro=True):
     import torch
 
     from instructretro.model import ModelConfig, Retro
-    from instructretro.train import export_checkpoint
+    from instructretro.checkpoint import export_checkpoint
 
     vocab = tk.Tokenizer(small_tokenizer).vocab_size
     torch.manual_seed(0)

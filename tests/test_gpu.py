@@ -70,10 +70,11 @@ def test_bf16_retro_training_step_has_no_host_sync(checkpointing):
 
 @pytest.fixture()
 def distributed():
+    from instructretro import dist
     from instructretro import train as T
 
     saved = {k: os.environ.get(k) for k in DIST_ENV}
-    T.init_distributed()
+    dist.init_distributed()
     yield T
     for k, v in saved.items():
         if v is None:

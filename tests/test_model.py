@@ -345,11 +345,13 @@ def one_process_group():
     """torch.distributed with one gloo process (ZeRO needs it); the environment is restored."""
     import os
 
+    from instructretro import dist
+
     from instructretro import train as T
 
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     saved = {k: os.environ.get(k) for k in keys}
-    T.init_distributed()
+    dist.init_distributed()
     yield T
     for k, v in saved.items():
         if v is None:
@@ -486,10 +488,12 @@ def test_build_model_with_weights_loads_an_export(one_process_group, tmp_path, z
     ZeRO-3 into partitioned parameters); a checkpoint of another architecture is refused."""
     import deepspeed
 
+    from instructretro import checkpoint
+
     T = one_process_group
     torch.manual_seed(3)
     source = Retro(tiny_config())
-    T.export_checkpoint(source, source.config, tmp_path / "ckpt")
+    checkpoint.export_checkpoint(source, source.config, tmp_path / "ckpt")
     train_cfg = T.TrainConfig(steps=1, micro_batch=1, zero_stage=zero_stage, lr=1e-3, min_lr=1e-4, warmup=0)
     torch.manual_seed(4)
     model = T.build_model(source.config, train_cfg, weights=tmp_path / "ckpt")

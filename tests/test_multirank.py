@@ -103,9 +103,9 @@ def test_guard_fails_a_collective_on_a_host_built_or_wrong_device_tensor(tmp_pat
     script = tmp_path / "probe.py"
     script.write_text("""
 import sys, torch, torch.distributed as dist
-from instructretro import train
-train.init_distributed()
-device = train.local_device()
+from instructretro.dist import init_distributed, local_device
+init_distributed()
+device = local_device()
 dist.all_reduce(torch.zeros(2, device=device))               # placed: fine
 dist.all_reduce(torch.tensor([1.0, 2.0]).to(device) * 2)      # moved, then computed on: fine
 cases = {"host": lambda: torch.tensor([1.0, 2.0], dtype=torch.float64),
@@ -130,7 +130,7 @@ for name, make in cases.items():
 def test_local_device_is_the_accelerator_of_the_local_rank(monkeypatch):
     import deepspeed.accelerator
 
-    from instructretro import train
+    from instructretro import dist
 
     class Fake:
         selected = None
@@ -143,25 +143,25 @@ def test_local_device_is_the_accelerator_of_the_local_rank(monkeypatch):
 
     monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: Fake())
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert train.local_device() == torch.device("cuda:3") and Fake.selected == 3
+    assert dist.local_device() == torch.device("cuda:3") and Fake.selected == 3
 
 
 def test_generation_loads_the_checkpoint_in_its_training_precision(tmp_path):
-    from instructretro import presets, train
+    from instructretro import checkpoint, presets
     from instructretro.errors import PipelineError
     from instructretro.model import Retro
 
     cfg = presets.get("tiny", vocab_size=128, n_layers=2, hidden=16, heads=2, seq_length=128, chunk_length=64,
                       cca_layers=(2,), num_neighbors=1)
     model = Retro(cfg)
-    train.export_checkpoint(model, cfg, tmp_path / "bf16", extra={"precision": "bf16"})
-    train.export_checkpoint(model, cfg, tmp_path / "plain")
-    assert train.checkpoint_precision(tmp_path / "bf16") == "bf16" and train.checkpoint_precision(tmp_path / "plain") == "fp32"
-    loaded = train.load_model(tmp_path / "bf16", device=torch.device("cpu"), dtype=torch.bfloat16)
+    checkpoint.export_checkpoint(model, cfg, tmp_path / "bf16", extra={"precision": "bf16"})
+    checkpoint.export_checkpoint(model, cfg, tmp_path / "plain")
+    assert checkpoint.checkpoint_precision(tmp_path / "bf16") == "bf16" and checkpoint.checkpoint_precision(tmp_path / "plain") == "fp32"
+    loaded = checkpoint.load_model(tmp_path / "bf16", device=torch.device("cpu"), dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     (tmp_path / "bf16" / "train.json").write_text('{"precision": "fp8"}')
     with pytest.raises(PipelineError, match="train.json: precision 'fp8'"):
-        train.checkpoint_precision(tmp_path / "bf16")
+        checkpoint.checkpoint_precision(tmp_path / "bf16")
 
 
 def test_evaluate_pads_a_short_rank_with_batches_that_count_no_tokens():
@@ -416,8 +416,8 @@ def test_sft_retrieval_is_split_over_ranks_and_gathered(tmp_path):
     script = tmp_path / "search.py"
     script.write_text("""
 import json, sys, numpy as np
-from instructretro import sft, train
-rank, world = train.init_distributed()
+from instructretro import dist, sft
+rank, world = dist.init_distributed()
 
 class Retriever:
     def __init__(self):

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
 
 from instructretro.chunks import SampleLayout, chunk_table
 from instructretro.data import document_id
+from instructretro.dbfile import NeighborTokens
 from instructretro.embed import Encoder, embed_database
 from instructretro.errors import PipelineError
 from instructretro.index import populate, set_search_params, train_index
-from instructretro.neighbors import NeighborTokens, exclude_and_keep, query_neighbors
+from instructretro.neighbors import exclude_and_keep, query_neighbors
 from instructretro.tokenstore import TokenStore, TokenStoreWriter
 
 from test_embed import make_store, make_texts, shared_encoder
@@ -336,3 +339,71 @@ def test_changing_nprobe_reruns_only_query_neighbors(built_repo):
         assert m["nprobe"] == 2 and m["recall_at_k"] is not None
     finally:
         subprocess.run(["git", "checkout", "-q", "--", "."], cwd=built_repo, check=True)
+
+
+class Killed(Exception):
+    """Stands for the kill of a query-neighbors run part-way."""
+
+
+def test_a_killed_query_rerun_after_a_code_change_reuses_no_block(world, monkeypatch, tmp_path):
+    """A run killed after its first search block leaves that block in the work folder. Rerun
+    with the same code, it is reused; rerun after a line of neighbors.py changed, every block is
+    embedded and searched again (the block caches are keyed by the code, ``workdir.resume_key``),
+    and the output equals an uninterrupted run's."""
+    from instructretro import embed as E, neighbors as N
+
+    root, tok, encoder = world
+    trained, _ = train_index(root / "emb.h5", "Flat", 10_000, seed=0)
+    index = populate(trained, root / "emb.h5", 100)
+    caches, searched, embedded, stop = [], [], [], {"after": None}
+    real_init, real_search, real_embed = E.BlockCache.__init__, N.search_block, N.embed_block
+
+    def tracked_init(self, *a, **k):
+        real_init(self, *a, **k)
+        caches.append(self)
+
+    def search(index, emb, rows, split, *a, **k):
+        if stop["after"] is not None and len(searched) == stop["after"]:
+            raise Killed
+        searched.append((split.store.split, int(rows[0])))
+        return real_search(index, emb, rows, split, *a, **k)
+
+    def embed(texts_of, lo, *a, **k):
+        embedded.append(lo)
+        return real_embed(texts_of, lo, *a, **k)
+
+    monkeypatch.setattr(E.BlockCache, "__init__", tracked_init)
+    monkeypatch.setattr(N, "search_block", search)
+    monkeypatch.setattr(N, "embed_block", embed)
+
+    def run(out, work, kill_after=None):
+        searched.clear(), embedded.clear(), caches.clear()
+        stop["after"] = kill_after
+        args = (root / "pretrain", tok, encoder, index, root / "emb.h5", 32, 128, 20, 4, 8, 0, 0, out, work)
+        if kill_after is None:
+            return query_neighbors(*args)
+        with pytest.raises(Killed):
+            query_neighbors(*args)
+        for cache in caches:  # the process died: the kernel drops its locks
+            cache.work.release()
+
+    run(tmp_path / "ref.h5", tmp_path / "w_ref")
+    every = list(searched)
+    assert len([b for b in every if b[0] == "train"]) >= 2  # more than one block to resume from
+
+    run(tmp_path / "a.h5", tmp_path / "w", kill_after=1)
+    assert searched == every[:1]
+    run(tmp_path / "a.h5", tmp_path / "w", kill_after=1)  # same code: the finished block is reused
+    assert searched == every[1:2]
+
+    run(tmp_path / "a.h5", tmp_path / "w", kill_after=1)  # rebuild a killed state of block 0 alone
+    changed = tmp_path / "pkg" / "neighbors.py"
+    changed.parent.mkdir()
+    changed.write_text(Path(N.__file__).read_text() + "\n# a changed line\n")
+    monkeypatch.setattr(N, "__file__", str(changed))
+    run(tmp_path / "b.h5", tmp_path / "w")
+    assert searched == every  # no block searched by the old code was reused
+    assert embedded[0] == 0 and len(embedded) == len(every)
+    with h5py.File(tmp_path / "b.h5") as b, h5py.File(tmp_path / "ref.h5") as ref:
+        for split in ("train", "valid"):
+            assert np.array_equal(b[split][:], ref[split][:])

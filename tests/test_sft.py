@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from instructretro import sft
+from instructretro import prompts, sft
 from instructretro.errors import PipelineError
 from instructretro.tokenizer import EOD_ID, PAD_ID, Tokenizer
 
@@ -65,18 +65,18 @@ class FakeRetriever:
 
 def test_prompt_is_the_reference_format():
     turns = [("user", "Who founded Ab?"), ("assistant", " Bo did. "), ("user", "When?"), ("assistant", "In 1900.")]
-    text = sft.render(sft.prompt_segments("Be brief.", turns, ["ctx one", "ctx two"]))
+    text = prompts.render(prompts.prompt_segments("Be brief.", turns, ["ctx one", "ctx two"]))
     assert text == ("System: Be brief.\n\nctx one\n\nctx two\n\nUser: Who founded Ab?\n\nAssistant: Bo did.\n\n"
                     "User: When?\n\nAssistant: In 1900.")
-    assert sft.format_prompt("S", "Q?") == "System: S\n\nUser: Q?\n\nAssistant:"
+    assert prompts.format_prompt("S", "Q?") == "System: S\n\nUser: Q?\n\nAssistant:"
 
 
 def test_loss_mask_covers_exactly_the_answers_and_eod(tok):
     turns = [("user", "Where is Tamor?"), ("assistant", "Tamor lies on the coast."),
              ("user", "And its mayor?"), ("assistant", "Its mayor is Lina Oss.")]
-    segs = sft.prompt_segments("Answer briefly.", turns)
-    tokens, answer, start = sft.tokenize_segments(tok, segs)
-    assert tok.decode(tokens) == sft.render(segs)
+    segs = prompts.prompt_segments("Answer briefly.", turns)
+    tokens, answer, start = prompts.tokenize_segments(tok, segs)
+    assert tok.decode(tokens) == prompts.render(segs)
     assert tokens[-1] == EOD_ID and answer[-1]
     # the masked tokens are exactly the two answers (with their leading space) and the EOD
     runs, cur = [], []
@@ -360,10 +360,10 @@ def _run_stage(*args, cwd):
 def _stage_setup(tmp_path, small_world, small_tokenizer, tok, **sft_params):
     import yaml
 
-    from instructretro import train
+    from instructretro import checkpoint
 
     model = _tiny_model(tok.vocab_size)
-    train.export_checkpoint(model, model.config, tmp_path / "ckpt")
+    checkpoint.export_checkpoint(model, model.config, tmp_path / "ckpt")
     params = {
         "retro": {"chunk_length": 64},
         "model": {"name": "tiny"},
@@ -388,7 +388,7 @@ def _stage_setup(tmp_path, small_world, small_tokenizer, tok, **sft_params):
 
 
 def test_stage_tunes_exports_and_reports_the_blend(tmp_path, small_world, small_tokenizer, tok):
-    from instructretro import train
+    from instructretro import checkpoint
 
     args = _stage_setup(tmp_path, small_world, small_tokenizer, tok)
     proc = _run_stage(*args, cwd=tmp_path)
@@ -397,7 +397,7 @@ def test_stage_tunes_exports_and_reports_the_blend(tmp_path, small_world, small_
     assert np.isfinite(m["val_loss"]) and m["steps"] == 4 and m["retrieval"] == "none"
     assert {n: c["drawn"] for n, c in m["blend"].items()} == {"chat": 11, "short_qa": 3, "alpaca": 2}
     assert set(m["val_loss_by_dataset"]) == {"chat", "short_qa", "alpaca"}
-    model = train.load_model(tmp_path / "out")
+    model = checkpoint.load_model(tmp_path / "out")
     assert model.config.seq_length == 256 and model.config.name == "tiny"
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert list((tmp_path / "live" / "plots" / "metrics").rglob("*.tsv"))

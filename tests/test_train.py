@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from instructretro import presets
+from instructretro import checkpoint, dist
 from instructretro import train as T
 from instructretro.errors import PipelineError
 from instructretro.model import Retro
@@ -50,7 +51,7 @@ def distributed():
     """One gloo process; one intra-op thread (on a busy shared CPU, OpenMP threads that wait on
     each other make tiny ops 10x slower)."""
     saved = {k: os.environ.get(k) for k in DIST_ENV}
-    T.init_distributed()
+    dist.init_distributed()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -170,7 +171,7 @@ def test_resume_loads_weights_only_at_every_zero_stage(zero, precision, tmp_path
     again = T.build_engine(Retro(tiny_config(True)), c)
     assert T.resume(again, tmp_path) == 1
     T.train(again, c, batch_fn, T.lm_loss, None, tmp_path, start_step=1, progress=False)
-    a, b = T.full_state_dict(full), T.full_state_dict(again)
+    a, b = checkpoint.full_state_dict(full), checkpoint.full_state_dict(again)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -198,27 +199,27 @@ def test_resume_refuses_a_checkpoint_that_unpickles_code(tmp_path):
 def test_export_then_load_gives_the_same_model_and_deterministic_bytes(tmp_path):
     torch.manual_seed(0)
     model = Retro(tiny_config(True))
-    T.export_checkpoint(model, model.config, tmp_path / "a", extra={"steps": 0})
-    T.export_checkpoint(model, model.config, tmp_path / "b", extra={"steps": 0})
+    checkpoint.export_checkpoint(model, model.config, tmp_path / "a", extra={"steps": 0})
+    checkpoint.export_checkpoint(model, model.config, tmp_path / "b", extra={"steps": 0})
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert json.loads((tmp_path / "a" / "config.json").read_text())["cca_layers"] == [2]
-    loaded = T.load_model(tmp_path / "a")
+    loaded = checkpoint.load_model(tmp_path / "a")
     assert loaded.config == model.config
     b = batch_fn(0, 0)
     with torch.no_grad():
         assert torch.equal(loaded(b["tokens"], b["neighbors"]), model(b["tokens"], b["neighbors"]))
     with pytest.raises(PipelineError, match="no config.json"):
-        T.load_model(tmp_path)
+        checkpoint.load_model(tmp_path)
 
 
 def test_gpt_checkpoint_starts_retro_with_the_same_decoder(tmp_path):
     torch.manual_seed(0)
     gpt = Retro(tiny_config(False))
-    T.export_checkpoint(gpt, gpt.config, tmp_path / "gpt")
+    checkpoint.export_checkpoint(gpt, gpt.config, tmp_path / "gpt")
     torch.manual_seed(1)
     retro = Retro(tiny_config(True))
     encoder_before = retro.encoder.layers[0].mlp.down.weight.clone()
-    fresh = T.init_from_checkpoint(retro, tmp_path / "gpt")
+    fresh = checkpoint.init_from_checkpoint(retro, tmp_path / "gpt")
     assert fresh and all(Retro.is_retro_parameter(n) for n in fresh)
     assert torch.equal(retro.embed.weight, gpt.embed.weight)
     assert torch.equal(retro.encoder.layers[0].mlp.down.weight, encoder_before)
@@ -226,6 +227,6 @@ def test_gpt_checkpoint_starts_retro_with_the_same_decoder(tmp_path):
     with torch.no_grad():  # with retrieval off, Retro is now exactly the GPT
         assert torch.allclose(retro(b["tokens"]), gpt(b["tokens"]), atol=1e-5)
     other = Retro(dataclasses.replace(tiny_config(False), hidden=64, ffn_hidden=0))
-    T.export_checkpoint(other, other.config, tmp_path / "wide")
+    checkpoint.export_checkpoint(other, other.config, tmp_path / "wide")
     with pytest.raises(PipelineError, match="shape"):
-        T.init_from_checkpoint(Retro(tiny_config(True)), tmp_path / "wide")
+        checkpoint.init_from_checkpoint(Retro(tiny_config(True)), tmp_path / "wide")

@@ -12,7 +12,7 @@ import yaml
 
 from instructretro import io, workdir
 from instructretro.errors import PipelineError
-from instructretro.workdir import DigestCache, WorkDir, code_files, content_key
+from instructretro.workdir import DigestCache, WorkDir, code_files, resume_key
 
 from conftest import REPO
 
@@ -25,8 +25,8 @@ def test_same_size_files_of_any_size_give_different_keys(tmp_path):
             f.truncate(65 << 20)  # sparse: cheap to make, still 65 MiB to read
             f.write(first)
     assert a.stat().st_size == b.stat().st_size
-    assert content_key({}, [a]) != content_key({}, [b])
-    assert content_key({}, [a]) == content_key({}, [a])
+    assert resume_key({}, [a]) != resume_key({}, [b])
+    assert resume_key({}, [a]) == resume_key({}, [a])
 
 
 def test_key_covers_params_inputs_and_code(tmp_path, monkeypatch):
@@ -36,19 +36,19 @@ def test_key_covers_params_inputs_and_code(tmp_path, monkeypatch):
     (data / "x.txt").write_text("one")
     code = tmp_path / "stage.py"
     code.write_text("print(1)\n")
-    base = content_key({"lr": 1}, [data], [code])
-    assert content_key({"lr": 2}, [data], [code]) != base
+    base = resume_key({"lr": 1}, [data], [code])
+    assert resume_key({"lr": 2}, [data], [code]) != base
     code.write_text("print(2)\n")
-    assert content_key({"lr": 1}, [data], [code]) != base
+    assert resume_key({"lr": 1}, [data], [code]) != base
     code.write_text("print(1)\n")
-    assert content_key({"lr": 1}, [data], [code]) == base
+    assert resume_key({"lr": 1}, [data], [code]) == base
     (data / "x.txt").write_text("two")
-    assert content_key({"lr": 1}, [data], [code]) != base
+    assert resume_key({"lr": 1}, [data], [code]) != base
     (data / "x.txt").write_text("one")
     (data / "y.txt").write_text("")  # a new file in an input folder
-    assert content_key({"lr": 1}, [data], [code]) != base
+    assert resume_key({"lr": 1}, [data], [code]) != base
     # an unset input ("") is not the current folder
-    assert content_key({}, [""]) != content_key({}, ["."]) and content_key({}, [""]) == content_key({}, [""])
+    assert resume_key({}, [""]) != resume_key({}, ["."]) and resume_key({}, [""]) == resume_key({}, [""])
 
 
 def test_code_files_are_the_stage_deps_dvc_lists():
@@ -64,13 +64,13 @@ def test_digests_are_cached_by_stat_and_redone_when_a_file_changes(tmp_path, mon
     f = tmp_path / "big.bin"
     f.write_bytes(b"a" * 1000)
     calls = []
-    real = workdir.file_digest
-    monkeypatch.setattr(workdir, "file_digest", lambda p: calls.append(p) or real(p))
-    first = content_key({}, [f], cache=DigestCache(tmp_path / "work"))
-    assert content_key({}, [f], cache=DigestCache(tmp_path / "work")) == first
+    real = workdir.sha256_file
+    monkeypatch.setattr(workdir, "sha256_file", lambda p: calls.append(p) or real(p))
+    first = resume_key({}, [f], cache=DigestCache(tmp_path / "work"))
+    assert resume_key({}, [f], cache=DigestCache(tmp_path / "work")) == first
     assert len(calls) == 1  # the second key read the cached digest
     f.write_bytes(b"b" * 1000)  # same size, new bytes
-    assert content_key({}, [f], cache=DigestCache(tmp_path / "work")) != first
+    assert resume_key({}, [f], cache=DigestCache(tmp_path / "work")) != first
     assert len(calls) == 2
 
 

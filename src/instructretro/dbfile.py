@@ -11,6 +11,10 @@ whole dataset; callers iterate ``blocks``.
 ``fingerprint`` identifies the file's content cheaply: the ``fingerprint`` attribute that embed
 stores (a hash of every input of the embedding), so a multi-terabyte file is never re-hashed.
 A file without it is hashed once in full.
+
+``NeighborTokens`` reads neighbors as the model sees them: the chunk plus its continuation (the
+next ``chunk_length`` tokens of the same document, cut at the document end), ``2*chunk_length``
+tokens padded with EOD, and a mask of the real tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import h5py
 import numpy as np
 
 from .errors import PipelineError
+from .tokenstore import TokenStore
 
 DATASETS = ("chunks", "doc_ids", "embeddings")
 
@@ -193,3 +198,49 @@ class DBFile:
         if self._h5 is not None:
             self._h5.close()
             self._h5 = None
+
+
+class NeighborTokens:
+    """``NeighborTokens(db_tokens_dir, embeddings_h5, chunk_length)(ids) -> (tokens, mask)``.
+
+    ``ids`` int64 (..., k) DB chunk ids (-1 = none) -> ``tokens`` int64 (..., k, 2*chunk_length)
+    and ``mask`` bool of the same shape. Vectorised: the rows of the asked chunks are read from
+    the chunk table (by offset), then one gather from the memory-mapped token store.
+    """
+
+    def __init__(self, db_tokens_dir: str | os.PathLike, embeddings_h5: str | os.PathLike, chunk_length: int):
+        self.store = TokenStore(db_tokens_dir, "train")
+        self.db = DBFile(embeddings_h5, need_embeddings=False)
+        stored_cl = int(self.db.attrs.get("chunk_length", chunk_length))
+        if stored_cl != chunk_length:
+            raise PipelineError(f"{self.db.path}: built with chunk_length {stored_cl}, asked for {chunk_length}; rerun embed")
+        self.chunk_length = chunk_length
+        self.width = 2 * chunk_length
+        self.doc_lengths = self.store.doc_lengths()
+
+    @property
+    def chunks(self):
+        """The DB chunk table (n, 3) (doc index, start, length), read by row on demand."""
+        return self.db.chunks
+
+    def __len__(self) -> int:
+        return self.db.n
+
+    def __call__(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(ids, dtype=np.int64)
+        flat = ids.reshape(-1)
+        if flat.size and (flat.max(initial=-1) >= len(self) or flat.min(initial=0) < -1):
+            raise PipelineError(f"neighbor ids must be in [-1, {len(self)}), got {flat.min()}..{flat.max()}")
+        valid = flat >= 0
+        uniq, inverse = np.unique(np.where(valid, flat, 0), return_inverse=True)
+        rows = np.asarray(self.db.chunks[uniq]).reshape(-1, 3) if len(uniq) else np.zeros((0, 3), np.int64)
+        doc, start = rows[:, 0], rows[:, 1]
+        begin = (self.store.offsets[doc] + start)[inverse]  # first token of each chunk in the store
+        length = np.where(valid, np.minimum(self.width, self.doc_lengths[doc] - start)[inverse], 0)
+        pos = np.arange(self.width)
+        mask = pos[None, :] < length[:, None]
+        where = np.where(mask, begin[:, None] + pos[None, :], 0)
+        tokens = np.where(mask, self.store.tokens[where] if len(self.store.tokens) else 0, self.store.eod_id).astype(np.int64)
+        shape = ids.shape + (self.width,)
+        return tokens.reshape(shape), mask.reshape(shape)
+

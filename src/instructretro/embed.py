@@ -37,12 +37,14 @@ import h5py
 import numpy as np
 
 from .chunks import chunk_table
+from .dbfile import file_digest
+from .dist import end_ranks, gather_to_rank0, local_rank, start_ranks
 from .errors import PipelineError
 from .io import atomic_path
 from .progress import progress as progress_bar
 from .tokenizer import Tokenizer, whole_character_span
 from .tokenstore import TokenStore
-from .workdir import WorkDir, code_files, content_key
+from .workdir import WorkDir, code_files, resume_key
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -146,7 +148,7 @@ class Encoder:
         h = hashlib.blake2b(digest_size=16)
         for f in sorted(p for p in self.path.rglob("*") if p.is_file() and p.suffix != ".md"):
             h.update(str(f.relative_to(self.path)).encode())
-            h.update(_file_digest(f))
+            h.update(file_digest(f))
         h.update(f"{self.precision}|{self.max_length}|{self.batch_size}|{EMBED_VERSION}".encode())
         self._fingerprint = h.hexdigest()
         return self._fingerprint
@@ -233,69 +235,6 @@ class Encoder:
         return out
 
 
-# --------------------------------------------------------------------------------------------
-# Ranks: block b belongs to rank b % world; rank 0 assembles
-
-
-def local_rank() -> int:
-    """This process's GPU index on its node (``LOCAL_RANK`` set by the launcher; 0 without one)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def start_ranks() -> tuple[int, int]:
-    """``(rank, world_size)``; starts ``torch.distributed`` only under a launcher (WORLD_SIZE > 1).
-
-    gloo on CPU, nccl on GPU (each rank on ``cuda:LOCAL_RANK``). The timeout is long because
-    ranks meet only once, after embedding all their blocks, which can take hours on a big corpus.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import datetime
-
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
-            if key not in os.environ:
-                raise PipelineError(f"WORLD_SIZE is {world} but {key} is not set; start the stage with a launcher (deepspeed, torchrun)")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank())
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=24))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def gather_to_rank0(world: int, done: int, seconds: float) -> tuple[int, float] | None:
-    """Wait for every rank's blocks; rank 0 gets (texts encoded by all ranks, slowest rank's seconds).
-
-    Other ranks get ``None`` and leave the process group: their part is done. One process: as is.
-    """
-    if world <= 1:
-        return done, seconds
-    import torch
-    import torch.distributed as dist
-
-    device = f"cuda:{local_rank()}" if dist.get_backend() == "nccl" else "cpu"
-    counts = torch.tensor([float(done)], dtype=torch.float64, device=device)
-    slowest = torch.tensor([seconds], dtype=torch.float64, device=device)
-    dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # also the barrier: every block file is written
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    if dist.get_rank() != 0:
-        dist.destroy_process_group()
-        return None
-    return int(counts.item()), float(slowest.item())
-
-
-def end_ranks(world: int) -> None:
-    """Rank 0 leaves the process group once its outputs are written (no-op for one process)."""
-    if world > 1:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def encoder_from_params(p) -> Encoder:
     """The encoder that the ``embed.*`` params describe (embed and query-neighbors share it)."""
     batch_size = p.get("embed.batch_size", int)
@@ -311,14 +250,6 @@ def encoder_from_params(p) -> Encoder:
                    batch_size=batch_size, max_length=max_length, gpu_batch_size=gpu_batch_size)
 
 
-def _file_digest(path: Path) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.digest()
-
-
 def store_fingerprint(folder: str | os.PathLike, split: str = "train") -> str:
     """Hash of one split of a token store (tokens, offsets, ids, meta)."""
     folder = Path(folder)
@@ -326,7 +257,7 @@ def store_fingerprint(folder: str | os.PathLike, split: str = "train") -> str:
     for name in ("meta.json", f"{split}.bin", f"{split}.offsets.npy", f"{split}.doc_ids.npy"):
         if (folder / name).is_file():
             h.update(name.encode())
-            h.update(_file_digest(folder / name))
+            h.update(file_digest(folder / name))
     return h.hexdigest()
 
 
@@ -484,10 +415,9 @@ def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.Pa
     table = chunk_table(store.doc_lengths(), chunk_length)
     if len(table) == 0:
         raise PipelineError(f"{db_tokens_dir}: the database corpus has no train-split tokens to chunk")
-    key = hashlib.blake2b(
-        f"{store_fingerprint(db_tokens_dir)}|{tok.digest}|{encoder.fingerprint()}"
-        f"|{chunk_length}|{block_size}|{content_key({}, code=code_files(__file__))}".encode(),
-        digest_size=12).hexdigest()
+    key = resume_key({"store": store_fingerprint(db_tokens_dir), "tokenizer": tok.digest,
+                      "encoder": encoder.fingerprint(), "chunk_length": chunk_length, "block_size": block_size},
+                     code=code_files(__file__))
     rank, world = start_ranks()
     cache = BlockCache(work_dir, key)
 

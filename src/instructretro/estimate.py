@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import time
 from dataclasses import dataclass
 
 from .errors import PipelineError, cli
@@ -289,6 +290,42 @@ def report(name: str, gpus: int, gpu_mem_gib: float, seq_length: int | None = No
     if not options:
         lines.append("no setting fits: more GPUs, a shorter sequence, or NVMe offload (not modelled)")
     return "\n".join(lines), fits
+
+
+# ----------------------------------------------------------------------------- cost of an SFT run
+
+
+def machine_flops() -> float:
+    """fp32 matmul FLOP/s of this machine (a 0.2 s probe), for cost estimates."""
+    import torch
+
+    a = torch.randn(1024, 1024)
+    a @ a
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.2:
+        a @ a
+        n += 1
+    return n * 2 * 1024**3 / (time.perf_counter() - t0)
+
+
+def cost_line(config, settings: dict, flops_per_s: float, where: str) -> str:
+    """One line: tokens, FLOPs and time of the full run at ``flops_per_s``."""
+    from .model import flops_per_token
+
+    tokens = settings["steps"] * settings["global_batch"] * settings["seq_length"]
+    flops = flops_per_token(config, settings["seq_length"]) * tokens
+    secs = flops / flops_per_s
+    human = f"{secs / 86400:.1f} days" if secs > 86400 else f"{secs / 3600:.1f} h" if secs > 3600 else f"{secs / 60:.1f} min"
+    return (f"sft cost: {settings['steps']} steps x {settings['global_batch']} x {settings['seq_length']} tokens "
+            f"= {tokens:.2e} tokens, {flops:.2e} FLOPs: about {human} {where}")
+
+
+def print_cost(config, settings: dict) -> None:
+    """The full run's cost here (at this machine's fp32 matmul speed, a lower bound) and on GPUs."""
+    here = machine_flops()
+    print(cost_line(config, settings, here, f"here at best ({here / 1e9:.0f} GFLOP/s fp32 matmul)"))
+    h100 = 8 * 989e12 * 0.4  # 8 H100s, bf16 dense peak, 40% model FLOPs utilisation
+    print(cost_line(config, settings, h100, "on 8 H100 GPUs at 40% MFU"))
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 """Zero-shot open-domain QA with the instruction-tuned Retro (Step 5 of the recipe).
 
 For each question we build the reference's short-span prompt, laid out and tokenized exactly
-as the SFT stage lays out its conversations (``sft.prompt_segments``):
+as the SFT stage lays out its conversations (``prompts.prompt_segments``):
 
     System: {system}\\n\\n{context 1}\\n\\n...{context n}\\n\\nUser: Answer the following question
     with a short span. {question}\\n\\nAssistant: The answer is
@@ -44,18 +44,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import sft
 from .errors import PipelineError
 from .progress import progress
+from .prompts import STYLES, encode_prompt
 from .tokenizer import Tokenizer
 
 MODES = ("prompt", "encoder", "both", "none")
-
-# Prompt styles: the user turn and the start of the assistant turn that the answer continues.
-STYLES = {
-    "short": ("Answer the following question with a short span. {question}", "The answer is"),
-    "long": ("Please give a full and complete answer for the question. {question}", ""),
-}
 
 # A task name is a DVC stage name suffix and a param key (generate.tasks.<name>): no dots.
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -100,37 +94,7 @@ def parse_tasks(value, key: str = "generate.tasks", source: str = "params.yaml")
     return [parse_task(name, entry, key, source) for name, entry in value.items()]
 
 
-# ----------------------------------------------------------------------------- prompts
-
-
-def user_turn(question: str, style: str = "short") -> str:
-    """The user's message: the task instruction then the question (a '?' is added if missing)."""
-    question = question.strip()
-    if not question.endswith("?"):
-        question += "?"
-    return STYLES[style][0].format(question=question)
-
-
-def prompt_segments(question: str, contexts: Sequence[str], system: str, style: str = "short",
-                    answer_prefix: bool = True) -> list[str]:
-    """The QA prompt as the SFT stage lays out a conversation (``sft.prompt_segments``): system,
-    contexts, user turn, ``Assistant:``, then (``answer_prefix``) the style's `` The answer is``."""
-    segs = [text for text, _ in sft.prompt_segments(system, [("user", user_turn(question, style))], contexts)]
-    prefix = STYLES[style][1]
-    return segs + ([f" {prefix}"] if prefix and answer_prefix else [])
-
-
-def build_prompt(question: str, contexts: Sequence[str], system: str, style: str = "short",
-                 answer_prefix: bool = True) -> str:
-    """The reference's QA prompt as text."""
-    return "".join(prompt_segments(question, contexts, system, style, answer_prefix))
-
-
-def encode_prompt(tokenizer: Tokenizer, question: str, contexts: Sequence[str], system: str, style: str = "short",
-                  answer_prefix: bool = True) -> list[int]:
-    """Token ids of the prompt, each segment encoded on its own exactly as SFT encodes it."""
-    segs = prompt_segments(question, contexts, system, style, answer_prefix)
-    return [i for ids in tokenizer.encode_batch(segs) for i in ids]
+# ----------------------------------------------------------------------------- fitting prompts (the format: prompts.py)
 
 
 def prompt_budget(seq_length: int, max_new_tokens: int, chunk_length: int) -> int:

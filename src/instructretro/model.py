@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .dist import rank
 from .errors import PipelineError
 
 # ----------------------------------------------------------------------------- configuration
@@ -609,7 +610,7 @@ class Retro(nn.Module):
             if p.is_meta:
                 continue
             shape = full_shape(p)
-            writer = not is_partitioned(p) or _rank() == 0  # others receive rank 0's values
+            writer = not is_partitioned(p) or rank() == 0  # others receive rank 0's values
             if "norm" in name.rsplit(".", 2)[-2]:
                 one = self.config.norm != "layernorm1p" and name.endswith("weight")
                 value = (torch.ones(shape) if one else torch.zeros(shape)) if writer else None
@@ -816,11 +817,6 @@ def full_numel(p) -> int:
     return p.ds_numel if is_partitioned(p) else p.numel()
 
 
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 @torch.no_grad()
 def assign_parameter(p, value) -> None:
     """``p[...] = value`` (any dtype/device), also for a ZeRO-3 partitioned parameter: it is
@@ -831,7 +827,7 @@ def assign_parameter(p, value) -> None:
     import deepspeed
 
     with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-        if _rank() == 0:
+        if rank() == 0:
             p.data.copy_(value)
 
 

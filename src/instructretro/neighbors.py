@@ -21,10 +21,6 @@ when its true score reaches the exact k-th score (duplicate chunks score equally
 copy is a correct answer). For an IVF index the same sample is searched again at nprobe 1, 2,
 4, ... nlist (``recall_nprobe``: the curve that tells which nprobe a database needs).
 
-``NeighborTokens`` reads neighbors as the model sees them: the chunk plus its continuation (the
-next ``chunk_length`` tokens of the same document, cut at the document end), ``2*chunk_length``
-tokens padded with EOD, and a mask of the real tokens.
-
 Past one machine: under a launcher block ``b`` of each split goes to rank ``b % world``; every
 rank embeds *and searches* its blocks and writes them to the shared work folder; after a
 barrier rank 0 assembles the output from the blocks, streaming, so the bytes equal a
@@ -44,61 +40,18 @@ import numpy as np
 
 from .chunks import SampleLayout
 from .dbfile import DBFile
-from .embed import BlockCache, Encoder, chunk_texts, embed_block, end_ranks, gather_to_rank0, start_ranks, store_fingerprint
+from .dist import end_ranks, gather_to_rank0, start_ranks
+from .embed import BlockCache, Encoder, chunk_texts, embed_block, store_fingerprint
 from .errors import PipelineError
 from .io import atomic_path
 from .progress import progress
 from .tokenizer import Tokenizer
 from .tokenstore import TokenStore
+from .workdir import code_files, resume_key
 
 FEWER_THAN_K_WARNING = 0.5  # warn when more query chunks than this have fewer than k neighbors
 SCORE_TOLERANCE = 1e-5  # float32 inner products of unit vectors agree to about 1e-6
 REUSED, SEARCHABLE = 1, 2  # per-row flags saved with each searched block
-
-
-class NeighborTokens:
-    """``NeighborTokens(db_tokens_dir, embeddings_h5, chunk_length)(ids) -> (tokens, mask)``.
-
-    ``ids`` int64 (..., k) DB chunk ids (-1 = none) -> ``tokens`` int64 (..., k, 2*chunk_length)
-    and ``mask`` bool of the same shape. Vectorised: the rows of the asked chunks are read from
-    the chunk table (by offset), then one gather from the memory-mapped token store.
-    """
-
-    def __init__(self, db_tokens_dir: str | os.PathLike, embeddings_h5: str | os.PathLike, chunk_length: int):
-        self.store = TokenStore(db_tokens_dir, "train")
-        self.db = DBFile(embeddings_h5, need_embeddings=False)
-        stored_cl = int(self.db.attrs.get("chunk_length", chunk_length))
-        if stored_cl != chunk_length:
-            raise PipelineError(f"{self.db.path}: built with chunk_length {stored_cl}, asked for {chunk_length}; rerun embed")
-        self.chunk_length = chunk_length
-        self.width = 2 * chunk_length
-        self.doc_lengths = self.store.doc_lengths()
-
-    @property
-    def chunks(self):
-        """The DB chunk table (n, 3) (doc index, start, length), read by row on demand."""
-        return self.db.chunks
-
-    def __len__(self) -> int:
-        return self.db.n
-
-    def __call__(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.asarray(ids, dtype=np.int64)
-        flat = ids.reshape(-1)
-        if flat.size and (flat.max(initial=-1) >= len(self) or flat.min(initial=0) < -1):
-            raise PipelineError(f"neighbor ids must be in [-1, {len(self)}), got {flat.min()}..{flat.max()}")
-        valid = flat >= 0
-        uniq, inverse = np.unique(np.where(valid, flat, 0), return_inverse=True)
-        rows = np.asarray(self.db.chunks[uniq]).reshape(-1, 3) if len(uniq) else np.zeros((0, 3), np.int64)
-        doc, start = rows[:, 0], rows[:, 1]
-        begin = (self.store.offsets[doc] + start)[inverse]  # first token of each chunk in the store
-        length = np.where(valid, np.minimum(self.width, self.doc_lengths[doc] - start)[inverse], 0)
-        pos = np.arange(self.width)
-        mask = pos[None, :] < length[:, None]
-        where = np.where(mask, begin[:, None] + pos[None, :], 0)
-        tokens = np.where(mask, self.store.tokens[where] if len(self.store.tokens) else 0, self.store.eod_id).astype(np.int64)
-        shape = ids.shape + (self.width,)
-        return tokens.reshape(shape), mask.reshape(shape)
 
 
 def exclude_and_keep(candidates: np.ndarray, db_doc_ids: np.ndarray, banned: np.ndarray,
@@ -118,7 +71,6 @@ def exclude_and_keep(candidates: np.ndarray, db_doc_ids: np.ndarray, banned: np.
     if out.shape[1] < k:
         out = np.pad(out, ((0, 0), (0, k - out.shape[1])), constant_values=-1)
     return out
-
 
 
 class DBDocuments:
@@ -346,18 +298,18 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
     if index.ntotal != db.n:
         raise PipelineError(f"populated index holds {index.ntotal} vectors but {db.path} has {db.n} chunks; rerun add-index")
     documents = DBDocuments(db, block_size)
+    code = code_files(__file__)  # every block cache is keyed by the code too (workdir.resume_key)
     splits = {}
     embedded = seconds = search_seconds = 0.0
     searched = 0
     for name in ("train", "valid"):  # every rank embeds and searches its blocks of both splits
         split = QuerySplit(pretrain_tokens_dir, name, chunk_length, seq_length)
-        emb_key = hashlib.blake2b(
-            f"{name}|{store_fingerprint(pretrain_tokens_dir, name)}|{tok.digest}"
-            f"|{db.fingerprint}|{encoder.fingerprint()}|{chunk_length}|{seq_length}|{block_size}".encode(),
-            digest_size=12).hexdigest()
+        emb_key = resume_key({"split": name, "store": store_fingerprint(pretrain_tokens_dir, name),
+                              "tokenizer": tok.digest, "db": db.fingerprint,
+                              "encoder": encoder.fingerprint(), "chunk_length": chunk_length,
+                              "seq_length": seq_length, "block_size": block_size}, code=code)
         emb_cache = BlockCache(Path(work_dir) / "embed" / name, emb_key)
-        nb_key = hashlib.blake2b(f"{emb_key}|{index_key}|{n_query}|{n_save}".encode(),
-                                 digest_size=12).hexdigest()
+        nb_key = resume_key({"embed": emb_key, "index": index_key, "n_query": n_query, "n_save": n_save}, code=code)
         nb_cache = BlockCache(Path(work_dir) / "search" / name, nb_key)
         rows = split.rows
 
@@ -398,6 +350,29 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
         db.close()
         return None  # not rank 0: this rank's blocks are in the work folder
     embedded, seconds = gathered
+    metrics, curve = assemble_neighbors(out, splits, index, db, documents, n_query, n_save, chunk_length, seq_length,
+                                        block_size, recall_sample, seed, recall_nprobe_max)
+    db.close()
+    end_ranks(world)
+    metrics["query_chunks_per_s"] = round(embedded / seconds, 1) if seconds > 0 else None
+    metrics["seconds"] = round(time.perf_counter() - t_start, 2)
+    metrics["warning"] = fewer_than_k_warning(metrics, len(documents.doc_ids))
+    # this rank's own search (search + exclusion; with several ranks, rank 0's share)
+    metrics["search_ms_per_query_chunk"] = round(1000 * search_seconds / searched, 4) if searched else None
+    metrics["recall_nprobe"] = curve
+    return metrics
+
+
+def assemble_neighbors(out: str | os.PathLike, splits: dict, index, db: DBFile, documents: "DBDocuments",
+                       n_query: int, n_save: int, chunk_length: int, seq_length: int, block_size: int,
+                       recall_sample: int, seed: int, recall_nprobe_max: int = 0) -> tuple[dict, list]:
+    """Rank 0's half of query-neighbors, once every block is searched: stream the blocks of both
+    splits (``splits[name] = (QuerySplit, embedding cache, neighbor cache)``) into ``out``, count
+    per split, check recall on a sample of train query chunks, and delete the blocks.
+
+    Returns ``(metrics, recall_nprobe curve)``: the per-split counts, recall and the overall
+    ``fraction_fewer_than_k``.
+    """
     metrics, curve = {}, []
     rng = np.random.default_rng(seed)
     with atomic_path(out) as tmp:
@@ -443,20 +418,12 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
     for _, emb_cache, nb_cache in splits.values():  # the output is complete: the blocks are no longer needed
         emb_cache.clear()
         nb_cache.clear()
-    db.close()
-    end_ranks(world)
     total_real = metrics["train"]["query_chunks"] + metrics["valid"]["query_chunks"]
     metrics["k"] = n_save
     metrics["fraction_fewer_than_k"] = round(
         (metrics["train"]["fraction_fewer_than_k"] * metrics["train"]["query_chunks"]
          + metrics["valid"]["fraction_fewer_than_k"] * metrics["valid"]["query_chunks"]) / max(total_real, 1), 4)
-    metrics["query_chunks_per_s"] = round(embedded / seconds, 1) if seconds > 0 else None
-    metrics["seconds"] = round(time.perf_counter() - t_start, 2)
-    metrics["warning"] = fewer_than_k_warning(metrics, len(documents.doc_ids))
-    # this rank's own search (search + exclusion; with several ranks, rank 0's share)
-    metrics["search_ms_per_query_chunk"] = round(1000 * search_seconds / searched, 4) if searched else None
-    metrics["recall_nprobe"] = curve
-    return metrics
+    return metrics, curve
 
 
 def fewer_than_k_warning(metrics: dict, db_documents: int) -> str | None:

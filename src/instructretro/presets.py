@@ -65,16 +65,20 @@ TRAINING: dict[str, dict] = {
     "43b": {**_PRETRAIN_BASE, "lr": 9e-6, "min_lr": 9e-7},
 }
 
-# Instruction tuning defaults. 843m: the reference (batch 128, lr 5e-6 constant, 1000 iterations,
-# betas 0.9/0.98, wd 0.01, clip 1.0); the other big sizes reuse it; tiny: ours (docs/sft.md: at
-# lr 3e-4 / 300 steps the tiny model had not learned the answer format; 2e-3 cosine / 600 steps has).
+# Instruction tuning: one table per preset, everything SFT takes from the preset except how it
+# runs on the device (precision, ZeRO stage, micro batch on a GPU, checkpointing, offload: the
+# device recipe below, applied to SFT exactly as to pretraining). 843m: the reference (batch 128,
+# lr 5e-6 constant, 1000 iterations, betas 0.9/0.98, wd 0.01, clip 1.0, sequence 4096); the other
+# big sizes reuse it; tiny: ours (docs/sft.md: at lr 3e-4 / 300 steps the tiny model had not
+# learned the answer format; 2e-3 cosine / 600 steps has), with a 512-token sequence: room for two
+# 128-token contexts in prompt mode.
 _SFT_BASE = dict(lr=5e-6, lr_schedule="constant", weight_decay=0.01, betas=(0.9, 0.98),
-                 grad_clip=1.0, micro_batch=1, global_batch=128, iterations=1000)
+                 grad_clip=1.0, micro_batch=1, global_batch=128, iterations=1000, seq_length=4096, warmup=0)
 SFT: dict[str, dict] = {
     "tiny": {**_SFT_BASE, "lr": 2e-3, "lr_schedule": "cosine", "micro_batch": 8, "global_batch": 8,
-             "iterations": 600},
+             "iterations": 600, "seq_length": 512, "warmup": 20},
     "100m": {**_SFT_BASE, "lr": 1e-4, "lr_schedule": "cosine", "micro_batch": 16, "global_batch": 32,
-             "iterations": 300},
+             "iterations": 300, "seq_length": 1024, "warmup": 10},
     "843m": dict(_SFT_BASE),
     "2b": dict(_SFT_BASE),
     "4b": dict(_SFT_BASE),
@@ -145,6 +149,19 @@ def sft(name: str) -> dict:
     """Instruction-tuning defaults of preset ``name`` (a fresh dict)."""
     _check(name)
     return dict(SFT[name])
+
+
+def train_fields(table: dict, recipe: dict | None = None) -> dict:
+    """A preset's table entry (``training`` or ``sft``) and its device recipe as ``TrainConfig``
+    fields, the one translation pretraining and SFT share: ``iterations`` -> ``steps``,
+    ``betas`` -> ``beta1``/``beta2``, ``grad_clip`` -> ``clip``, ``lr``, ``weight_decay``; the
+    micro batch is the recipe's (on a GPU) or else the table's; precision, ZeRO stage,
+    checkpointing and offload are the recipe's."""
+    recipe = dict(recipe or {})
+    micro = int(recipe.pop("micro_batch", table["micro_batch"]))
+    return {**recipe, "steps": int(table["iterations"]), "micro_batch": micro, "lr": table["lr"],
+            "weight_decay": table["weight_decay"], "beta1": table["betas"][0], "beta2": table["betas"][1],
+            "clip": table["grad_clip"]}
 
 
 def device_recipe(name: str, gpu: bool) -> dict:

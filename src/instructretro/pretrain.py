@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 
 from . import hf
+from .checkpoint import init_from_checkpoint, load_model
+from .dist import init_distributed, is_rank0, local_device
 from .errors import PipelineError
 from .pretrain_data import PretrainInputs, PretrainSamples, TrainOrder, all_eval_batches, eval_indices, load_split
 from .tokenizer import Tokenizer
 from .tokenstore import TokenStore
-from .workdir import DigestCache, WorkDir, code_files, content_key, library_versions, rank0_key
+from .workdir import code_files, library_versions
 
 
 def run_key(inputs: PretrainInputs, model_config, cfg, init_from: str, world: int, code=()) -> dict:
@@ -42,9 +44,7 @@ def init_decoder(model, init_from: str) -> list[str]:
             return load_decoder_weights(model, hf.read_hf_state_dict(init_from, model.config))
         except PipelineError as exc:
             raise PipelineError(f"{init_from}: {exc}") from None
-    from . import train as T
-
-    return T.init_from_checkpoint(model, init_from)
+    return init_from_checkpoint(model, init_from)
 
 
 def load_for_eval(init_from: str, model_config):
@@ -54,9 +54,7 @@ def load_for_eval(init_from: str, model_config):
         from .presets import retro_additions
 
         return hf.load_hf_model(init_from, **retro_additions(model_config))
-    from . import train as T
-
-    return T.load_model(init_from)
+    return load_model(init_from)
 
 
 def empty_valid_message(tokens) -> str:
@@ -128,7 +126,7 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
     run stops at that step with a resume checkpoint and returns None.
     """
     from . import train as T
-    rank, world = T.init_distributed()
+    rank, world = init_distributed()
     if skip_train and not init_from:
         raise PipelineError("params.yaml: 'pretrain.skip_train' needs 'pretrain.init_from' (the checkpoint to evaluate)")
     torch.manual_seed(cfg.seed)
@@ -138,11 +136,11 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
     else:
         model = T.build_model(model_config, cfg)  # at ZeRO-3 already partitioned
         fresh = init_decoder(model, init_from) if init_from else []
-        if init_from and is_main():
+        if init_from and is_rank0():
             print(f"pretrain: decoder weights from {init_from}; {len(fresh)} retrieval tensors fresh")
         if cfg.freeze_decoder:  # retrofitting: only encoder and CCA train
             T.freeze_decoder(model)
-            if is_main():
+            if is_rank0():
                 print(f"pretrain: decoder frozen, training {sum(p.requires_grad for p in model.parameters())} "
                       "encoder and CCA tensors")
     n_params = model.num_parameters()
@@ -155,28 +153,20 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
 
     start, summary = 0, {}
     if skip_train:
-        device = T.local_device()  # cuda:LOCAL_RANK (no engine to pick it)
+        device = local_device()  # cuda:LOCAL_RANK (no engine to pick it)
         model.to(device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
         final = validation_fn(model, valid, cfg, rank, world, device)()
         engine = model
     else:
-        what = run_key(inputs, model_config, cfg, init_from, world, code)
-        key = rank0_key(lambda: content_key(what["params"], what["inputs"], what["code"], DigestCache(work_root)))
-        work = WorkDir(work_root, key, lock=rank == 0)
-        if rank == 0 and (T.latest_step(work.dir) or 0) >= cfg.steps:
-            work.clear()  # a run of this key that had finished is never resumed: train afresh
-        T.barrier()
-        engine = T.build_engine(model, cfg)
-        start = T.resume(engine, work.dir)
-        live = T.open_live(live_dir, work.dir, start) if is_main() and live_dir is not None else None
-        if start and is_main():
-            print(f"pretrain: resumed from {work.dir} at step {start}")
+        work = T.open_work(work_root, run_key(inputs, model_config, cfg, init_from, world, code), cfg.steps, rank)
         order = TrainOrder(len(train_set), cfg.micro_batch, cfg.grad_accum, world, rank, cfg.seed)
-        evaluate_now = validation_fn(engine, valid, cfg, rank, world, engine.device)
-        summary = T.train(engine, cfg, lambda step, micro: train_set.batch(order.indices(step, micro)),
-                          T.lm_loss, evaluate_now, work.dir, start_step=start, live=live, stop_after=stop_after)
-        if live is not None:
-            live.end()
+
+        def loop(engine, start, live):
+            evaluate_now = validation_fn(engine, valid, cfg, rank, world, engine.device)
+            return T.train(engine, cfg, lambda step, micro: train_set.batch(order.indices(step, micro)),
+                           T.lm_loss, evaluate_now, work.dir, start_step=start, live=live, stop_after=stop_after)
+
+        engine, start, summary = T.fit(model, cfg, work, live_dir, loop, "pretrain")
         if stop_after is not None and stop_after < cfg.steps:
             work.release()
             return None
@@ -194,19 +184,10 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
         "valid_samples_evaluated": min(len(valid), cfg.eval_batches * cfg.micro_batch * world),
     }
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-    if out is not None:
-        T.export_checkpoint(engine, model_config, out, extra={"steps": metrics["steps"], "init_from": init_from,
-                                                                   "precision": cfg.precision,
-                                                                   "tokenizer_sha256": Tokenizer(inputs.tokenizer).digest})
-    if not skip_train:
-        T.barrier()
-        if rank == 0:
-            work.finish()  # exported: nothing left to resume
+    T.finish(engine, model_config, out, {"steps": metrics["steps"], "init_from": init_from, "precision": cfg.precision,
+                                            "tokenizer_sha256": Tokenizer(inputs.tokenizer).digest},
+             None if skip_train else work)
     return metrics
-
-
-def is_main() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def preset_training(preset: dict, world_size: int, micro_batch: int | None = None,
@@ -221,19 +202,16 @@ def preset_training(preset: dict, world_size: int, micro_batch: int | None = Non
     rounded down (48 GPUs at micro batch 1 cannot make 128); its ``grad_accum`` is then None
     and :func:`check_global_batch` names the problem.
     """
-    recipe = dict(recipe or {})
-    steps = int(preset["iterations"])
-    micro = int(recipe.pop("micro_batch", preset["micro_batch"]))
-    per_step = (micro_batch or micro) * world_size
+    from .presets import train_fields
+
+    fields = train_fields(preset, recipe)
+    per_step = (micro_batch or fields["micro_batch"]) * world_size
     global_batch = int(preset["global_batch"])
     return {
-        **recipe,
-        "steps": steps, "micro_batch": micro,
+        **fields,
         "grad_accum": global_batch // per_step if global_batch % per_step == 0 else None,
-        "lr": preset["lr"], "min_lr": preset["min_lr"],
-        "warmup": int(round(preset.get("warmup_fraction", 0.0) * steps)),
-        "weight_decay": preset["weight_decay"], "beta1": preset["betas"][0], "beta2": preset["betas"][1],
-        "clip": preset["grad_clip"],
+        "min_lr": preset["min_lr"],
+        "warmup": int(round(preset.get("warmup_fraction", 0.0) * fields["steps"])),
     }
 
 

@@ -4,7 +4,7 @@ A sample is ``seq_length`` tokens (``SampleLayout`` in ``chunks``): ``C = seq_le
 chunk_length`` query chunks. Query chunk row ``q`` of the split has up to K neighbor ids in
 ``neighbors.h5`` (row ``q`` = ``SampleLayout.chunks[q]``, -1 = none); the model reads the first
 ``k`` of them, each as the neighbor chunk plus its continuation (``2 * chunk_length`` tokens,
-from ``NeighborTokens``). A batch is a dict of tensors::
+from ``dbfile.NeighborTokens``). A batch is a dict of tensors::
 
     tokens (B, T) int64, labels (B, T) int64, loss_mask (B, T) float32,
     neighbors (B, C, k, R) int64, neighbor_mask (B, C, k, R) bool      (Retro only)
@@ -273,7 +273,7 @@ def load_split(inputs: PretrainInputs, model_config, split: str, fact_flags: boo
     k = model_config.num_neighbors if model_config.retro else 0
     ids = read_neighbor_ids(inputs.neighbors, split) if k else None
     if k and neighbor_tokens is None:
-        from .neighbors import NeighborTokens
+        from .dbfile import NeighborTokens
 
         neighbor_tokens = NeighborTokens(inputs.db_tokens, inputs.embeddings, model_config.chunk_length)
     flags = None

@@ -4,6 +4,8 @@
 between the README's ``<!-- results:start -->`` and ``<!-- results:end -->`` markers, and the
 pipeline picture (``dvc dag --md``) between ``<!-- dag:start -->`` and ``<!-- dag:end -->``
 (``make results``). A metrics file that does not exist (a stage not run yet) gives no row.
+``--contracts docs/CONTRACTS.md`` replaces the table of every stage and the modules it depends
+on (from dvc.yaml) between ``<!-- deps:start -->`` and ``<!-- deps:end -->``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .errors import PipelineError, cli
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 DAG_START, DAG_END = "<!-- dag:start -->", "<!-- dag:end -->"
+DEPS_START, DEPS_END = "<!-- deps:start -->", "<!-- deps:end -->"
 
 
 def _read(path: Path) -> dict | None:
@@ -93,6 +96,24 @@ def dag(repo: str | os.PathLike = ".") -> str:
     return compact_flowchart(r.stdout)
 
 
+
+def deps_table(dvc_yaml: str | os.PathLike = "dvc.yaml") -> str:
+    """A table of every stage of ``dvc_yaml`` (a ``foreach`` stage as ``name@*``), its script and
+    the ``instructretro`` modules it depends on, as dvc.yaml lists them."""
+    import yaml
+
+    stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages", {})
+    lines = ["| stage | script | modules |", "|---|---|---|"]
+    for name, stage in stages.items():
+        body = stage.get("do", stage) if "foreach" in stage else stage
+        deps = [str(d) for d in body.get("deps", [])]
+        script = next((d for d in deps if d.startswith("stages/")), "")
+        mods = sorted(Path(d).stem for d in deps if d.startswith("src/instructretro/"))
+        label = f"{name}@*" if "foreach" in stage else name
+        lines.append(f"| {label} | `{script}` | {len(mods)}: {', '.join(mods)} |")
+    return "\n".join(lines) + "\n"
+
+
 def compact_flowchart(md: str) -> str:
     """``dvc dag --md``'s flowchart (a node line per stage, an edge line per dependency) with
     the edges of each stage on one line, the stages named by their labels."""
@@ -125,6 +146,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--metrics", default="metrics", help="folder of the stages' metrics files")
     ap.add_argument("--write", metavar="FILE", default="", help="replace the table between the markers in FILE")
+    ap.add_argument("--contracts", metavar="FILE", default="",
+                    help="replace the stage/module table between the deps markers in FILE (from dvc.yaml beside it)")
     args = ap.parse_args(argv)
     t = table(args.metrics)
     if args.write:
@@ -133,7 +156,13 @@ def main(argv=None):
         text = replace_table(text, dag(path.parent), args.write, DAG_START, DAG_END)
         path.write_text(text)
         print(f"report: wrote the results table and the pipeline picture into {path}")
-    else:
+    if args.contracts:
+        path = Path(args.contracts)
+        repo = path.resolve().parent.parent  # docs/CONTRACTS.md -> the repository
+        path.write_text(replace_table(path.read_text(), deps_table(repo / "dvc.yaml"), args.contracts,
+                                      DEPS_START, DEPS_END))
+        print(f"report: wrote the stage/module table into {path}")
+    if not args.write and not args.contracts:
         print(t, end="")
 
 

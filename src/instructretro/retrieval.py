@@ -2,7 +2,7 @@
 
 ``Retriever`` embeds query texts with the same encoder as the database, searches the populated
 index (with ``nprobe`` / ``efSearch``), optionally drops chunks of given documents, and reads the
-neighbors back as tokens (chunk + continuation, see ``neighbors.NeighborTokens``) or as text.
+neighbors back as tokens (chunk + continuation, see ``dbfile.NeighborTokens``) or as text.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import os
 import numpy as np
 
 from .embed import Encoder
+from .dbfile import NeighborTokens
 from .errors import PipelineError
 from .index import read_index, set_search_params
-from .neighbors import NeighborTokens
 from .tokenizer import Tokenizer
 
 

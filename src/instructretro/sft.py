@@ -23,6 +23,7 @@ Read top to bottom:
    epoch-wise shuffles inside each dataset, and the report of samples drawn and epochs.
 7. Batches and the masked loss.
 8. Training glue on top of ``instructretro.train``.
+9. The run (``run_sft``, shaped like ``pretrain.run_pretrain``): what ``stages/sft.py`` calls.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as dataclasses_replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -39,21 +40,12 @@ import numpy as np
 
 from . import data
 from .errors import PipelineError
+from .prompts import prompt_segments, tokenize_segments
 
 # ----------------------------------------------------------------------------------------------
-# 1. Presets: SFT training defaults per model preset. ``None`` in params means "the preset's".
+# 1. Presets: SFT training defaults per model preset (``presets.SFT``, with the device recipe
+# applied as for pretraining: ``presets.train_fields``). ``None`` in params means "the preset's".
 
-# The optimisation recipe per preset lives in ``presets.sft`` (843m: the reference). What only
-# SFT needs is here: the sequence length (4096 for the big presets as in the reference; 512 for
-# tiny, room for two 128-token contexts in prompt mode), warmup, precision and ZeRO stage.
-SFT_EXTRAS: dict[str, dict] = {
-    "tiny": dict(seq_length=512, warmup=20, precision="fp32", zero_stage=0),
-    "843m": dict(seq_length=4096, warmup=0, precision="bf16", zero_stage=1),
-    "2b": dict(seq_length=4096, warmup=0, precision="bf16", zero_stage=1),
-    "4b": dict(seq_length=4096, warmup=0, precision="bf16", zero_stage=2),
-    "43b": dict(seq_length=4096, warmup=0, precision="bf16", zero_stage=3),
-    "100m": dict(seq_length=1024, warmup=10, precision="bf16", zero_stage=0),
-}
 # The sft.* training keys; ``null`` in params means "the preset's value".
 TRAIN_KEYS = ("seq_length", "steps", "global_batch", "micro_batch", "lr", "lr_schedule", "warmup",
               "beta1", "beta2", "weight_decay", "clip", "zero_stage", "precision",
@@ -62,23 +54,27 @@ RETRIEVAL_MODES = ("prompt", "encoder", "none")
 FORMATS = ("conversation", "alpaca", "auto")
 
 
-def sft_settings(preset: str, overrides: dict | None = None) -> dict:
-    """The SFT training settings of ``preset`` with every non-``None`` override applied."""
+def sft_settings(preset: str, overrides: dict | None = None, gpu: bool | None = None) -> dict:
+    """The SFT training settings of ``preset`` with every non-``None`` override applied.
+
+    The preset's SFT table (``presets.SFT``) and its device recipe (``presets.device_recipe``:
+    on a GPU, ``gpu`` defaulting to whether one is present, the GPU recipe's precision, ZeRO
+    stage, micro batch, checkpointing and offload; on CPU fp32 and ZeRO 0), translated by
+    ``presets.train_fields`` exactly as pretraining's.
+    """
     from . import presets
 
-    if preset not in SFT_EXTRAS:
+    if preset not in presets.SFT:
         raise PipelineError(f"model preset {preset!r} (model.name / the checkpoint's config) has no SFT "
-                            f"defaults; expected one of {sorted(SFT_EXTRAS)}")
-    base = presets.sft(preset)
-    out = dict(SFT_EXTRAS[preset], steps=base["iterations"], global_batch=base["global_batch"],
-               micro_batch=base["micro_batch"], lr=base["lr"], lr_schedule=base["lr_schedule"],
-               beta1=base["betas"][0], beta2=base["betas"][1], weight_decay=base["weight_decay"],
-               clip=base["grad_clip"])
-    # memory settings: the preset's GPU recipe on a GPU (checkpointing, offload), off on CPU
-    import torch
+                            f"defaults; expected one of {sorted(presets.SFT)}")
+    if gpu is None:
+        import torch
 
-    recipe = presets.device_recipe(preset, gpu=torch.cuda.is_available())
-    out.update({k: recipe[k] for k in ("activation_checkpointing", "offload_optimizer", "offload_params")})
+        gpu = torch.cuda.is_available()
+    table = presets.sft(preset)
+    out = {"seq_length": table["seq_length"], "warmup": table["warmup"], "global_batch": table["global_batch"],
+           "lr_schedule": table["lr_schedule"],
+           **presets.train_fields(table, presets.device_recipe(preset, gpu=gpu))}
     for key, value in (overrides or {}).items():
         if key not in out:
             raise PipelineError(f"params.yaml: unknown SFT training key 'sft.{key}'; expected one of {sorted(out)}")
@@ -196,56 +192,7 @@ def load_split(entry: BlendEntry, valid_fraction: float) -> tuple[list[dict], li
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Prompt format.
-
-
-def prompt_segments(system: str, turns: Sequence[tuple[str, str]], contexts: Sequence[str] = ()) -> list[tuple[str, bool]]:
-    """The conversation as ``[(text, is_answer), ...]`` in the reference format.
-
-    ``System: {system}\\n\\n``, then each context followed by a blank line, then
-    ``User: {q}\\n\\nAssistant:`` and `` {answer}`` turns separated by a blank line. Joining the
-    texts gives the prompt; a conversation that ends with a user turn ends with
-    ``Assistant:``, ready for generation. Answers are stripped of surrounding whitespace.
-    """
-    segs = [(f"System: {system}\n\n", False)]
-    segs += [(f"{c.strip()}\n\n", False) for c in contexts]
-    for i, (role, text) in enumerate(turns):
-        if role == "user":
-            segs.append((f"User: {text.strip()}\n\nAssistant:", False))
-        else:
-            segs.append((" " + text.strip(), True))
-            if i < len(turns) - 1:
-                segs.append(("\n\n", False))
-    return segs
-
-
-def render(segments: Iterable[tuple[str, bool]]) -> str:
-    """The text of a segment list."""
-    return "".join(t for t, _ in segments)
-
-
-def format_prompt(system: str, question: str, contexts: Sequence[str] = ()) -> str:
-    """The single-turn prompt ``System: ...\\n\\n[contexts]User: {question}\\n\\nAssistant:``."""
-    return render(prompt_segments(system, [("user", question)], contexts))
-
-
-def tokenize_segments(tok, segments: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Token ids ending in the tokenizer's EOD, a bool per token (answer or final EOD), and where
-    the final answer starts.
-
-    Segments are encoded one by one, so the answer mask is exact at the segment boundaries.
-    """
-    pieces = tok.encode_batch([t for t, _ in segments])
-    tokens, answer = [], []
-    final_start = 0
-    for (_, is_answer), ids in zip(segments, pieces):
-        if is_answer:
-            final_start = len(tokens)
-        tokens += ids
-        answer += [is_answer] * len(ids)
-    tokens.append(tok.eod_id)
-    answer.append(True)
-    return np.asarray(tokens, dtype=np.int64), np.asarray(answer, dtype=bool), final_start
+# 3. Prompt format: prompts.py.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,23 +287,10 @@ def search_batched(retriever, texts: list[str], n: int, batch: int = 256, desc: 
         ids = np.asarray(retriever.search([texts[i] for i in idx], n), dtype=np.int64).reshape(len(idx), -1)
         out[idx, : ids.shape[1]] = ids[:, :n]
     if world_size > 1:
-        out = _all_gather_rows(out, share, lo, hi)
+        from .dist import all_gather_rows
+
+        out = all_gather_rows(out, share, lo, hi)
     return out
-
-
-def _all_gather_rows(table: np.ndarray, share: int, lo: int, hi: int) -> np.ndarray:
-    """Every rank's rows ``[lo, hi)`` of ``table`` (``share`` rows per rank), all-gathered on
-    this process's device (the one the collective needs: NCCL refuses host tensors)."""
-    import torch
-
-    from .train import local_device
-
-    device = local_device()
-    mine = torch.full((share, table.shape[1]), -1, dtype=torch.int64, device=device)
-    mine[: hi - lo] = torch.from_numpy(table[lo:hi]).to(device)
-    parts = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, mine)
-    return torch.cat(parts).cpu().numpy()[: len(table)]
 
 
 def chunk_queries(tok, inputs: np.ndarray, chunk_length: int) -> list[str]:
@@ -641,3 +575,122 @@ def finetune(engine, cfg, sdata: SFTData, *, chunk_length: int, retriever=None, 
                                      pad_to=pad_to, pad_batch=pad_batch)
     return T.train(engine, cfg, batch_fn, loss_fn, eval_fn=eval_fn, work_dir=work_dir, start_step=start_step,
                    live=live, progress=progress, stop_after=stop_after)
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. The run: what ``stages/sft.py`` calls.
+
+
+def run_key(s: dict, settings: dict, cfg, world: int, embed_params: dict | None, inputs: list, code=()) -> dict:
+    """What the resume key of an SFT run hashes (``workdir``): the params (``sft.*``, ``embed.*``
+    with retrieval, ``retro.chunk_length``), the training settings and library versions, every
+    input by content (the checkpoint, the blend files, tokenizer, database, index) and the code
+    (this module's imports and the ``code`` files, e.g. the stage script)."""
+    import dataclasses
+
+    from .workdir import code_files, library_versions
+
+    return {"params": {"sft": s, "settings": settings, "train": dataclasses.asdict(cfg), "world": world,
+                       "versions": library_versions("torch", "deepspeed", "transformers", "faiss-cpu", "faiss-gpu"),
+                       "embed": embed_params},
+            "inputs": inputs, "code": code_files(__file__, *code)}
+
+
+def _finite(x) -> float | None:
+    return round(x, 6) if x is not None and math.isfinite(x) else None
+
+
+def run_sft(config, settings: dict, s: dict, blend: list, tok, out: str | os.PathLike, work_root, live_dir,
+            *, open_retriever=None, retrieval_unavailable: str | None = None, embed_params: dict | None = None,
+            inputs: list = (), code=(), stop_after: int | None = None, smoke: bool = False,
+            full_settings: dict | None = None) -> dict | None:
+    """Instruction-tune the checkpoint ``s["init_from"]`` (``smoke``: fresh weights of ``config``,
+    one step, no work folder) on ``blend``; export it to ``out``; return the metrics (rank 0;
+    other ranks and a run stopped by ``stop_after`` return None).
+
+    ``open_retriever()`` gives the Retriever for ``s["retrieval"]`` (not called when the mode is
+    ``none``, or when ``retrieval_unavailable`` says why there is none: the run then uses
+    ``none``). Resume checkpoints live in ``work_root/<key>`` (``run_key``), locked while the
+    run lasts; a killed run started again continues from its last checkpoint; a finished run
+    deletes its folder (``train.open_work`` / ``fit`` / ``finish``).
+    """
+    import time
+
+    import torch
+
+    from . import train as T
+    from .dist import init_distributed
+
+    rank, world = init_distributed()
+    cfg = train_config(settings, world, seed=s["seed"], eval_interval=s["eval_interval"],
+                       save_interval=s["save_interval"])
+    if smoke:
+        from .model import Retro
+
+        model = Retro(config)
+    else:
+        model = T.build_model(config, cfg, weights=s["init_from"])  # partitioned at creation at ZeRO-3
+    print(f"sft: {config.name} model, {model.num_parameters():,} parameters, retrieval={s['retrieval']}")
+    retriever = None if s["retrieval"] == "none" or retrieval_unavailable else open_retriever()
+    retrieval = s["retrieval"] if retriever is not None or s["retrieval"] == "none" else "none"
+    if retrieval != s["retrieval"]:
+        print(f"sft smoke: {retrieval_unavailable}, so retrieval=none for the smoke step")
+    num_neighbors = s["num_neighbors"] or config.num_neighbors
+    sdata = build_data(blend, tok, seq_length=settings["seq_length"], chunk_length=s["chunk_length"],
+                       num_draws=cfg.steps * settings["global_batch"], retrieval=retrieval, retriever=retriever,
+                       num_contexts=s["num_contexts"], num_neighbors=num_neighbors, system=s["system"],
+                       valid_fraction=s["valid_fraction"], valid_samples=4 if smoke else s["valid_samples"],
+                       seed=s["seed"], rank=rank, world_size=world)
+    if rank == 0:
+        print(format_report(sdata.report))
+    if not smoke and settings["steps"] * settings["global_batch"] * settings["seq_length"] > 5e7 \
+            and not torch.cuda.is_available():
+        from .estimate import print_cost
+
+        print_cost(config, full_settings or settings)
+
+    work = None if smoke else T.open_work(work_root, run_key(s, settings, cfg, world, embed_params, list(inputs), code),
+                                          cfg.steps, rank)
+    t0 = time.perf_counter()
+
+    def loop(engine, start, live):
+        return finetune(engine, cfg, sdata, chunk_length=s["chunk_length"], retriever=retriever, rank=rank,
+                        world_size=world, live=live, work_dir=work.dir if work is not None else None,
+                        start_step=start, stop_after=stop_after)
+
+    engine, start, last = T.fit(model, cfg, work, live_dir, loop, "sft")
+    if stop_after is not None and stop_after < cfg.steps:
+        print(f"sft: stopped after {stop_after} steps; run again to continue")
+        return None
+    seconds = time.perf_counter() - t0
+    export_config = dataclasses_replace(config, seq_length=max(config.seq_length, settings["seq_length"]))
+    T.finish(engine, export_config, out, {"stage": "sft", "steps": cfg.steps, "precision": cfg.precision,
+                                          "tokenizer_sha256": tok.digest}, work)
+    if rank != 0:
+        return None
+    if smoke:
+        import shutil
+
+        from .checkpoint import read_config
+
+        size = sum(f.stat().st_size for f in Path(out).iterdir())
+        reloaded = read_config(out)
+        shutil.rmtree(Path(out).parent)
+        print(f"sft smoke: one step (forward, backward, AdamW, validation) in {seconds:.1f} s, train loss "
+              f"{last['train/loss']:.3f}, val loss {last.get('val/loss', float('nan')):.3f}; exported "
+              f"{size / 1e9:.2f} GB ({reloaded.name}, read back, then deleted)")
+        return None
+    metrics = {
+        "val_loss": _finite(last.get("val/loss")),
+        "val_loss_by_dataset": {n: _finite(last.get(f"val/loss_{n}")) for n in sdata.names},
+        "train_loss": round(last["train/loss"], 6),
+        "steps": cfg.steps,
+        "resumed_at": start,
+        "retrieval": retrieval,
+        "truncated": sum(c["train_truncated"] + c["valid_truncated"] for c in sdata.report.values()),
+        "dropped": sum(c["train_dropped"] + c["valid_dropped"] for c in sdata.report.values()),
+        "blend": {n: {k: c[k] for k in ("prob", "train_samples", "drawn", "epochs", "held_out")}
+                  for n, c in sdata.report.items()},
+    }
+    print(f"sft: {cfg.steps} steps in {seconds:.0f} s, val_loss {metrics['val_loss']:.4f}")
+    return metrics

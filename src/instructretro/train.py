@@ -4,27 +4,27 @@ The same code trains on one CPU process (no launcher, gloo backend) and on many 
 ``deepspeed`` launcher. Read top to bottom:
 
 1. ``TrainConfig``: the hyperparameters, read from one params section (``pretrain`` or ``sft``).
-2. ``init_distributed``: environment defaults for a single process, and no C++ build at run time.
-3. ``build_model`` (partitioned at creation under ZeRO-3) and ``build_engine``: AdamW (torch's
+2. ``build_model`` (partitioned at creation under ZeRO-3) and ``build_engine``: AdamW (torch's
    fused kernel on GPU, multi-tensor on CPU), warmup + cosine schedule, ZeRO stage and offload,
    activation checkpointing, a frozen decoder for retrofitting, TF32 on GPUs, bf16/fp32,
    micro batch, gradient accumulation and clipping, as one DeepSpeed config.
-4. ``train``: the loop. It is generic over ``batch_fn(step, micro) -> batch`` (a deterministic
+3. ``train``: the loop. It is generic over ``batch_fn(step, micro) -> batch`` (a deterministic
    function of the position, so a resumed run sees exactly the batches it would have seen) and
    ``loss_fn(model, batch) -> {name: (loss_sum, count)}``; the key ``"loss"`` is optimised.
-5. Checkpoints: DeepSpeed checkpoints for resume (``save_checkpoint`` / ``resume``) and the
-   exported checkpoint later stages load: ``config.json`` + ``model.safetensors``.
+4. Checkpoints: DeepSpeed checkpoints for resume (``save_checkpoint`` / ``resume``). The
+   exported checkpoint later stages load (``config.json`` + ``model.safetensors``) is
+   ``checkpoint.py``; starting processes is ``dist.py``.
+5. A run, the scaffold pretraining and SFT share: resume key -> work folder (``open_work``) ->
+   engine -> resume -> DVCLive -> train (``fit``) -> export -> finish (``finish``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -33,10 +33,11 @@ from typing import Callable, Iterable
 
 import torch
 
+from .checkpoint import PRECISIONS, export_checkpoint
+from .dist import accelerator_name, barrier, init_distributed, is_rank0
 from .errors import PipelineError
-from .io import atomic_path, write_json
+from .workdir import DigestCache, WorkDir, rank0_key, resume_key
 
-PRECISIONS = ("fp32", "bf16")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 # --------------------------------------------------------------------------------------------
@@ -148,79 +149,7 @@ def lr_multiplier(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Processes
-
-
-def init_distributed() -> tuple[int, int]:
-    """Start torch.distributed through DeepSpeed, select this process's device, and return
-    ``(rank, world_size)``.
-
-    Under the ``deepspeed`` launcher the environment is already set. A plain ``python script.py``
-    is one process: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT get single-process
-    defaults (a free port, so two stages on one machine do not collide). Each process selects
-    the accelerator of its ``LOCAL_RANK`` (``set_device``) before the first collective, as NCCL
-    needs one GPU per process. On the CPU accelerator DeepSpeed would JIT-compile a shared-memory
-    all-reduce op (a C++ build of about 45 s) when the communication backend starts; its only
-    consumer is a compatibility table, so we mark the op unavailable there and gloo does the
-    collectives.
-    """
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    accelerator = get_accelerator()
-    if accelerator.device_name() == "cpu":
-        import deepspeed.ops as ds_ops
-
-        # Setting the attribute directly skips DeepSpeed's probe of every op (which runs a compiler).
-        ops_table = ds_ops.__dict__.setdefault("__compatible_ops__", {})
-        ops_table["deepspeed_shm_comm"] = False
-    local_device()
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def local_device() -> torch.device:
-    """This process's accelerator, ``<accelerator>:LOCAL_RANK`` (``cuda:3`` for local rank 3;
-    ``cpu`` on the CPU accelerator), selected as the current device. What the DeepSpeed engine
-    uses; code without an engine (evaluation only, generation) puts its model and every tensor
-    it hands to a collective here."""
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    accelerator.set_device(local_rank)
-    return torch.device(accelerator.device_name(local_rank))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def is_rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def barrier() -> None:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
-
-
-# --------------------------------------------------------------------------------------------
-# 3. The DeepSpeed engine
-
-
-def accelerator_name() -> str:
-    """``cuda``, ``cpu``, ...: the DeepSpeed accelerator this process trains on."""
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().device_name()
+# 2. The DeepSpeed engine (processes: dist.py)
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, device: str | None = None) -> dict:
@@ -375,7 +304,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig):
 
 
 # --------------------------------------------------------------------------------------------
-# 4. The loop
+# 3. The loop
 
 Batch = dict  # name -> tensor
 LossFn = Callable[[torch.nn.Module, Batch], dict]  # -> {name: (loss_sum tensor, count tensor)}
@@ -540,7 +469,7 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
 
 
 # --------------------------------------------------------------------------------------------
-# 5. Checkpoints
+# 4. Resume checkpoints
 
 
 def save_checkpoint(engine, work_dir: str | os.PathLike, step: int) -> None:
@@ -674,137 +603,44 @@ def _truncate_live_log(live_dir: Path, step: int) -> None:
         tsv.write_text("\n".join([header, *keep]) + "\n")
 
 
-def full_state_dict(engine_or_model) -> dict[str, torch.Tensor]:
-    """The complete model state dict as fp32 CPU tensors (gathers ZeRO-3 shards; all ranks call)."""
-    module = getattr(engine_or_model, "module", engine_or_model)
-    if hasattr(engine_or_model, "zero_optimization_partition_weights") and \
-            engine_or_model.zero_optimization_partition_weights():
-        state = engine_or_model._zero3_consolidated_16bit_state_dict()  # noqa: SLF001 (no public API)
-        state = state if state is not None else {}
-    else:
-        state = module.state_dict()
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+# --------------------------------------------------------------------------------------------
+# 5. A run: resume key -> work folder -> engine -> resume -> DVCLive -> train -> export -> finish
 
 
-def export_checkpoint(engine_or_model, config, folder: str | os.PathLike, extra: dict | None = None) -> None:
-    """Write ``folder/config.json`` (the ModelConfig) and ``folder/model.safetensors`` atomically.
-
-    Every rank must call this (ZeRO-3 gathers); only rank 0 writes. ``extra`` goes into
-    ``folder/train.json`` (e.g. the steps trained), kept apart from the model config.
-    """
-    from safetensors.torch import save_file
-
-    state = full_state_dict(engine_or_model)
-    if is_rank0():
-        with atomic_path(folder) as tmp:
-            tmp.mkdir(parents=True)
-            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-            save_file(dict(sorted(state.items())), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            if extra:
-                write_json(tmp / "train.json", extra)
+def open_work(work_root: str | os.PathLike, what: dict, steps: int, rank: int) -> WorkDir:
+    """The locked work folder of a training run, ``work_root/<key>``. The key (rank 0's, for
+    every rank) is the ``workdir.resume_key`` of ``what`` (``params``, ``inputs``, ``code``). A
+    run of this key that had finished is never resumed (its folder is emptied), so a forced
+    rerun trains from scratch."""
+    key = rank0_key(lambda: resume_key(what["params"], what["inputs"], what["code"], DigestCache(work_root)))
+    work = WorkDir(work_root, key, lock=rank == 0)
+    if rank == 0 and (latest_step(work.dir) or 0) >= steps:
+        work.clear()  # a run of this key that had finished is never resumed: train afresh
     barrier()
+    return work
 
 
-def read_config(folder: str | os.PathLike):
-    """The ModelConfig stored in an exported checkpoint folder."""
-    from .model import ModelConfig
-
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise PipelineError(f"{folder}: not an exported checkpoint (no config.json)")
-    try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise PipelineError(f"{path}: malformed JSON ({getattr(exc, 'msg', None) or type(exc).__name__})") from None
-    return ModelConfig.from_dict(raw, str(path))
-
-
-def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(folder) / "model.safetensors"
-    if not path.is_file():
-        raise PipelineError(f"{folder}: not an exported checkpoint (no model.safetensors)")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise PipelineError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+def fit(model, cfg: TrainConfig, work: WorkDir | None, live_dir, loop: Callable, name: str):
+    """Wrap ``model`` in its engine, resume from ``work`` (none: start at 0), open DVCLive
+    (rank 0, with a work folder and a ``live_dir``) and run ``loop(engine, start, live)`` (the
+    training loop, returning its summary). Returns ``(engine, start, summary)``."""
+    engine = build_engine(model, cfg)
+    start = resume(engine, work.dir) if work is not None else 0
+    live = open_live(live_dir, work.dir, start) if is_rank0() and work is not None and live_dir is not None else None
+    if start and is_rank0():
+        print(f"{name}: resumed from {work.dir} at step {start}")
+    summary = loop(engine, start, live)
+    if live is not None:
+        live.end()
+    return engine, start, summary
 
 
-def memory_bytes() -> int:
-    """Physical memory of this machine (bytes)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def check_fits(config, source: str, bytes_per_param: int = 4, limit: int | None = None) -> int:
-    """Refuse a config whose weights alone (``bytes_per_param`` each) exceed the machine's memory.
-
-    The parameter count comes from the model built on the meta device (nothing allocated), so an
-    absurd size (``vocab_size: 2**31``) is an error naming the key instead of a huge allocation.
-    Returns the parameter count.
-    """
-    from .model import Retro
-
-    with torch.device("meta"):
-        n = Retro(config).num_parameters()
-    limit = memory_bytes() if limit is None else limit
-    if n * bytes_per_param > limit:
-        embed = 2 * config.vocab_size * config.hidden  # input and output embeddings
-        key = "vocab_size" if embed * 2 > n else "n_layers' / 'hidden"
-        raise PipelineError(
-            f"{source}: '{key}' gives a model of {n:,} parameters ({n * bytes_per_param / 2**30:.1f} GiB of "
-            f"weights), more than this machine's {limit / 2**30:.1f} GiB of memory "
-            f"(vocab_size {config.vocab_size}, n_layers {config.n_layers}, hidden {config.hidden})")
-    return n
-
-
-def load_model(folder: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
-    """Build the model stored in an exported checkpoint and load its weights (fp32 on the CPU,
-    or on ``device`` in ``dtype``: the weights are cast after loading, so bf16 rounds the fp32
-    export once)."""
-    from .model import Retro
-
-    config = read_config(folder)
-    check_fits(config, str(Path(folder) / "config.json"))
-    state = read_state_dict(folder)
-    model = Retro(config)
-    expected = model.state_dict()
-    if set(state) != set(expected):
-        raise PipelineError(f"{folder}: weights do not match config.json "
-                            f"({len(set(state) ^ set(expected))} names differ)")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise PipelineError(f"{folder}: weight '{name}' has shape {tuple(tensor.shape)}, config.json gives "
-                                f"{tuple(expected[name].shape)}")
-    model.load_state_dict(state)
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
-    return model
-
-
-def checkpoint_precision(folder: str | os.PathLike) -> str:
-    """The precision an exported checkpoint was trained in (``train.json``; fp32 if unrecorded)."""
-    path = Path(folder) / "train.json"
-    try:
-        precision = json.loads(path.read_text()).get("precision", "fp32") if path.is_file() else "fp32"
-    except (json.JSONDecodeError, AttributeError):
-        raise PipelineError(f"{path}: malformed JSON") from None
-    if precision not in PRECISIONS:
-        raise PipelineError(f"{path}: precision {precision!r}; expected one of {PRECISIONS}")
-    return precision
-
-
-def init_from_checkpoint(model: torch.nn.Module, folder: str | os.PathLike) -> list[str]:
-    """Copy an exported checkpoint's decoder weights into ``model``; return the names left fresh.
-
-    A GPT checkpoint loads into a Retro model with the same decoder: the encoder and chunked
-    cross-attention keep their fresh initialisation (InstructRetro's continued pretraining).
-    The optimizer state is not part of an exported checkpoint, so it starts fresh too.
-    """
-    from .model import load_decoder_weights
-
-    try:
-        return load_decoder_weights(model, read_state_dict(folder))
-    except PipelineError as exc:
-        raise PipelineError(f"{folder}: {exc}") from None
+def finish(engine, model_config, out: str | os.PathLike | None, extra: dict, work: WorkDir | None) -> None:
+    """Export the trained model to ``out`` (every rank calls; none: no export), then delete the
+    work folder: the run is exported, nothing is left to resume."""
+    if out is not None:
+        export_checkpoint(engine, model_config, out, extra=extra)
+    if work is not None:
+        barrier()
+        if is_rank0():
+            work.finish()

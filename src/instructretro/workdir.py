@@ -98,7 +98,7 @@ def library_versions(*names: str) -> dict[str, str]:
 # Content hashes
 
 
-def file_digest(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes, read in 1 MiB blocks (memory stays flat for any size)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -128,7 +128,7 @@ class DigestCache:
         hit = self.entries.get(key)
         if isinstance(hit, list) and hit[:3] == stamp:
             return hit[3]
-        value = file_digest(path)
+        value = sha256_file(path)
         self.entries[key] = [*stamp, value]
         self.changed = True
         return value
@@ -141,11 +141,15 @@ class DigestCache:
             self.changed = False
 
 
-def content_key(params: dict, inputs: Iterable[str | os.PathLike] = (), code: Iterable[str | os.PathLike] = (),
-                cache: DigestCache | None = None) -> str:
-    """A 16-hex-digit key of ``params`` (JSON), the input files/folders and the code files, all
-    by content. A folder contributes each file's relative path and bytes; a missing path counts
-    as missing (so it appearing later changes the key); an empty path (an unset input) as none."""
+def resume_key(params: dict, inputs: Iterable[str | os.PathLike] = (), code: Iterable[str | os.PathLike] = (),
+               cache: DigestCache | None = None) -> str:
+    """The key of every work folder and block cache: a 16-hex-digit hash of ``params`` (JSON),
+    the input files/folders and the code files (``code_files``), all by content.
+
+    ``params`` may also hold digests the caller already has (a token store's or the DB file's
+    fingerprint), so a multi-terabyte input is not hashed again. A folder contributes each
+    file's relative path and bytes; a missing path counts as missing (so it appearing later
+    changes the key); an empty path (an unset input) as none."""
     cache = cache or DigestCache(None)
     h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
     for group, paths in (("input", inputs), ("code", code)):
@@ -167,7 +171,7 @@ def content_key(params: dict, inputs: Iterable[str | os.PathLike] = (), code: It
 
 
 def rank0_key(compute) -> str:
-    """``compute()`` on rank 0, sent to every rank (one process: just ``compute()``), so all
+    """``compute()`` (a ``resume_key``) on rank 0, sent to every rank (one process: just ``compute()``), so all
     ranks use one folder and only rank 0 reads the inputs."""
     import torch.distributed as dist
 

@@ -1,0 +1,160 @@
+"""Exported checkpoint folders: what a training stage writes and every later stage loads.
+
+A folder holds ``config.json`` (the ``ModelConfig``), ``model.safetensors`` (fp32 weights, names
+sorted) and optionally ``train.json`` (steps trained, precision, init_from). ``export_checkpoint``
+writes one atomically (every rank calls it; ZeRO-3 gathers, rank 0 writes); ``read_config``,
+``read_state_dict``, ``load_model`` and ``checkpoint_precision`` read it; ``check_fits`` refuses a
+config whose weights would not fit in memory; ``init_from_checkpoint`` copies a GPT checkpoint's
+decoder into a Retro model. Reading a checkpoint needs only this module and ``model.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .dist import barrier, is_rank0
+from .errors import PipelineError
+from .io import atomic_path, write_json
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def full_state_dict(engine_or_model) -> dict[str, torch.Tensor]:
+    """The complete model state dict as fp32 CPU tensors (gathers ZeRO-3 shards; all ranks call)."""
+    module = getattr(engine_or_model, "module", engine_or_model)
+    if hasattr(engine_or_model, "zero_optimization_partition_weights") and \
+            engine_or_model.zero_optimization_partition_weights():
+        state = engine_or_model._zero3_consolidated_16bit_state_dict()  # noqa: SLF001 (no public API)
+        state = state if state is not None else {}
+    else:
+        state = module.state_dict()
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def export_checkpoint(engine_or_model, config, folder: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write ``folder/config.json`` (the ModelConfig) and ``folder/model.safetensors`` atomically.
+
+    Every rank must call this (ZeRO-3 gathers); only rank 0 writes. ``extra`` goes into
+    ``folder/train.json`` (e.g. the steps trained), kept apart from the model config.
+    """
+    from safetensors.torch import save_file
+
+    state = full_state_dict(engine_or_model)
+    if is_rank0():
+        with atomic_path(folder) as tmp:
+            tmp.mkdir(parents=True)
+            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+            save_file(dict(sorted(state.items())), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            if extra:
+                write_json(tmp / "train.json", extra)
+    barrier()
+
+
+def read_config(folder: str | os.PathLike):
+    """The ModelConfig stored in an exported checkpoint folder."""
+    from .model import ModelConfig
+
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise PipelineError(f"{folder}: not an exported checkpoint (no config.json)")
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise PipelineError(f"{path}: malformed JSON ({getattr(exc, 'msg', None) or type(exc).__name__})") from None
+    return ModelConfig.from_dict(raw, str(path))
+
+
+def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise PipelineError(f"{folder}: not an exported checkpoint (no model.safetensors)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise PipelineError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def memory_bytes() -> int:
+    """Physical memory of this machine (bytes)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(config, source: str, bytes_per_param: int = 4, limit: int | None = None) -> int:
+    """Refuse a config whose weights alone (``bytes_per_param`` each) exceed the machine's memory.
+
+    The parameter count comes from the model built on the meta device (nothing allocated), so an
+    absurd size (``vocab_size: 2**31``) is an error naming the key instead of a huge allocation.
+    Returns the parameter count.
+    """
+    from .model import Retro
+
+    with torch.device("meta"):
+        n = Retro(config).num_parameters()
+    limit = memory_bytes() if limit is None else limit
+    if n * bytes_per_param > limit:
+        embed = 2 * config.vocab_size * config.hidden  # input and output embeddings
+        key = "vocab_size" if embed * 2 > n else "n_layers' / 'hidden"
+        raise PipelineError(
+            f"{source}: '{key}' gives a model of {n:,} parameters ({n * bytes_per_param / 2**30:.1f} GiB of "
+            f"weights), more than this machine's {limit / 2**30:.1f} GiB of memory "
+            f"(vocab_size {config.vocab_size}, n_layers {config.n_layers}, hidden {config.hidden})")
+    return n
+
+
+def load_model(folder: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
+    """Build the model stored in an exported checkpoint and load its weights (fp32 on the CPU,
+    or on ``device`` in ``dtype``: the weights are cast after loading, so bf16 rounds the fp32
+    export once)."""
+    from .model import Retro
+
+    config = read_config(folder)
+    check_fits(config, str(Path(folder) / "config.json"))
+    state = read_state_dict(folder)
+    model = Retro(config)
+    expected = model.state_dict()
+    if set(state) != set(expected):
+        raise PipelineError(f"{folder}: weights do not match config.json "
+                            f"({len(set(state) ^ set(expected))} names differ)")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise PipelineError(f"{folder}: weight '{name}' has shape {tuple(tensor.shape)}, config.json gives "
+                                f"{tuple(expected[name].shape)}")
+    model.load_state_dict(state)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def checkpoint_precision(folder: str | os.PathLike) -> str:
+    """The precision an exported checkpoint was trained in (``train.json``; fp32 if unrecorded)."""
+    path = Path(folder) / "train.json"
+    try:
+        precision = json.loads(path.read_text()).get("precision", "fp32") if path.is_file() else "fp32"
+    except (json.JSONDecodeError, AttributeError):
+        raise PipelineError(f"{path}: malformed JSON") from None
+    if precision not in PRECISIONS:
+        raise PipelineError(f"{path}: precision {precision!r}; expected one of {PRECISIONS}")
+    return precision
+
+
+def init_from_checkpoint(model: torch.nn.Module, folder: str | os.PathLike) -> list[str]:
+    """Copy an exported checkpoint's decoder weights into ``model``; return the names left fresh.
+
+    A GPT checkpoint loads into a Retro model with the same decoder: the encoder and chunked
+    cross-attention keep their fresh initialisation (InstructRetro's continued pretraining).
+    The optimizer state is not part of an exported checkpoint, so it starts fresh too.
+    """
+    from .model import load_decoder_weights
+
+    try:
+        return load_decoder_weights(model, read_state_dict(folder))
+    except PipelineError as exc:
+        raise PipelineError(f"{folder}: {exc}") from None
+
