@@ -120,3 +120,19 @@ def test_estimate_sizes_the_imported_architecture(tmp_path, capsys):
     assert retro["encoder"] > 0 and retro["cca"] > 0 and retro["total"] > theirs
     assert estimate.main(["--hf", str(tmp_path / "llama"), "--model", "tiny", "--gpus", "1", "--gpu-mem", "80"]) == 0
     assert f"{theirs + retro['encoder'] + retro['cca']:,} parameters" in capsys.readouterr().out
+
+
+def test_a_sentencepiece_tokenizer_model_in_an_hf_folder(small_tokenizer, small_world, tmp_path):
+    """Llama 2's layout: ``tokenizer.model`` (SentencePiece) and no tokenizer.json; the EOS named in
+    tokenizer_config.json, the pad of the SentencePiece model."""
+    import sentencepiece as spm
+
+    folder = tmp_path / "llama2"
+    folder.mkdir()
+    shutil.copyfile(small_tokenizer, folder / "tokenizer.model")
+    sp = spm.SentencePieceProcessor(model_file=str(small_tokenizer))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": sp.id_to_piece(sp.eos_id())}))
+    tok = Tokenizer(folder)
+    assert tok.kind == "hf-sentencepiece" and (tok.eod_id, tok.pad_id) == (sp.eos_id(), sp.pad_id())
+    text = next(iter(data.iter_documents(small_world / "documents.jsonl"))).text
+    assert tok.encode(text) == sp.encode(text) and tok.decode(tok.encode(text) + [tok.eod_id]) == text
