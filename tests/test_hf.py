@@ -143,6 +143,12 @@ def test_retro_on_an_imported_decoder_equals_it_at_step_0(folders, family):
     folder, reference = folders[family]
     retro = hf.load_hf_model(folder, **RETRO).eval()
     assert retro.config.cca_gate and retro.encoder is not None
+    for name, p in retro.named_parameters():  # the new parts initialised as Retro does
+        assert torch.isfinite(p).all(), name
+        if Retro.is_retro_parameter(name) and name.endswith(("q.weight", "kv.weight", "qkv.weight")):
+            assert 0.5 * retro.config.init_std < float(p.std()) < 2 * retro.config.init_std, name
+        if name.endswith("cca_gate"):
+            assert float(p) == 0.0
     x = tokens(2, 64)
     neighbors = torch.randint(0, VOCAB, (2, 4, 2, 2 * CHUNK), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
@@ -184,7 +190,7 @@ def test_retrofit_trains_retrieval_and_leaves_the_decoder_bit_for_bit(folders, f
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hf_to_ours_to_hf_gives_equal_logits(folders, family, tmp_path):
-    from instructretro.train import export_checkpoint
+    from instructretro.checkpoint import export_checkpoint
 
     folder, reference = folders[family]
     ours = hf.load_hf_model(folder, **RETRO)  # a Retro: its decoder goes back, encoder and CCA do not
@@ -215,6 +221,21 @@ def test_estimate_counts_the_parameters_of_an_imported_architecture(folders, fam
         assert parameter_counts(config)["total"] == model.num_parameters()
 
 
+def test_gpt2_files_without_the_transformer_prefix(folders, tmp_path):
+    """The original GPT-2 files name tensors ``h.0.attn.c_attn.weight`` (no ``transformer.``)
+    and carry the causal-mask buffers ``h.N.attn.bias``, which are not weights."""
+    from safetensors.torch import load_file, save_file
+
+    folder, reference = folders["gpt2"]
+    out = copy_folder(folders, "gpt2", tmp_path)
+    state = {n.removeprefix("transformer."): t for n, t in load_file(folder / "model.safetensors").items()}
+    state.update({f"h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 128, 128)) for i in range(2)})
+    save_file(state, out / "model.safetensors")
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(hf.load_hf_model(out)(x), reference(x).logits, rtol=0, atol=1e-5)
+
+
 def test_sharded_folder_loads_like_the_single_file(folders, tmp_path):
     folder, reference = folders["llama"]
     reference.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
@@ -230,7 +251,7 @@ def test_sharded_folder_loads_like_the_single_file(folders, tmp_path):
 
 def our_checkpoint(tmp_path, retro: bool, **overrides):
     from instructretro import presets
-    from instructretro.train import export_checkpoint
+    from instructretro.checkpoint import export_checkpoint
 
     torch.manual_seed(0)
     config = presets.get("tiny", vocab_size=VOCAB, retro=retro, seq_length=64, chunk_length=CHUNK, **overrides)

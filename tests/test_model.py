@@ -482,6 +482,23 @@ def test_freeze_decoder_trains_only_encoder_and_cca(one_process_group):
         T.freeze_decoder(Retro(tiny_config(retro=False)))
 
 
+def test_zero3_tied_output_layer_and_grouped_heads_compute_the_plain_model(one_process_group):
+    """Tied embeddings under ZeRO-3: the output layer reads the embedding, a parameter of another
+    module, which is registered with ZeRO so it is gathered there too; logits and the training
+    step's loss equal a plain build's (GQA and RMSNorm as for an imported Llama)."""
+    T = one_process_group
+    config = tiny_config(n_layers=2, cca_layers=(2,), hidden=64, heads=4, kv_heads=2, norm="rmsnorm",
+                         tie_embeddings=True, cca_gate=True)
+    train_cfg = T.TrainConfig(steps=1, micro_batch=1, zero_stage=3, lr=1e-3, min_lr=1e-4, warmup=0)
+    torch.manual_seed(6)
+    plain = Retro(config)
+    torch.manual_seed(6)
+    engine = T.build_engine(T.build_model(config, train_cfg), train_cfg)
+    tokens = torch.randint(0, config.vocab_size, (1, config.seq_length))
+    with torch.no_grad():
+        torch.testing.assert_close(engine(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("zero_stage", [0, 3])
 def test_build_model_with_weights_loads_an_export(one_process_group, tmp_path, zero_stage):
     """SFT's build: the exported weights replace the initialisation (read tensor by tensor; at

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import check_fits, read_config, read_state_dict
 from .errors import PipelineError
 from .model import ModelConfig, Retro, load_decoder_weights
 
@@ -108,6 +109,9 @@ def _rope(raw: dict, path: Path, default_fraction: float) -> dict:
             "rope_type": "llama3", **{k: scaling.get(k) for k in
                                       ("factor", "low_freq_factor", "high_freq_factor",
                                        "original_max_position_embeddings")}}
+    for key, value in (("rope_theta", theta), ("partial_rotary_factor", fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PipelineError(f"{path}: '{key}' must be a number, got {value!r}")
     return {"rotary_base": float(theta), "rotary_percent": float(fraction), "rope_scaling": scaling}
 
 
@@ -300,6 +304,8 @@ def _convert_in(get, config: ModelConfig, model_type: str, prefix: str) -> dict[
                 sd[f"{o}{ours}.weight"] = get(f"{h}{theirs}.weight").t().contiguous()
                 sd[f"{o}{ours}.bias"] = get(f"{h}{theirs}.bias")
         sd["final_norm.weight"], sd["final_norm.bias"] = get(f"{p}ln_f.weight"), get(f"{p}ln_f.bias")
+        if not config.tie_embeddings:
+            sd["lm_head.weight"] = get("lm_head.weight")
         return sd
     norms = ("weight", "bias") if config.norm == "layernorm" else ("weight",)
     sd["embed.weight"] = get(f"{p}embed_tokens.weight")
@@ -356,12 +362,17 @@ def load_hf_model(folder, **retro) -> Retro:
     ``retro=True`` the encoder and the gated CCA are new (Retro's logits equal the imported
     model's at step 0)."""
     config = read_hf_config(folder, **retro)
+    check_fits(config, str(Path(folder) / "config.json"))  # before reading or allocating the weights
     state = read_hf_state_dict(folder, config)
-    model = Retro(config)
+    seed = int(torch.randint(0, 2**62, ()).item())
+    with torch.device("meta"):  # no random draws for the decoder weights about to be replaced
+        model = Retro(config)
+    model = model.to_empty(device="cpu")
     try:
-        load_decoder_weights(model, state)
+        fresh = load_decoder_weights(model, state)
     except PipelineError as exc:
         raise PipelineError(f"{folder}: {exc}") from None
+    model.reset_parameters(seed, only=set(fresh))  # the new encoder and CCA, as Retro initialises them
     return model
 
 
@@ -468,21 +479,9 @@ def _convert_out(sd: dict, config: ModelConfig, family: str) -> dict[str, torch.
 
 def _read_checkpoint(folder: Path) -> tuple[ModelConfig, dict]:
     """Config and weights of one of our exported checkpoints (config.json + model.safetensors)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = folder / "config.json"
-    raw = _read_json(path)
-    if "model_type" in raw:
-        raise PipelineError(f"{path}: a Hugging Face folder, not one of our checkpoints")
-    config = ModelConfig.from_dict(raw, str(path))
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise PipelineError(f"{folder}: not an exported checkpoint (no model.safetensors)")
-    try:
-        return config, load_file(str(weights))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise PipelineError(f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+    if is_hf_folder(folder):
+        raise PipelineError(f"{folder / 'config.json'}: a Hugging Face folder, not one of our checkpoints")
+    return read_config(folder), read_state_dict(folder)
 
 
 def _sentencepiece_to_hf(model_file: Path, out: Path) -> dict:

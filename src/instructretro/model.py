@@ -285,10 +285,10 @@ def rope_at(positions, config: ModelConfig, dtype):
 
 
 def rope_tables(start: int, length: int, config: ModelConfig, device, dtype):
-    """cos, sin of shape (length, 1, 1, rotary_dim) for positions start .. start+length-1,
-    to broadcast over (B, T, 2, heads, head_dim) queries and keys."""
+    """cos, sin of shape (length, 1, rotary_dim) for positions start .. start+length-1,
+    to broadcast over (B, T, heads, head_dim) queries and keys."""
     cos, sin = rope_at(torch.arange(start, start + length, device=device), config, dtype)
-    return cos[:, None, None], sin[:, None, None]
+    return cos[:, None], sin[:, None]
 
 
 def cca_query_rope(start: int, length: int, config: ModelConfig, device, dtype):
@@ -308,13 +308,13 @@ def cca_query_rope(start: int, length: int, config: ModelConfig, device, dtype):
 def apply_rope(x, cos, sin):
     """Rotate the first ``rotary_dim`` dims of each head (rotate-half pairs i, i + rot/2)."""
     rot = cos.shape[-1]
-    if rot == x.shape[-1]:  # every dim rotates (Llama): no pass-through part to join
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+    half = rot // 2
+    x1, x2, x_pass = x.split([half, half, x.shape[-1] - rot], dim=-1)
+    c, s = cos[..., :half], sin[..., :half]  # both halves of the tables hold the same angles
+    parts = [x1 * c - x2 * s, x2 * c + x1 * s]  # (x1, x2) * cos + (-x2, x1) * sin, half by half
+    if rot < x.shape[-1]:
+        parts.append(x_pass)
+    return torch.cat(parts, dim=-1)
 
 
 def masked_attention(q, k, v, key_mask):
@@ -347,17 +347,12 @@ class SelfAttention(nn.Module):
         runs over everything cached so far."""
         B, T, _ = x.shape
         H, KV, d = self.heads, self.kv_heads, self.head_dim
-        if KV == H:
-            qkv = self.qkv(x).view(B, T, 3, H, d)
-            qk = apply_rope(qkv[:, :, :2], *rope) if rope is not None else qkv[:, :, :2]  # rotated in one go
-            q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
-        else:
-            q, k, v = self.qkv(x).split([H * d, KV * d, KV * d], dim=-1)
-            q, k, v = q.view(B, T, H, d), k.view(B, T, KV, d), v.view(B, T, KV, d)
-            if rope is not None:
-                cos, sin = rope[0][:, 0], rope[1][:, 0]  # (T, 1, rot) over (B, T, heads, d)
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
+        qkv = self.qkv(x).view(B, T, H + 2 * KV, d)  # query heads, then key heads, then value heads
+        qk, v = qkv.split([H + KV, KV], dim=2)  # split, not slices: backward joins instead of zero-filling
+        if rope is not None:
+            qk = apply_rope(qk, *rope)  # queries and keys in one go
+        q, k = qk.split([H, KV], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
         if cache is not None:
             k_cache, v_cache, start = cache
             k_cache[:, :, start:start + T] = k
@@ -573,6 +568,10 @@ class Retro(nn.Module):
             # tied: the output layer is the token embedding (no parameter of its own)
             self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden, config.vocab_size, bias=False)
         self.checkpointing = False
+        if self.lm_head is None and is_partitioned(self.embed.weight):
+            import deepspeed  # ZeRO-3 gathers a module's own parameters; the output layer reuses embed's
+
+            deepspeed.zero.register_external_parameter(self, self.embed.weight)
         self.reset_parameters(seed)
 
     def set_checkpointing(self, enabled: bool) -> "Retro":
@@ -591,14 +590,15 @@ class Retro(nn.Module):
         return name.startswith("encoder.") or ".cca." in name or ".cca_norm." in name or name.endswith(".cca_gate")
 
     @torch.no_grad()
-    def reset_parameters(self, seed: int = 0):
+    def reset_parameters(self, seed: int = 0, only: set[str] | None = None):
         """Normal(0, init_std) for weights, std / sqrt(2 * n_layers) for the projections into
         the residual stream, zeros for biases, the CCA gates and the stored LayerNorm-1p gains
         (ones for the gains of LayerNorm and RMSNorm); decoder parameters first, then Retro's.
 
         Parameters partitioned by ZeRO-3 (built under ``deepspeed.zero.Init``) are gathered one
         at a time, rank 0 writes them and ZeRO re-partitions them: the same values as an
-        unpartitioned build from the same seed. Meta parameters are left as they are.
+        unpartitioned build from the same seed. Meta parameters are left as they are, and with
+        ``only`` every parameter not named in it (no draws for them).
         """
         std = self.config.init_std
         out_std = std / math.sqrt(2.0 * self.config.n_layers)
@@ -607,7 +607,7 @@ class Retro(nn.Module):
         ordered = [p for p in named if not self.is_retro_parameter(p[0])]
         ordered += [p for p in named if self.is_retro_parameter(p[0])]
         for name, p in ordered:
-            if p.is_meta:
+            if p.is_meta or (only is not None and name not in only):
                 continue
             shape = full_shape(p)
             writer = not is_partitioned(p) or rank() == 0  # others receive rank 0's values
