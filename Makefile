@@ -165,6 +165,25 @@ else
 	$(SFT_ENV) $(DVC) repro --glob 'generate@*'
 endif
 
+# Ask the instruction-tuned model (docs/qa.md "Ask your model"; needs `make generate`'s inputs:
+# generate.checkpoint, the database and its index). `make ask Q="..."` answers one question the
+# way the generate stage does and prints the chunks it was given (ASK_ARGS=--json: one JSON
+# object). `make serve [PORT=8000] [HOST=127.0.0.1]` serves it over HTTP: the OpenAI-compatible
+# /v1/completions and /v1/chat/completions, /v1/retrieve, /v1/documents (add documents while
+# serving) and a page at /. Neither is a DVC stage; documents added are kept in data/serve/.
+Q        ?=
+ASK_ARGS ?=
+PORT     ?= 8000
+HOST     ?= 127.0.0.1
+export Q
+.PHONY: ask serve
+ask: install
+	@test -n "$$Q" || { echo 'make ask: give the question as Q="..."'; exit 2; }
+	$(BIN)/python -m instructretro.ask "$$Q" $(ASK_ARGS)
+
+serve: install
+	$(BIN)/python -m instructretro.serve --host $(HOST) --port $(PORT)
+
 # Hugging Face decoders (docs/model.md): `make hf-check HF=<folder>` builds our model from an HF
 # folder and compares it with transformers' own (largest logit difference, greedy 32-token
 # decode; one line ending ok or MISMATCH, exit 1 on a mismatch). `make export-hf CKPT=<our

@@ -25,23 +25,10 @@ from instructretro.decoding import greedy_generate
 from instructretro.dist import init_distributed, local_device
 from instructretro.embed import encoder_from_params
 from instructretro.errors import PipelineError, cli
-from instructretro.generate import MODES, Settings, answer_questions, parse_task
+from instructretro.generate import answer_questions, parse_task, read_settings
 from instructretro.io import write_json, write_jsonl
 from instructretro.retrieval import Retriever
 from instructretro.tokenizer import Tokenizer
-
-
-def read_settings(p: P.Params) -> Settings:
-    """The ``generate.*`` decoding and retrieval params, checked; the system prompt defaults to
-    ``sft.system``, the one the model was instruction-tuned with."""
-    system = p.get("generate.system", (str, type(None)))
-    return Settings(
-        retrieval=p.get("generate.retrieval", str, choices=MODES),
-        num_contexts=p.get("generate.num_contexts", int),
-        max_new_tokens=P.positive("generate.max_new_tokens", p.get("generate.max_new_tokens", int)),
-        batch_size=P.positive("generate.batch_size", p.get("generate.batch_size", int)),
-        system=system if system is not None else p.get("sft.system", str),
-    )
 
 
 @cli
@@ -60,8 +47,6 @@ def main(argv=None):
 
     p = P.load(args.params)
     settings = read_settings(p)
-    if settings.num_contexts < 0:
-        raise PipelineError(f"{args.params}: param 'generate.num_contexts' must be >= 0")
     entry = p.get(f"generate.tasks.{args.task}", default=None)  # only its own entry: its stage's param
     if entry is None:
         raise PipelineError(f"{args.params}: no task named {args.task!r} in 'generate.tasks' "

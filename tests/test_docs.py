@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "experiments").glob("*.md"))]
 
 # commands a doc may run that are not the project's own (installs, git, the shell)
-EXTERNAL = {"git", "cd", "ls", "cat", "export", "apt-get", "pip", "nvidia-smi", "torchrun", "mkdir", "cp", "ln"}
+EXTERNAL = {"git", "cd", "ls", "cat", "export", "apt-get", "pip", "nvidia-smi", "torchrun", "mkdir", "cp", "ln", "curl"}
 DVC_COMMANDS = {"repro", "exp", "plots", "metrics", "params", "dag", "status", "checkout", "commit", "queue",
                 "pull", "push", "init", "gc", "remote", "add", "diff"}
 DVC_VALUE_OPTIONS = {"-n", "--name", "-S", "--set-param", "-j", "--jobs", "-o", "--out", "-x", "-y", "-t",

@@ -236,6 +236,37 @@ def test_gpt2_files_without_the_transformer_prefix(folders, tmp_path):
         torch.testing.assert_close(hf.load_hf_model(out)(x), reference(x).logits, rtol=0, atol=1e-5)
 
 
+PUBLISHED = {  # config.json fields of published models and their published parameter counts
+    "llama-3.1-8b": (dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
+                          max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False,
+                          eos_token_id=[128001, 128008, 128009], pretraining_tp=1, torch_dtype="bfloat16",
+                          rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 8192, "rope_type": "llama3"}),
+                     8_030_261_248),
+    "qwen2.5-0.5b": (dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                          num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6,
+                          max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True,
+                          use_sliding_window=False, sliding_window=32768, max_window_layers=21, rope_scaling=None),
+                     494_032_768),
+    "gpt2": (dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, n_positions=1024, n_ctx=1024,
+                  vocab_size=50257, activation_function="gelu_new", layer_norm_epsilon=1e-5),
+             124_439_808),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_configs_give_the_published_parameter_counts(tmp_path, name):
+    from instructretro.estimate import parameter_counts
+
+    raw, count = PUBLISHED[name]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = hf.read_hf_config(tmp_path)
+    with torch.device("meta"):
+        assert Retro(config).num_parameters() == count
+    assert parameter_counts(config)["total"] == count
+
+
 def test_sharded_folder_loads_like_the_single_file(folders, tmp_path):
     folder, reference = folders["llama"]
     reference.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
@@ -409,6 +440,19 @@ def test_unsupported_rope_scaling_and_preset_keys(folders, tmp_path):
     edit_config(folder, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0})
     one_line_error(lambda: hf.read_hf_config(folder), "'yarn'", folder / "config.json")
     one_line_error(lambda: hf.read_hf_config(folders["llama"][0], hidden=32), "'hidden'", "not from the preset")
+
+
+def test_architectures_we_do_not_compute_are_refused(folders, tmp_path):
+    mistral = copy_folder(folders, "mistral", tmp_path)
+    edit_config(mistral, sliding_window=32)
+    one_line_error(lambda: hf.read_hf_config(mistral, seq_length=64, chunk_length=16), "sliding_window 32",
+                   mistral / "config.json")
+    stablelm = copy_folder(folders, "stablelm", tmp_path)
+    edit_config(stablelm, use_parallel_residual=True)
+    one_line_error(lambda: hf.read_hf_config(stablelm), "use_parallel_residual", stablelm / "config.json")
+    llama = copy_folder(folders, "llama", tmp_path)
+    edit_config(llama, hidden_act="gelu")
+    one_line_error(lambda: hf.read_hf_config(llama), "hidden_act 'gelu'", llama / "config.json")
 
 
 def test_is_hf_folder_tells_hf_folders_from_our_checkpoints(folders, tmp_path):

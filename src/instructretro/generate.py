@@ -45,6 +45,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import PipelineError
+from .params import positive
 from .progress import progress
 from .prompts import STYLES, encode_prompt
 from .tokenizer import Tokenizer
@@ -205,6 +206,21 @@ class Settings:
     system: str = ""
 
 
+def read_settings(p) -> Settings:
+    """The ``generate.*`` decoding and retrieval params, checked; the system prompt defaults to
+    ``sft.system``, the one the model was instruction-tuned with."""
+    system = p.get("generate.system", (str, type(None)))
+    if p.get("generate.num_contexts", int) < 0:
+        raise PipelineError(f"{p.source}: param 'generate.num_contexts' must be >= 0")
+    return Settings(
+        retrieval=p.get("generate.retrieval", str, choices=MODES),
+        num_contexts=p.get("generate.num_contexts", int),
+        max_new_tokens=positive("generate.max_new_tokens", p.get("generate.max_new_tokens", int)),
+        batch_size=positive("generate.batch_size", p.get("generate.batch_size", int)),
+        system=system if system is not None else p.get("sft.system", str),
+    )
+
+
 def prompt_contexts(records: list[dict], retriever, settings: Settings) -> list[tuple[list[str], list[int], str]]:
     """For each record: (context texts, their DB chunk ids, source) for the prompt.
 
@@ -229,7 +245,7 @@ def prompt_contexts(records: list[dict], retriever, settings: Settings) -> list[
 def answer_questions(model, tokenizer: Tokenizer, records: list[dict], settings: Settings, *,
                      generate_fn: Callable, retriever=None, seq_length: int, chunk_length: int,
                      num_neighbors: int = 0, style: str = "short", desc: str = "generate",
-                     rank: int = 0, world_size: int = 1) -> tuple[list[dict], dict]:
+                     rank: int = 0, world_size: int = 1, show_progress: bool = True) -> tuple[list[dict], dict]:
     """Answer ``records`` (from ``data.iter_qa``); return the answer records and counts.
 
     ``generate_fn(model, prompts, max_new_tokens, eod_id, neighbors_fn=None, pad_id=None)`` is
@@ -268,7 +284,7 @@ def answer_questions(model, tokenizer: Tokenizer, records: list[dict], settings:
     encoder_ids: list = [[] for _ in records]
     batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     mine = batches[rank::world_size]
-    bar = progress(total=sum(map(len, mine)), desc=desc, unit="q", disable=rank != 0)
+    bar = progress(total=sum(map(len, mine)), desc=desc, unit="q", disable=rank != 0 or not show_progress)
     for batch in mine:
         batch_prompts = [prompts[i] for i in batch]
         if encoder is not None:

@@ -187,7 +187,8 @@ def read_hf_config(folder, **retro) -> ModelConfig:
     if unknown:
         raise PipelineError(f"{path}: {unknown} come from this config.json, not from the preset")
     fields = _architecture(raw, path)
-    if not fields["tie_embeddings"] and "lm_head.weight" not in _weight_names(Path(folder)):
+    names = _weight_names(Path(folder))  # empty when there are none to read (a config alone)
+    if not fields["tie_embeddings"] and names and "lm_head.weight" not in names:
         fields["tie_embeddings"] = True  # a missing output layer means tied (Qwen2.5 small, Llama 3.2)
     chunk = retro.get("chunk_length", 64)
     if isinstance(chunk, int) and chunk > 0:
