@@ -187,6 +187,10 @@ class Tokenizer:
         mapping = self.sp.encode_as_offset_mapping(text)
         return list(mapping["ids"]), np.asarray(mapping["offsets"], dtype=np.int64).reshape(-1, 2)
 
+    def id_to_token(self, i: int) -> str:
+        """The vocabulary entry of id ``i`` (e.g. ``</s>`` for the EOS)."""
+        return self.hf.id_to_token(int(i)) if self.hf is not None else self.sp.id_to_piece(int(i))
+
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids if int(i) not in (self.pad_id, self.eod_id)]
         if self.hf is not None:
