@@ -7,6 +7,11 @@ STAMP  := $(VENV)/.installed
 MODEL  ?=
 GPUS   ?=
 DVC    := $(BIN)/dvc
+# Every target that runs stages runs them under `python -m instructretro.workspace`: it refuses to
+# start, in one line, while another run holds this workspace (another make target, or a dvc
+# command started by hand), and holds it until done. Side-by-side experiments: dvc exp run --queue.
+WORKSPACE := $(BIN)/python -m instructretro.workspace --
+DVC_RUN   := $(WORKSPACE) $(DVC)
 # Stage commands in dvc.yaml call `python`, `deepspeed`: every target runs them from .venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
@@ -36,7 +41,7 @@ endif
 	touch $(STAMP)
 
 repro: install
-	$(DVC) repro
+	$(DVC_RUN) repro
 
 test: install browser vega
 	$(BIN)/python -m pytest -q tests
@@ -81,7 +86,7 @@ results: install
 # How much of the pretraining text the neighbors could give (experiments/neighbor_overlap.py on
 # the valid split), before any training: the first check when Retro ignores its neighbors.
 overlap: install
-	$(DVC) repro query-neighbors
+	$(DVC_RUN) repro query-neighbors
 	$(BIN)/python experiments/neighbor_overlap.py
 
 # Instruction tuning. `make sft` runs the sft stage (and whatever it depends on) for the default
@@ -98,14 +103,14 @@ ifneq ($(GPUS),)
 	$(MAKE) pretrain GPUS=$(GPUS) HOSTFILE=$(HOSTFILE)
 	$(call launch_stages,sft)
 else ifeq ($(SMOKE),1)
-	$(SFT_ENV) $(DVC) repro tokenizer
+	$(SFT_ENV) $(DVC_RUN) repro tokenizer
 	$(SFT_ENV) python stages/sft.py --smoke $(if $(MODEL),--model $(MODEL))
 else ifneq ($(MODEL),)
-	$(SFT_ENV) $(DVC) repro tokenizer
+	$(SFT_ENV) $(DVC_RUN) repro tokenizer
 	$(SFT_ENV) python stages/sft.py --estimate --model $(MODEL)
-	$(SFT_ENV) $(DVC) exp run -S model.name=$(MODEL) sft
+	$(SFT_ENV) $(DVC_RUN) exp run -S model.name=$(MODEL) sft
 else
-	$(SFT_ENV) $(DVC) repro sft
+	$(SFT_ENV) $(DVC_RUN) repro sft
 endif
 
 # Pretraining (stage pretrain, DeepSpeed). `make pretrain` runs `dvc repro pretrain`: one process
@@ -123,24 +128,24 @@ CKPT     ?= data/checkpoints/pretrain
 PRETRAIN_ARGS := --out data/checkpoints/pretrain --work data/work/pretrain --live dvclive/pretrain --metrics metrics/pretrain.json
 LAUNCH = $(if $(GPUS),$(BIN)/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE)) --num_gpus $(GPUS),$(BIN)/python)
 # $(call launch_stages,GLOB): the dvc.yaml stages matching GLOB under $(LAUNCH), each then committed.
-launch_stages = plan="$$($(BIN)/python -m instructretro.launch '$(1)' '$(LAUNCH)' '$(DVC)')" && echo "$$plan" && eval "$$plan"
+launch_stages = plan="$$($(BIN)/python -m instructretro.launch '$(1)' '$(LAUNCH)' '$(DVC)')" && echo "$$plan" && $(WORKSPACE) bash -c "$$plan"
 .PHONY: pretrain eval-ppl
 pretrain: install
 ifneq ($(GPUS),)
 	$(if $(MODEL),$(error with GPUS=, set model.name in params.yaml instead of MODEL=))
-	$(SFT_ENV) $(DVC) repro tokenize@db tokenize@pretrain
+	$(SFT_ENV) $(DVC_RUN) repro tokenize@db tokenize@pretrain
 	$(call launch_stages,embed)
-	$(SFT_ENV) $(DVC) repro add-index
+	$(SFT_ENV) $(DVC_RUN) repro add-index
 	$(call launch_stages,query-neighbors)
 	$(call launch_stages,pretrain)
 else ifneq ($(MODEL),)
-	$(SFT_ENV) $(DVC) exp run -S model.name=$(MODEL) pretrain
+	$(SFT_ENV) $(DVC_RUN) exp run -S model.name=$(MODEL) pretrain
 else
-	$(SFT_ENV) $(DVC) repro pretrain
+	$(SFT_ENV) $(DVC_RUN) repro pretrain
 endif
 
 eval-ppl: install
-	$(SFT_ENV) $(LAUNCH) stages/pretrain.py --eval-only $(CKPT) --metrics metrics/eval_ppl.json
+	$(SFT_ENV) $(WORKSPACE) $(LAUNCH) stages/pretrain.py --eval-only $(CKPT) --metrics metrics/eval_ppl.json
 
 # Memory plan before a run: `make estimate MODEL=43b GPUS=8 GPU_MEM=80` prints per-GPU GiB of
 # parameters, gradients, optimizer state and activations for the preset's GPU recipe, whether it
@@ -162,7 +167,7 @@ ifneq ($(GPUS),)
 	$(MAKE) sft GPUS=$(GPUS) HOSTFILE=$(HOSTFILE)
 	$(call launch_stages,generate@*)
 else
-	$(SFT_ENV) $(DVC) repro --glob 'generate@*'
+	$(SFT_ENV) $(DVC_RUN) repro --glob 'generate@*'
 endif
 
 # Ask the instruction-tuned model (docs/qa.md "Ask your model"; needs `make generate`'s inputs:

@@ -135,14 +135,14 @@ def train(d: Path, n: int, args) -> dict:
 
 
 def add(d: Path, n: int, args) -> dict:
-    from instructretro.index import code_bytes, populate, read_index, write_index
+    from instructretro.index import LISTS_FILE, code_bytes, populate, read_index, write_populated
 
+    folder = d / "populated"
+    folder.mkdir(parents=True, exist_ok=True)
     index = populate(read_index(d / "trained.faiss"), d / "embeddings.h5", 65536, ondisk_above=args.ondisk_above,
-                     ivfdata=d / "populated.faiss.ivfdata")
-    write_index(index, d / "populated.faiss")
-    size = (d / "populated.faiss").stat().st_size
-    if (d / "populated.faiss.ivfdata").is_file():
-        size += (d / "populated.faiss.ivfdata").stat().st_size
+                     ivfdata=folder / LISTS_FILE)
+    write_populated(index, folder, folder / LISTS_FILE if (folder / LISTS_FILE).is_file() else None)
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     return {"ntotal": int(index.ntotal), "index_bytes": size, "code_bytes": code_bytes(index, index.ntotal)}
 
 
@@ -151,13 +151,13 @@ def query(d: Path, n: int, args) -> dict:
     from instructretro.neighbors import file_key, query_neighbors
 
     def open_index():
-        index = read_index(d / "populated.faiss")
+        index = read_index(d / "populated")
         set_search_params(index, args.nprobe, 32)
         return index
 
     return query_neighbors(d / "pretrain", d / "spm.model", SyntheticEncoder(n), open_index, d / "embeddings.h5",
                            CHUNK, SEQ, 200, 20, 2048, args.recall_sample, 1234, d / "neighbors.h5", d / "work",
-                           index_key=file_key(d / "populated.faiss"), recall_nprobe_max=args.recall_nprobe_max)
+                           index_key=file_key(d / "populated"), recall_nprobe_max=args.recall_nprobe_max)
 
 
 def worker(args) -> None:

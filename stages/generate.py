@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from instructretro import data, params as P
-from instructretro.checkpoint import checkpoint_precision, load_model
+from instructretro.checkpoint import check_tokenizer, checkpoint_precision, load_model
 from instructretro.decoding import greedy_generate
 from instructretro.dist import init_distributed, local_device
 from instructretro.embed import encoder_from_params
@@ -39,7 +39,7 @@ def main(argv=None):
     ap.add_argument("--tokenizer", default="data/tokenizer")
     ap.add_argument("--db-tokens", default="data/tokens/db")
     ap.add_argument("--embeddings", default="data/db/embeddings.h5")
-    ap.add_argument("--index", default="data/index/populated.faiss")
+    ap.add_argument("--index", default="data/index/populated", help="the populated index folder (add-index)")
     ap.add_argument("--out", required=True, help="answers, JSON lines")
     ap.add_argument("--metrics", required=True)
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -67,6 +67,7 @@ def main(argv=None):
     # (cuda:LOCAL_RANK), in the precision the checkpoint was trained in; rank 0 writes.
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = init_distributed() if multi else (0, 1)
+    check_tokenizer(checkpoint, args.tokenizer)
     dtype = torch.bfloat16 if checkpoint_precision(checkpoint) == "bf16" else torch.float32
     model = load_model(checkpoint, device=local_device(), dtype=dtype).eval()
     config = model.config

@@ -27,7 +27,7 @@ def main(argv=None):
     ap.add_argument("--pretrain", default="data/tokens/pretrain")
     ap.add_argument("--tokenizer", default="data/tokenizer")
     ap.add_argument("--embeddings", default="data/db/embeddings.h5")
-    ap.add_argument("--index", default="data/index/populated.faiss")
+    ap.add_argument("--index", default="data/index/populated", help="the populated index folder (add-index)")
     ap.add_argument("--out", default="data/neighbors/neighbors.h5")
     ap.add_argument("--work", default="data/work/query")
     ap.add_argument("--metrics", default="metrics/query_neighbors.json")
@@ -48,8 +48,8 @@ def main(argv=None):
         raise PipelineError(f"{p.source}: param 'query.recall_nprobe_max' must be >= 0, got {recall_nprobe_max}")
     if recall_sample < 0:
         raise PipelineError(f"{p.source}: param 'query.recall_sample' must be >= 0, got {recall_sample}")
-    if not Path(args.index).is_file():
-        raise PipelineError(f"{args.index}: index file not found; run the train-index / add-index stages")
+    if not Path(args.index).exists():
+        raise PipelineError(f"{args.index}: populated index not found; run the train-index / add-index stages")
 
     def open_index():  # called by query_neighbors once it knows this process's rank
         index = read_index(args.index)

@@ -89,7 +89,7 @@ def main(argv=None):
     ap.add_argument("--tokenizer", default="data/tokenizer")
     ap.add_argument("--db-tokens", default="data/tokens/db")
     ap.add_argument("--embeddings", default="data/db/embeddings.h5")
-    ap.add_argument("--index", default="data/index/populated.faiss")
+    ap.add_argument("--index", default="data/index/populated", help="the populated index folder (add-index)")
     ap.add_argument("--out", default="data/checkpoints/sft")
     ap.add_argument("--metrics", default="metrics/sft.json")
     ap.add_argument("--live", default="dvclive/sft")
@@ -133,6 +133,8 @@ def main(argv=None):
     else:
         config = checkpoint.read_config(s["init_from"])
         tok.check_fits(config.vocab_size, Path(s["init_from"]) / "config.json")
+        checkpoint.check_tokenizer(s["init_from"], args.tokenizer)
+        sft.check_retrieval(config, s["retrieval"], p.source)
         settings = full = sft.sft_settings(config.name, s["overrides"])
 
     metrics = sft.run_sft(

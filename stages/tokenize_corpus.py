@@ -52,7 +52,8 @@ def tokenize_corpus(corpus: str, tok: Tokenizer, valid_fraction: float, out: Pat
     metrics["dropped_documents"] = int(sum(skipped.values()))
     metrics["dropped_by_reason"] = dict(skipped)
     metrics["skipped_files"] = int(sum(skipped_files.values()))
-    metrics["skipped_files_by_reason"] = dict(skipped_files)  # hidden_file, other_extension
+    # hidden_file, other_extension, symlinked_folder, broken_symlink
+    metrics["skipped_files_by_reason"] = dict(skipped_files)
     metrics["seconds"] = round(time.time() - t0, 2)
     return metrics
 
@@ -76,7 +77,9 @@ def main(argv=None):
     print(f"tokenize {args.which}: {metrics['train_documents']} train / {metrics['valid_documents']} valid documents, "
           f"{metrics['train_tokens'] + metrics['valid_tokens']} tokens, {metrics['dropped_documents']} dropped"
           + (f", {metrics['skipped_files']} files skipped {metrics['skipped_files_by_reason']}"
-             if metrics["skipped_files"] else ""))
+             if metrics["skipped_files"] else "")
+          + ("; a symlinked folder is skipped: DVC does not look inside it, so give it as the corpus itself "
+             "or copy it in" if metrics["skipped_files_by_reason"].get("symlinked_folder") else ""))
 
 
 if __name__ == "__main__":

@@ -121,6 +121,13 @@ PARAM_CASES = {
                                      r"as text: write it with a dot, e\.g\. 0\.004\)"),
     "sft.steps ten": ("sft.py", _set("sft", "steps", "ten"), r"param 'sft\.steps' must be int or null, got str 'ten'"),
     "section not a mapping": ("sft.py", lambda p: p.update(score=3), r"section 'score' must be a mapping"),
+    "pretrain.seed -1": ("pretrain.py", _set("pretrain", "seed", -1),
+                         r"param 'pretrain\.seed' must be in \[0, 2147483648\), got -1"),
+    "query.seed 2**31": ("query_neighbors.py", _set("query", "seed", 2**31),
+                         r"param 'query\.seed' must be in \[0, 2147483648\), got 2147483648"),
+    "retro.chunk_length 1000": ("embed.py", _set("retro", "chunk_length", 1000),
+                                r"param 'retro\.seq_length' \(256\) must be a multiple of 'retro\.chunk_length' "
+                                r"\(1000\), at least one chunk"),
 }
 
 
@@ -149,6 +156,52 @@ def test_known_keys_cover_the_dataclasses_that_read_them():
     assert set(P.OPTIONAL["model"]) == fields - {"vocab_size", "seq_length", "chunk_length", "retro", "name"}
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= set(P.KNOWN["pretrain"])
     assert set(TRAIN_KEYS) <= set(P.KNOWN["sft"])
+
+
+def test_every_numeric_param_has_its_range_checked_at_load():
+    """Numbers are never only type-checked: each has a ``Num`` range in KNOWN / OPTIONAL, and a
+    value outside it (a negative count or seed, a seed Faiss cannot take, an infinite float) is
+    refused by ``load`` naming the key."""
+    plain = {int, float, P.INT_OR_NULL, P.FLOAT_OR_NULL}
+    for section, keys in P.known_keys().items():
+        for key, spec in keys.items():
+            assert not (isinstance(spec, type) and spec in plain) and spec not in (P.INT_OR_NULL, P.FLOAT_OR_NULL), \
+                f"{section}.{key} is only type-checked"
+            if not isinstance(spec, P.Num):
+                continue
+            bad = [-1] if spec.typ is int else [-1.0, float("inf")]
+            if spec.typ is int and spec.hi is None:
+                assert spec(f"{section}.{key}", 2**40, "p") == 2**40
+            for value in bad + ([2**31] if spec is P.SEED or spec is P.SEED_OR_NULL else []):
+                p = shipped_params()
+                p.setdefault(section, {})[key] = value
+                with pytest.raises(PipelineError, match=rf"param '{section}\.{key}' must be"):
+                    P.check_known(p)
+    for key in ("world.seed", "index.seed", "query.seed", "sft.seed", "pretrain.seed"):
+        section, name = key.split(".")
+        assert P.known_keys()[section][name] in (P.SEED, P.SEED_OR_NULL), key
+
+
+def test_seed_bound_is_what_numpy_and_faiss_take():
+    import faiss
+
+    np.random.default_rng(2**31 - 1)
+    np.random.seed(2**31 - 1)  # the legacy generator takes < 2**32
+    cp = faiss.ClusteringParameters()
+    cp.seed = 2**31 - 1
+    assert cp.seed == 2**31 - 1
+    with pytest.raises((OverflowError, TypeError)):
+        cp.seed = 2**31  # a C int
+
+
+def test_chunk_length_must_divide_seq_length_at_load(tmp_path):
+    for chunk, seq, ok in [(64, 256, True), (64, 64, True), (64, 96, False), (512, 256, False)]:
+        params = write_params(tmp_path, lambda p: p["retro"].update(chunk_length=chunk, seq_length=seq))
+        if ok:
+            P.load(params)
+        else:
+            with pytest.raises(PipelineError, match=r"'retro\.seq_length' \(\d+\) must be a multiple of"):
+                P.load(params)
 
 
 def test_user_entry_names_inside_lists_are_not_taken_for_keys():
@@ -221,6 +274,55 @@ def test_corpus_folder_rules(tmp_path):
     texts = [d.text for d in data.iter_documents(root, skipped_files=files)]
     assert texts == ["plain text", "upper-case extension", "in a subfolder"]
     assert files == {"hidden_file": 2, "other_extension": 1}
+
+
+def test_symlinked_folders_are_skipped_and_counted(tmp_path, small_tokenizer):
+    """A folder holding ``a.jsonl`` and ``books -> ../shared_books``: DVC does not hash inside a
+    symlinked folder (a change there would never rerun tokenize), so it is skipped, counted and
+    named in the summary line; a symlinked file is read (DVC hashes its content)."""
+    shared = tmp_path / "shared_books"
+    shared.mkdir()
+    (shared / "b.jsonl").write_text('{"text": "a shared book"}\n')
+    (shared / "c.jsonl").write_text('{"text": "a linked file"}\n')
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "a.jsonl").write_text('{"text": "own document"}\n{"text": "second own document"}\n')
+    (root / "books").symlink_to(Path("..") / "shared_books", target_is_directory=True)
+    (root / "c.jsonl").symlink_to(shared / "c.jsonl")
+    (root / "gone.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
+    files = data.SkipCounter()
+    texts = [d.text for d in data.iter_documents(root, skipped_files=files)]
+    assert texts == ["own document", "second own document", "a linked file"]
+    assert files == {"symlinked_folder": 1, "broken_symlink": 1}
+    params = write_params(tmp_path, lambda p: p["corpus"].update(db=str(root)))
+    r = run_stage("tokenize_corpus.py", "db", "--params", params, "--tokenizer", small_tokenizer,
+                  "--out", tmp_path / "tokens", "--metrics", tmp_path / "m.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["train_documents"] == 3 and m["skipped_files"] == 2
+    assert m["skipped_files_by_reason"] == {"symlinked_folder": 1, "broken_symlink": 1}
+    assert "a symlinked folder is skipped: DVC does not look inside it" in r.stdout
+
+
+@pytest.mark.parametrize("name", ["c.ndjson", "c.jsonlines", "c.json-lines", "c.NDJSON", "c.data"])
+def test_json_lines_under_other_extensions_are_json_lines(name, tmp_path):
+    """The common JSON-lines extensions, and a single file of another extension by its content."""
+    lines = [{"text": f"document {i}"} for i in range(5)]
+    (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert [d.text for d in data.iter_documents(tmp_path / name)] == [r["text"] for r in lines]
+    if not name.endswith(".data"):  # in a folder: by extension
+        assert len(list(data.iter_documents(tmp_path))) == 5
+
+
+def test_single_file_of_other_extension_is_text_or_an_error(tmp_path):
+    (tmp_path / "book.md").write_text("# A book\n\nPlain text, one document.\n")
+    assert [d.text for d in data.iter_documents(tmp_path / "book.md")] == ["# A book\n\nPlain text, one document.\n"]
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01binary\x00" * 100)
+    with pytest.raises(PipelineError, match=r"blob\.bin: neither JSON lines nor UTF-8 text"):
+        list(data.iter_documents(tmp_path / "blob.bin"))
+    (tmp_path / "latin1.dat").write_bytes("caf\xe9 au lait, d\xe9j\xe0 vu".encode("latin-1"))
+    with pytest.raises(PipelineError, match=r"latin1\.dat: neither JSON lines nor UTF-8 text"):
+        list(data.iter_documents(tmp_path / "latin1.dat"))
 
 
 def test_byte_order_mark_is_not_text(tmp_path):

@@ -69,12 +69,12 @@ def test_killed_stages_resume_to_the_same_outputs(reference, tmp_path):
     dvc(repo, "repro", "embed")
     assert _sha(emb) == _sha(reference / "data" / "db" / "embeddings.h5")
 
-    populated = repo / "data" / "index" / "populated.faiss"
+    populated = repo / "data" / "index" / "populated" / "index.faiss"
     dvc(repo, "repro", "train-index")
     _kill_when(_start(repo, "add-index"), lambda: True)  # as soon as it starts
-    assert not populated.exists() or _sha(populated) == _sha(reference / "data" / "index" / "populated.faiss")
+    assert not populated.exists() or _sha(populated) == _sha(reference / "data" / "index" / "populated" / "index.faiss")
     dvc(repo, "repro", "query-neighbors")
-    assert _sha(populated) == _sha(reference / "data" / "index" / "populated.faiss")
+    assert _sha(populated) == _sha(reference / "data" / "index" / "populated" / "index.faiss")
 
     work = repo / "data" / "work" / "pretrain"
     ckpts = lambda: list(work.glob("*/latest")) if work.exists() else []  # noqa: E731

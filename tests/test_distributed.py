@@ -134,10 +134,10 @@ def test_two_ranks_write_the_bytes_of_one_process(inputs):
     _ok(run_stage("train_index.py", "--params", root / "params.yaml", "--embeddings", emb,
                   "--out", root / "trained.faiss", "--metrics", root / "train_index.json"))
     _ok(run_stage("add_index.py", "--params", root / "params.yaml", "--embeddings", emb, "--trained",
-                  root / "trained.faiss", "--out", root / "populated.faiss", "--metrics", root / "add_index.json"))
+                  root / "trained.faiss", "--out", root / "populated", "--metrics", root / "add_index.json"))
     for mode, d in outs.items():
         args = [*common, "--pretrain", root / "tokens" / "pretrain", "--embeddings", emb,
-                "--index", root / "populated.faiss", "--out", d / "neighbors" / "neighbors.h5",
+                "--index", root / "populated", "--out", d / "neighbors" / "neighbors.h5",
                 "--work", d / "work" / "query", "--metrics", d / "query_neighbors.json",
                 "--recall-nprobe", d / "recall_nprobe.csv"]
         _ok(run_stage("query_neighbors.py", *args) if mode == "one" else run_two_ranks("query_neighbors.py", *args, cwd=root))

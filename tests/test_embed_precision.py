@@ -43,7 +43,7 @@ def test_query_neighbors_records_the_precision(tmp_path):
     params["retro"].update(seq_length=128)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     common = ["--params", tmp_path / "params.yaml"]
-    emb, trained, populated = tmp_path / "emb.h5", tmp_path / "trained.faiss", tmp_path / "populated.faiss"
+    emb, trained, populated = tmp_path / "emb.h5", tmp_path / "trained.faiss", tmp_path / "populated"
     steps = [("embed.py", "--db", tmp_path / "db", "--tokenizer", tok, "--out", emb, "--work", tmp_path / "w1",
               "--metrics", tmp_path / "m1.json"),
              ("train_index.py", "--embeddings", emb, "--out", trained, "--metrics", tmp_path / "m2.json"),

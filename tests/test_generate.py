@@ -359,6 +359,28 @@ def test_generate_stage_closed_book_writes_answers_deterministically(tmp_path, s
     assert out.read_bytes() == first
 
 
+def test_generate_stage_refuses_a_checkpoint_trained_with_another_tokenizer(tmp_path, small_tokenizer):
+    """train.json records the tokenizer's content hash: another tokenizer is one line naming
+    both; a checkpoint without the record is not checked."""
+    from conftest import run_stage
+    from instructretro.checkpoint import tokenizer_digest
+
+    args = _stage_setup(tmp_path, small_tokenizer, [json.dumps({"question": "q?", "answer": ["a"]})])
+    (tmp_path / "ckpt" / "train.json").write_text(json.dumps(
+        {"tokenizer": {"path": "data/tokenizer/spm.model", "sha256": "ab" * 32}}))
+    proc = run_stage("generate.py", *args)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"error: {tmp_path / 'ckpt'}: trained with tokenizer data/tokenizer/spm.model "
+                                   f"(sha256 abababababab), but the tokenizer here is {small_tokenizer} (sha256 "
+                                   f"{tokenizer_digest(small_tokenizer)[:12]}); its token ids mean other pieces: use "
+                                   "the tokenizer the checkpoint was trained with, or retrain from it")
+    (tmp_path / "ckpt" / "train.json").write_text(json.dumps(
+        {"tokenizer": {"path": str(small_tokenizer), "sha256": tokenizer_digest(small_tokenizer)}}))
+    assert run_stage("generate.py", *args).returncode == 0
+    (tmp_path / "ckpt" / "train.json").unlink()  # an old checkpoint: loads unchecked
+    assert run_stage("generate.py", *args).returncode == 0
+
+
 def test_generate_stage_malformed_qa_line_names_file_and_line(tmp_path, small_tokenizer):
     from conftest import run_stage
 

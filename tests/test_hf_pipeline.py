@@ -89,6 +89,7 @@ def built(tmp_path_factory):
 
 def test_every_stage_runs_on_the_imported_model_and_its_tokenizer(built):
     repo, tok, out = built
+    from instructretro.checkpoint import tokenizer_digest
     from instructretro.tokenizer import Tokenizer
     from instructretro.tokenstore import TokenStore
 
@@ -108,7 +109,7 @@ def test_every_stage_runs_on_the_imported_model_and_its_tokenizer(built):
     assert pretrain["retro"] and pretrain["cca_gate"] and pretrain["name"] == "tiny"
     for stage in ("pretrain", "sft"):
         info = json.loads((repo / "data" / "checkpoints" / stage / "train.json").read_text())
-        assert info["tokenizer_sha256"] == ours.digest
+        assert info["tokenizer"]["sha256"] == tokenizer_digest(repo / "data" / "tokenizer")
     # the imported model evaluated as it is (make eval-ppl CKPT=<HF folder>): Retro with closed gates
     r = run_stage("pretrain.py", "--eval-only", "hf1", "--metrics", "eval.json", cwd=repo)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -200,6 +200,40 @@ def test_ondisk_inverted_lists_give_the_in_ram_results(tmp_path):
     assert not (tmp_path / "x.ivfdata").exists()  # below the threshold: in RAM
 
 
+def test_populated_index_is_one_folder_and_refuses_lists_of_another_build(tmp_path):
+    """add-index writes one folder (index, on-disk lists, record): DVC versions the pair as one
+    output, the folder may move, and lists that belong to another build are refused."""
+    import shutil
+
+    from conftest import run_stage
+    from test_bad_inputs import write_params
+
+    x = clustered(3000, dim=32, seed=3)
+    h5 = write_embeddings(tmp_path / "emb.h5", x)
+    folders = {}
+    for seed in (1234, 99):
+        trained, _ = train_index(h5, "IVF8,Flat", 100_000, seed=seed)
+        write_index(trained, tmp_path / f"trained{seed}.faiss")
+        params = write_params(tmp_path, lambda p: p["index"].update(ondisk_above=1000, add_block_size=1000))
+        folders[seed] = tmp_path / f"populated{seed}"
+        r = run_stage("add_index.py", "--params", params, "--embeddings", h5, "--trained",
+                      tmp_path / f"trained{seed}.faiss", "--out", folders[seed], "--metrics", tmp_path / "m.json")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert sorted(f.name for f in folders[seed].iterdir()) == ["index.faiss", "index.json", "lists.ivfdata"]
+    moved = tmp_path / "elsewhere" / "populated"
+    shutil.move(folders[1234], moved)  # the index finds its lists inside its own folder
+    index = read_index(moved)
+    set_search_params(index, nprobe=8)
+    assert index.ntotal == 3000 and index.search(x[:5], 1)[1][:, 0].tolist() == [0, 1, 2, 3, 4]
+    shutil.copyfile(folders[99] / "lists.ivfdata", moved / "lists.ivfdata")  # a mismatched pair
+    with pytest.raises(PipelineError, match=r"lists\.ivfdata: not the inverted lists .*index\.faiss was built with.*"
+                                            r"rerun add-index"):
+        read_index(moved)
+    (moved / "lists.ivfdata").unlink()
+    with pytest.raises(PipelineError, match=r"on-disk lists but lists\.ivfdata is missing"):
+        read_index(moved)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_faiss_gpu(), reason="needs faiss-gpu and a CUDA device")
 def test_gpu_kmeans_trains_ivf_centroids_with_cpu_recall(tmp_path):

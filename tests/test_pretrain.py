@@ -437,6 +437,29 @@ def test_stage_errors_name_the_param(inputs, small_world, small_tokenizer, tmp_p
         assert key in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_eval_and_continued_pretraining_refuse_a_checkpoint_of_another_tokenizer(inputs, small_world, small_tokenizer,
+                                                                                  tmp_path, capsys):
+    import importlib.util
+
+    from instructretro import presets
+    from instructretro.checkpoint import export_checkpoint
+    from instructretro.model import Retro
+
+    spec = importlib.util.spec_from_file_location("pretrain_stage", REPO / "stages" / "pretrain.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    cfg = presets.get("tiny", vocab_size=Tokenizer(small_tokenizer).vocab_size, n_layers=2, cca_layers=(2,), retro=False)
+    export_checkpoint(Retro(cfg), cfg, tmp_path / "gpt", extra={"tokenizer": {"path": "other.model", "sha256": "f" * 64}})
+    for params, extra in [(write_params(tmp_path / "cont.yaml", small_world, init_from=str(tmp_path / "gpt")), []),
+                          (write_params(tmp_path / "eval.yaml", small_world), ["--eval-only", tmp_path / "gpt"])]:
+        with pytest.raises(SystemExit) as exc:
+            stage.main([str(a) for a in stage_args(inputs, tmp_path, params, "x", small_tokenizer) + extra])
+        assert exc.value.code == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {tmp_path / 'gpt'}: trained with tokenizer other.model (sha256 ffffffffffff), "
+                              f"but the tokenizer here is {small_tokenizer}") and "\n" not in err, err
+
+
 def test_gpt_flag_trains_the_baseline_without_reading_neighbors(inputs, small_world, small_tokenizer, tmp_path,
                                                                  one_thread):
     """Stage pretrain-gpt: ``--gpt`` trains GPT whatever model.retro says, and needs no

@@ -401,6 +401,8 @@ def test_stage_tunes_exports_and_reports_the_blend(tmp_path, small_world, small_
     assert model.config.seq_length == 256 and model.config.name == "tiny"
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert list((tmp_path / "live" / "plots" / "metrics").rglob("*.tsv"))
+    recorded = json.loads((tmp_path / "out" / "train.json").read_text())["tokenizer"]
+    assert recorded == checkpoint.tokenizer_record(small_tokenizer)
     first = (tmp_path / "out" / "model.safetensors").read_bytes()
     # deterministic: the same run gives the same weights and metrics
     assert _run_stage(*args, cwd=tmp_path).returncode == 0
@@ -450,6 +452,37 @@ def test_stage_killed_after_a_checkpoint_resumes_to_the_same_weights(tmp_path, s
         (tmp_path / "out_full" / "model.safetensors").read_bytes()
     rows = (tmp_path / "live_part" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert [row.split("\t")[0] for row in rows[1:]] == [str(i) for i in range(1, 9)]
+
+
+def test_stage_refuses_a_checkpoint_trained_with_another_tokenizer(tmp_path, small_world, small_tokenizer, tok):
+    """One line naming both, before any retrieval or training."""
+    args = _stage_setup(tmp_path, small_world, small_tokenizer, tok)
+    (tmp_path / "ckpt" / "train.json").write_text(json.dumps({"tokenizer": {"path": "old.model", "sha256": "0" * 64}}))
+    proc = _run_stage(*args, cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {tmp_path / 'ckpt'}: trained with tokenizer old.model (sha256 000000000000), "
+                           f"but the tokenizer here is {small_tokenizer} (sha256 "), line
+
+
+def test_stage_refuses_encoder_retrieval_for_a_gpt_checkpoint(tmp_path, small_world, small_tokenizer, tok):
+    """One line before any retrieval (it would search for minutes and change nothing)."""
+    import torch
+
+    from instructretro import checkpoint, presets
+    from instructretro.model import Retro
+
+    torch.manual_seed(0)
+    gpt = Retro(presets.get("tiny", vocab_size=tok.vocab_size, n_layers=2, cca_layers=(2,), retro=False))
+    checkpoint.export_checkpoint(gpt, gpt.config, tmp_path / "gpt")
+    args = _stage_setup(tmp_path, small_world, small_tokenizer, tok, init_from=str(tmp_path / "gpt"),
+                        retrieval="encoder")
+    proc = _run_stage(*args, cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (f"error: {tmp_path / 'params.yaml'}: param 'sft.retrieval' is 'encoder', but the "
+                                   "checkpoint is a GPT (model.retro=false: no encoder to feed); use prompt or none, "
+                                   "or a Retro checkpoint")
+    assert not (tmp_path / "out").exists()
 
 
 def test_stage_names_a_malformed_record(tmp_path, small_world, small_tokenizer, tok):

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -173,6 +174,29 @@ def test_resume_loads_weights_only_at_every_zero_stage(zero, precision, tmp_path
     T.train(again, c, batch_fn, T.lm_loss, None, tmp_path, start_step=1, progress=False)
     a, b = checkpoint.full_state_dict(full), checkpoint.full_state_dict(again)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("latest", ["", "garbage\x00", "step00000099"])
+def test_a_broken_latest_file_falls_back_to_the_newest_complete_step(latest, tmp_path, capsys):
+    """DeepSpeed writes ``latest`` in place: a full disk can leave it empty. The run resumes from
+    the intact step folder beside it (one note line), and with none it starts afresh."""
+    c = cfg(steps=4)
+    torch.manual_seed(0)
+    engine = T.build_engine(Retro(tiny_config(False)), c)
+    work = T.open_work(tmp_path / "root", {"params": {"a": 1}, "inputs": [], "code": []}, c.steps, 0)
+    T.train(engine, c, batch_fn, T.lm_loss, None, work.dir, progress=False, stop_after=2)
+    work.release()
+    (work.dir / "latest").write_text(latest)
+    work = T.open_work(tmp_path / "root", {"params": {"a": 1}, "inputs": [], "code": []}, c.steps, 0)
+    assert "resuming from the newest complete one, step00000002" in capsys.readouterr().err
+    assert T.resume(T.build_engine(Retro(tiny_config(False)), c), work.dir) == 2
+    work.release()
+    (work.dir / "latest").write_text("")
+    shutil.rmtree(work.dir / "step00000002")
+    work = T.open_work(tmp_path / "root", {"params": {"a": 1}, "inputs": [], "code": []}, c.steps, 0)
+    assert "no complete step folder" in capsys.readouterr().err
+    assert T.resume(T.build_engine(Retro(tiny_config(False)), c), work.dir) == 0
+    work.release()
 
 
 class Payload:

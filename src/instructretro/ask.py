@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import params as P
-from .checkpoint import checkpoint_precision, load_model
+from .checkpoint import check_tokenizer, checkpoint_precision, load_model
 from .decoding import greedy_generate
 from .embed import encoder_from_params
 from .errors import PipelineError, cli
@@ -34,7 +34,7 @@ from .tokenizer import Tokenizer
 
 # The paths the generate stage reads (its defaults in stages/generate.py, as dvc.yaml runs it).
 DEFAULTS = {"tokenizer": "data/tokenizer", "db_tokens": "data/tokens/db",
-            "embeddings": "data/db/embeddings.h5", "index": "data/index/populated.faiss",
+            "embeddings": "data/db/embeddings.h5", "index": "data/index/populated",
             "overlay": "data/serve/overlay.npz"}
 
 
@@ -82,6 +82,7 @@ class Assistant:
         if threads > 0:
             torch.set_num_threads(threads)
         torch.manual_seed(0)
+        check_tokenizer(self.checkpoint, tokenizer)
         dtype = torch.bfloat16 if checkpoint_precision(self.checkpoint) == "bf16" else torch.float32
         # one process: the first GPU if there is one, as the stage's local_device() gives it (without
         # importing DeepSpeed, which prints to stdout and takes seconds)

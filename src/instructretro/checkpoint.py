@@ -1,7 +1,9 @@
 """Exported checkpoint folders: what a training stage writes and every later stage loads.
 
 A folder holds ``config.json`` (the ``ModelConfig``), ``model.safetensors`` (fp32 weights, names
-sorted) and optionally ``train.json`` (steps trained, precision, init_from). ``export_checkpoint``
+sorted) and optionally ``train.json`` (steps trained, precision, init_from, and the tokenizer it
+was trained with: its path and content hash, ``tokenizer_record``; ``check_tokenizer`` refuses
+another tokenizer, and a checkpoint without the record loads unchecked). ``export_checkpoint``
 writes one atomically (every rank calls it; ZeRO-3 gathers, rank 0 writes); ``read_config``,
 ``read_state_dict``, ``load_model`` and ``checkpoint_precision`` read it; ``check_fits`` refuses a
 config whose weights would not fit in memory; ``init_from_checkpoint`` copies a GPT checkpoint's
@@ -10,6 +12,7 @@ decoder into a Retro model. Reading a checkpoint needs only this module and ``mo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -142,6 +145,46 @@ def checkpoint_precision(folder: str | os.PathLike) -> str:
     if precision not in PRECISIONS:
         raise PipelineError(f"{path}: precision {precision!r}; expected one of {PRECISIONS}")
     return precision
+
+
+def tokenizer_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a tokenizer: a file's bytes (a SentencePiece ``.model``), or a folder's files
+    (each one's path inside the folder and bytes, in path order: ``tokenizer.json`` and its
+    companions, or a folder holding ``spm.model``)."""
+    path = Path(path)
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        if path.is_dir():
+            h.update(f"{f.relative_to(path).as_posix()}\0".encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def tokenizer_record(path: str | os.PathLike) -> dict:
+    """What ``train.json`` records of the tokenizer a checkpoint was trained with."""
+    return {"path": str(path), "sha256": tokenizer_digest(path)}
+
+
+def check_tokenizer(folder: str | os.PathLike, tokenizer: str | os.PathLike) -> None:
+    """Refuse ``tokenizer`` for the checkpoint ``folder`` when its ``train.json`` records another
+    one (by content hash). A checkpoint without the record (exported before it was kept, or by
+    hand) is not checked."""
+    path = Path(folder) / "train.json"
+    try:
+        record = json.loads(path.read_text()).get("tokenizer") if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise PipelineError(f"{path}: malformed JSON") from None
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        return
+    digest = tokenizer_digest(tokenizer)
+    if digest != record["sha256"]:
+        raise PipelineError(f"{folder}: trained with tokenizer {record.get('path')} (sha256 {record['sha256'][:12]}), "
+                            f"but the tokenizer here is {tokenizer} (sha256 {digest[:12]}); its token ids mean other "
+                            "pieces: use the tokenizer the checkpoint was trained with, or retrain from it")
 
 
 def init_from_checkpoint(model: torch.nn.Module, folder: str | os.PathLike) -> list[str]:

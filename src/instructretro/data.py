@@ -1,8 +1,10 @@
 """Streaming readers for every input format the pipeline accepts.
 
-- Corpus: JSON lines with a ``text`` field (Megatron's loose-json; other fields ignored), a
-  ``.txt`` file (one document), or a folder of ``.txt`` / ``.jsonl`` / ``.json`` files (any
-  case) read recursively in path order; hidden files and folders are skipped and counted.
+- Corpus: JSON lines with a ``text`` field (Megatron's loose-json; other fields ignored;
+  ``.jsonl``, ``.ndjson``, ``.jsonlines``, ``.json-lines``, ``.json``), a ``.txt`` file (one
+  document), a single file of another extension judged by its content, or a folder of such
+  files (any case) read recursively in path order; hidden files and folders and symlinked
+  folders are skipped and counted.
 - QA: NQ-open JSON lines ``{"question": str, "answer": [str, ...], "ctxs": [...]?}``.
 - Instructions: conversations ``{"system"?: str, "messages": [{"role", "content"}, ...]}``
   (``"conversations": [{"from", "value"}]`` is accepted too) or alpaca-style
@@ -46,25 +48,88 @@ def is_valid_split(doc_id: int, valid_fraction: float) -> bool:
     return (doc_id >> 16) % 1_000_000 < round(valid_fraction * 1_000_000)
 
 
-CORPUS_SUFFIXES = (".txt", ".jsonl", ".json")
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson", ".jsonlines", ".json-lines", ".json")
+TEXT_SUFFIXES = (".txt",)
+CORPUS_SUFFIXES = TEXT_SUFFIXES + JSON_LINES_SUFFIXES
 BOM = "\ufeff"
+SNIFF_BYTES = 1 << 16  # bytes a single file of another extension is judged by
+
+
+def is_json_lines(path: Path) -> bool:
+    """Whether a corpus file is read as JSON lines: by its extension (``.jsonl``, ``.ndjson``,
+    ``.jsonlines``, ``.json-lines``, ``.json``, any case) for a corpus folder's files and
+    ``.txt``; a single file of another extension by its content (:func:`sniff_format`)."""
+    suffix = path.suffix.lower()
+    if suffix in JSON_LINES_SUFFIXES:
+        return True
+    if suffix in TEXT_SUFFIXES:
+        return False
+    return sniff_format(path) == "jsonl"
+
+
+def sniff_format(path: Path) -> str:
+    """``jsonl`` when the first non-blank line of the file is a JSON object, ``text`` when its
+    first 64 KiB are UTF-8 text; anything else (NUL bytes, invalid UTF-8: a binary file) is an
+    error naming the file."""
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the end of the sample
+            raise PipelineError(f"{path}: neither JSON lines nor UTF-8 text (invalid UTF-8 at byte {exc.start}); "
+                                "a corpus file is JSON lines (.jsonl, .ndjson) or plain text (.txt)") from None
+        text = head[: exc.start].decode("utf-8")
+    if "\0" in text:
+        raise PipelineError(f"{path}: neither JSON lines nor UTF-8 text (it holds NUL bytes); a corpus file is "
+                            "JSON lines (.jsonl, .ndjson) or plain text (.txt)")
+    first = next((line for line in text.removeprefix(BOM).splitlines() if line.strip()), "")
+    if first.lstrip().startswith("{"):
+        try:
+            return "jsonl" if isinstance(json.loads(first), dict) else "text"
+        except (json.JSONDecodeError, RecursionError):
+            return "text"
+    return "text"
+
+
+def _walk(root: Path, skipped_files: "SkipCounter") -> list[Path]:
+    """The files under ``root`` in path order. A symlinked folder is skipped and counted
+    (``symlinked_folder``): DVC does not look inside one when it hashes a dependency folder, so
+    a change there would never rerun the stage. A symlinked file is read (DVC hashes its
+    content); a link that points nowhere is counted (``broken_symlink``)."""
+    files: list[Path] = []
+
+    def visit(folder: Path) -> None:
+        for p in sorted(folder.iterdir(), key=lambda q: q.name):
+            if p.is_dir():
+                if p.is_symlink():
+                    skipped_files.add("symlinked_folder")
+                else:
+                    visit(p)
+            elif p.is_file():
+                files.append(p)
+            elif p.is_symlink():
+                skipped_files.add("broken_symlink")
+
+    visit(root)
+    return files
 
 
 def corpus_files(path: str | os.PathLike, skipped_files: "SkipCounter | None" = None) -> list[Path]:
     """The files of a corpus: the path itself, or a folder's files in path order.
 
-    A folder is read recursively. Extensions are case-insensitive (``.txt``, ``.jsonl``,
-    ``.json``; ``d.JSONL`` counts). Hidden files and everything in hidden folders (a name
-    starting with ``.``) and files with other extensions are skipped and counted in
-    ``skipped_files`` (``hidden_file``, ``other_extension``).
+    A folder is read recursively; symlinked folders inside it are skipped and counted (see
+    :func:`_walk`; give the linked folder itself as the corpus, or copy it in). Extensions are
+    case-insensitive (``.txt``, and the JSON-lines ``.jsonl``, ``.ndjson``, ``.jsonlines``,
+    ``.json-lines``, ``.json``; ``d.JSONL`` counts). Hidden files and everything in hidden
+    folders (a name starting with ``.``) and files with other extensions are skipped and
+    counted in ``skipped_files`` (``hidden_file``, ``other_extension``).
     """
     path = Path(path)
     skipped_files = skipped_files if skipped_files is not None else SkipCounter()
     if path.is_dir():
         files = []
-        for p in sorted(path.rglob("*")):
-            if not p.is_file():
-                continue
+        for p in _walk(path, skipped_files):
             if any(part.startswith(".") for part in p.relative_to(path).parts):
                 skipped_files.add("hidden_file")
             elif p.suffix.lower() not in CORPUS_SUFFIXES:
@@ -72,8 +137,8 @@ def corpus_files(path: str | os.PathLike, skipped_files: "SkipCounter | None" = 
             else:
                 files.append(p)
         if not files:
-            raise PipelineError(f"{path}: folder holds no .txt, .jsonl or .json files "
-                                f"(hidden files and folders are skipped)")
+            raise PipelineError(f"{path}: folder holds no corpus files ({', '.join(CORPUS_SUFFIXES)}; "
+                                f"hidden files and folders and symlinked folders are skipped)")
         return files
     if not path.exists():
         raise PipelineError(f"{path}: corpus file not found")
@@ -130,7 +195,7 @@ def iter_documents(path: str | os.PathLike, skipped: SkipCounter | None = None,
     in ``skipped``; files a folder holds but the corpus does not read in ``skipped_files``."""
     skipped = skipped if skipped is not None else SkipCounter()
     for file in corpus_files(path, skipped_files):
-        if file.suffix.lower() in (".jsonl", ".json"):
+        if is_json_lines(file):
             for lineno, line in _lines(file):
                 if not line.strip():
                     continue

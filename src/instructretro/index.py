@@ -20,6 +20,8 @@ divide the dimension, or that needs more training points than the database has f
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
@@ -243,11 +245,84 @@ def write_index(index, path: str | os.PathLike) -> None:
 
 
 def read_index(path: str | os.PathLike):
-    """Read a Faiss index written by this module."""
+    """Read a Faiss index written by this module: a file (``trained.faiss``) or a populated
+    index folder (:func:`write_populated`), whose on-disk lists are checked against the record."""
     path = Path(path)
+    if path.is_dir():
+        return read_populated(path)
     if not path.is_file():
         raise PipelineError(f"{path}: index file not found; run the train-index / add-index stages")
     return faiss.read_index(str(path))
+
+
+# The populated index is one folder, one DVC output: the index file, its on-disk inverted lists
+# (when it has them) and a record of the lists' size and content hash. The index refers to its
+# lists by file name inside the folder (read with IO_FLAG_ONDISK_SAME_DIR), so the folder can
+# move, and DVC always restores the two together. A pair that does not belong together (copied
+# by hand, or restored from different builds) is refused by the record.
+INDEX_FILE = "index.faiss"
+LISTS_FILE = "lists.ivfdata"
+RECORD_FILE = "index.json"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def index_file(path: str | os.PathLike) -> Path:
+    """The index file of ``path``: the path itself, or ``<folder>/index.faiss``."""
+    path = Path(path)
+    return path / INDEX_FILE if path.is_dir() else path
+
+
+def write_populated(index, folder: str | os.PathLike, lists: str | os.PathLike | None = None) -> dict:
+    """Write ``folder/index.faiss`` and ``folder/index.json``; ``lists`` is the on-disk lists
+    file already in ``folder`` (``populate``'s ``ivfdata``), or None for an in-RAM index.
+    Returns the record."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"ntotal": int(index.ntotal), "lists": None}
+    if lists is not None:
+        lists = Path(lists)
+        if lists.parent.resolve() != folder.resolve() or lists.name != LISTS_FILE:
+            raise ValueError(f"write_populated: the lists must be {folder / LISTS_FILE}, got {lists}")
+        record["lists"] = {"file": LISTS_FILE, "bytes": lists.stat().st_size, "sha256": sha256_file(lists)}
+    faiss.write_index(index, str(folder / INDEX_FILE))
+    (folder / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def read_populated(folder: str | os.PathLike):
+    """Read a populated index folder; refuse lists that are not the ones it was built with
+    (size and SHA-256 of ``lists.ivfdata`` against ``index.json``: one streaming pass)."""
+    folder = Path(folder)
+    rebuild = "rerun add-index (dvc repro -f add-index)"
+    if not (folder / INDEX_FILE).is_file() or not (folder / RECORD_FILE).is_file():
+        raise PipelineError(f"{folder}: not a populated index folder (needs {INDEX_FILE} and {RECORD_FILE}); {rebuild}")
+    try:
+        record = json.loads((folder / RECORD_FILE).read_text())
+        lists = record["lists"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise PipelineError(f"{folder / RECORD_FILE}: malformed index record; {rebuild}") from None
+    flags = 0
+    if lists is not None:
+        path = folder / LISTS_FILE
+        if not path.is_file():
+            raise PipelineError(f"{folder}: the index has on-disk lists but {LISTS_FILE} is missing; {rebuild}")
+        size = path.stat().st_size
+        if size != lists.get("bytes") or sha256_file(path) != lists.get("sha256"):
+            raise PipelineError(f"{path}: not the inverted lists {folder / INDEX_FILE} was built with "
+                                f"({size} bytes, the index was built with {lists.get('bytes')} bytes of sha256 "
+                                f"{str(lists.get('sha256'))[:12]}); {rebuild}")
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR
+    elif (folder / LISTS_FILE).exists():
+        raise PipelineError(f"{folder}: holds {LISTS_FILE} but its index keeps its lists in RAM; {rebuild}")
+    return faiss.read_index(str(folder / INDEX_FILE), flags)
 
 
 def code_bytes(index, n: int) -> int:

@@ -254,9 +254,11 @@ def recall_check(index, queries: np.ndarray, approx: np.ndarray, rows: np.ndarra
 
 def file_key(path: str | os.PathLike) -> str:
     """What identifies an index file for a resume key: its path, size and mtime (hashing a file
-    of hundreds of GB would cost more than the search it saves)."""
-    st = Path(path).stat()
-    return f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    of hundreds of GB would cost more than the search it saves); for a folder (the populated
+    index: index file, on-disk lists, record) those of each file in it."""
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return "|".join(f"{f.resolve()}|{f.stat().st_size}|{f.stat().st_mtime_ns}" for f in files)
 
 
 def _search_settings(index) -> str:

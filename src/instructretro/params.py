@@ -5,12 +5,16 @@ must have. :func:`load` checks the whole file against it, so a misspelt key (``p
 or a value of the wrong type (``sft.steps: ten``) is refused before any work starts, naming the
 key and, for an unknown key, the closest known one. Keys whose values are lists or mappings of
 the user's own entries (``sft.blend``, ``generate.tasks``) are typed ``ANY`` here and checked
-entry by entry by the parser that reads them, so entry names are never taken for keys.
+entry by entry by the parser that reads them, so entry names are never taken for keys. Every
+number has its range in the table (``Num``: counts >= 0, sizes > 0, finite floats, fractions
+in [0, 1), seeds in [0, 2**31)), and ``retro.seq_length`` must be a multiple of
+``retro.chunk_length``; both are checked at load too.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from pathlib import Path
 
@@ -39,58 +43,111 @@ def optional(check):
 
 INT_OR_NULL, FLOAT_OR_NULL, STR_OR_NULL = (int, NONE), (float, NONE), (str, NONE)
 
+SEED_LIMIT = 2**31  # numpy takes any seed >= 0; Faiss's k-means and clustering seeds are C ints
+
+
+class Num:
+    """A number in a range: the type check of ``_check``, then finite (floats) and the bounds
+    (``lo``/``hi``, each inclusive unless ``lo_open``/``hi_open``); ``null`` also accepts null.
+    ``Num(int, 0)`` is a count (>= 0), ``Num(int, 1)`` a size (> 0)."""
+
+    def __init__(self, typ, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False, null: bool = False):
+        self.typ, self.lo, self.hi, self.lo_open, self.hi_open, self.null = typ, lo, hi, lo_open, hi_open, null
+
+    def describe(self) -> str:
+        if self.typ is int and self.hi is None and self.lo in (0, 1) and not self.lo_open:
+            return "> 0" if self.lo == 1 else ">= 0"
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+    def __call__(self, key: str, value, source: str):
+        value = _check(key, value, (self.typ, NONE) if self.null else self.typ, source)
+        if value is None:
+            return value
+        if self.typ is float and not math.isfinite(value):
+            raise PipelineError(f"{source}: param '{key}' must be a finite number, got {value!r}")
+        low_bad = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        high_bad = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+        if low_bad or high_bad:
+            raise PipelineError(f"{source}: param '{key}' must be {self.describe()}, got {value!r}")
+        return value
+
+
+COUNT, SIZE = Num(int, 0), Num(int, 1)  # >= 0; > 0
+COUNT_OR_NULL, SIZE_OR_NULL = Num(int, 0, null=True), Num(int, 1, null=True)
+SEED, SEED_OR_NULL = Num(int, 0, SEED_LIMIT, hi_open=True), Num(int, 0, SEED_LIMIT, hi_open=True, null=True)
+FRACTION = Num(float, 0.0, 1.0, hi_open=True)  # [0, 1)
+POSITIVE, POSITIVE_OR_NULL = Num(float, 0.0, lo_open=True), Num(float, 0.0, lo_open=True, null=True)
+NON_NEGATIVE_OR_NULL = Num(float, 0.0, null=True)
+BETA_OR_NULL = Num(float, 0.0, 1.0, hi_open=True, null=True)  # Adam betas: [0, 1)
+ZERO_STAGE_OR_NULL = Num(int, 0, 3, null=True)
+
 # Every key of params.yaml: section -> key -> type (a type, a tuple of types, a checker
-# ``f(key, value, source) -> value``, or ANY). A stage that reads a new key adds it here (and
+# ``f(key, value, source) -> value`` such as a ``Num`` range, or ANY). Every number has its
+# range here, checked when params.yaml is loaded. A stage that reads a new key adds it here (and
 # to params.yaml: tests/test_bad_inputs.py checks that the two agree).
 KNOWN: dict[str, dict[str, object]] = {
-    "world": {"num_entities": int, "docs_per_entity": int, "qa_questions": int, "sft_conversations": int,
-              "seed": int},
+    "world": {"num_entities": SIZE, "docs_per_entity": SIZE, "qa_questions": SIZE, "sft_conversations": SIZE,
+              "seed": SEED},
     "corpus": {"db": str, "pretrain": str},
-    "tokenizer": {"vocab_size": int, "sample_bytes": int, "model": str},
-    "tokenize": {"db_valid_fraction": float, "pretrain_valid_fraction": float},
-    "retro": {"chunk_length": int, "seq_length": int},
-    "embed": {"encoder": str, "precision": str, "batch_size": int, "gpu_batch_size": int, "max_length": int,
-              "block_size": int, "dtype": str},
-    "index": {"factory": str, "train_points": int, "seed": int, "add_block_size": int, "ondisk_above": int},
-    "query": {"num_neighbors_query": int, "num_neighbors_save": int, "nprobe": int, "efsearch": int,
-              "block_size": int, "recall_sample": int, "recall_nprobe_max": int, "seed": int},
+    "tokenizer": {"vocab_size": SIZE, "sample_bytes": SIZE, "model": str},
+    "tokenize": {"db_valid_fraction": FRACTION, "pretrain_valid_fraction": FRACTION},
+    "retro": {"chunk_length": SIZE, "seq_length": SIZE},
+    "embed": {"encoder": str, "precision": str, "batch_size": SIZE, "gpu_batch_size": SIZE, "max_length": SIZE,
+              "block_size": SIZE, "dtype": str},
+    "index": {"factory": str, "train_points": SIZE, "seed": SEED, "add_block_size": SIZE, "ondisk_above": SIZE},
+    "query": {"num_neighbors_query": SIZE, "num_neighbors_save": SIZE, "nprobe": SIZE, "efsearch": SIZE,
+              "block_size": SIZE, "recall_sample": COUNT, "recall_nprobe_max": COUNT, "seed": SEED},
     "model": {"name": str, "retro": bool},
     # TrainConfig fields (null: the preset's recipe) and the run's inputs
-    "pretrain": {"steps": INT_OR_NULL, "micro_batch": INT_OR_NULL, "grad_accum": INT_OR_NULL,
-                 "lr": FLOAT_OR_NULL, "min_lr": FLOAT_OR_NULL, "warmup": INT_OR_NULL,
-                 "weight_decay": FLOAT_OR_NULL, "beta1": FLOAT_OR_NULL, "beta2": FLOAT_OR_NULL,
-                 "clip": FLOAT_OR_NULL, "zero_stage": INT_OR_NULL, "precision": STR_OR_NULL, "seed": INT_OR_NULL,
-                 "eval_interval": INT_OR_NULL, "eval_batches": INT_OR_NULL, "save_interval": INT_OR_NULL,
+    "pretrain": {"steps": SIZE_OR_NULL, "micro_batch": SIZE_OR_NULL, "grad_accum": SIZE_OR_NULL,
+                 "lr": POSITIVE_OR_NULL, "min_lr": NON_NEGATIVE_OR_NULL, "warmup": COUNT_OR_NULL,
+                 "weight_decay": NON_NEGATIVE_OR_NULL, "beta1": BETA_OR_NULL, "beta2": BETA_OR_NULL,
+                 "clip": NON_NEGATIVE_OR_NULL, "zero_stage": ZERO_STAGE_OR_NULL, "precision": STR_OR_NULL,
+                 "seed": SEED_OR_NULL, "eval_interval": SIZE_OR_NULL, "eval_batches": SIZE_OR_NULL,
+                 "save_interval": SIZE_OR_NULL,
                  "activation_checkpointing": (bool, NONE), "offload_optimizer": STR_OR_NULL,
                  "offload_params": STR_OR_NULL, "offload_nvme_path": str, "freeze_decoder": bool,
                  "init_from": str, "skip_train": bool},
-    "sft": {"init_from": str, "blend": ANY, "valid_fraction": float, "valid_samples": int,
-            "system": str, "retrieval": str, "num_contexts": int, "num_neighbors": INT_OR_NULL,
-            "nprobe": int, "efsearch": int, "seed": int, "eval_interval": int, "save_interval": int,
+    "sft": {"init_from": str, "blend": ANY, "valid_fraction": FRACTION, "valid_samples": SIZE,
+            "system": str, "retrieval": str, "num_contexts": COUNT, "num_neighbors": SIZE_OR_NULL,
+            "nprobe": SIZE, "efsearch": SIZE, "seed": SEED, "eval_interval": SIZE, "save_interval": SIZE,
             # training keys (sft.TRAIN_KEYS; null: the preset's SFT recipe)
-            "seq_length": INT_OR_NULL, "steps": INT_OR_NULL, "global_batch": INT_OR_NULL,
-            "micro_batch": INT_OR_NULL, "lr": FLOAT_OR_NULL, "lr_schedule": STR_OR_NULL, "warmup": INT_OR_NULL,
-            "beta1": FLOAT_OR_NULL, "beta2": FLOAT_OR_NULL, "weight_decay": FLOAT_OR_NULL, "clip": FLOAT_OR_NULL,
-            "zero_stage": INT_OR_NULL, "precision": STR_OR_NULL, "activation_checkpointing": (bool, NONE),
+            "seq_length": SIZE_OR_NULL, "steps": SIZE_OR_NULL, "global_batch": SIZE_OR_NULL,
+            "micro_batch": SIZE_OR_NULL, "lr": POSITIVE_OR_NULL, "lr_schedule": STR_OR_NULL,
+            "warmup": COUNT_OR_NULL, "beta1": BETA_OR_NULL, "beta2": BETA_OR_NULL,
+            "weight_decay": NON_NEGATIVE_OR_NULL, "clip": NON_NEGATIVE_OR_NULL,
+            "zero_stage": ZERO_STAGE_OR_NULL, "precision": STR_OR_NULL, "activation_checkpointing": (bool, NONE),
             "offload_optimizer": STR_OR_NULL, "offload_params": STR_OR_NULL},
-    "generate": {"checkpoint": str, "tasks": ANY, "retrieval": str, "num_contexts": int, "max_new_tokens": int,
-                 "batch_size": int, "max_questions": int, "system": STR_OR_NULL, "nprobe": int, "efsearch": int,
-                 "threads": int},
+    "generate": {"checkpoint": str, "tasks": ANY, "retrieval": str, "num_contexts": COUNT, "max_new_tokens": SIZE,
+                 "batch_size": SIZE, "max_questions": COUNT, "system": STR_OR_NULL, "nprobe": SIZE, "efsearch": SIZE,
+                 "threads": COUNT},
     "score": {"f1_gold": str, "normalize": str},
 }
+
+
+def positive_int_list(key: str, value, source: str):
+    """A list of layer numbers (>= 1), e.g. ``model.cca_layers: [2, 4]``."""
+    value = int_list(key, value, source)
+    if any(v < 1 for v in value):
+        raise PipelineError(f"{source}: param '{key}' must be a list of layer numbers >= 1, got {value!r}")
+    return value
 
 
 # Keys a user may add that params.yaml does not ship: overrides of the model preset's
 # ModelConfig fields (null: the preset's). vocab_size, seq_length and chunk_length come from the
 # tokenizer and retro.*, so they are not params.
 OPTIONAL: dict[str, dict[str, object]] = {
-    "model": {"n_layers": INT_OR_NULL, "hidden": INT_OR_NULL, "heads": INT_OR_NULL, "ffn_hidden": INT_OR_NULL,
-              "cca_layers": optional(int_list), "encoder_layers": INT_OR_NULL, "num_neighbors": INT_OR_NULL,
-              "rotary_percent": FLOAT_OR_NULL, "rotary_base": FLOAT_OR_NULL, "cca_rotary": (bool, NONE),
-              "norm_eps": FLOAT_OR_NULL, "init_std": FLOAT_OR_NULL,
+    "model": {"n_layers": SIZE_OR_NULL, "hidden": SIZE_OR_NULL, "heads": SIZE_OR_NULL,
+              "ffn_hidden": COUNT_OR_NULL,  # 0: the SwiGLU rule
+              "cca_layers": optional(positive_int_list), "encoder_layers": SIZE_OR_NULL,
+              "num_neighbors": SIZE_OR_NULL, "rotary_percent": Num(float, 0.0, 1.0, lo_open=True, null=True),
+              "rotary_base": POSITIVE_OR_NULL, "cca_rotary": (bool, NONE), "norm_eps": POSITIVE_OR_NULL,
+              "init_std": POSITIVE_OR_NULL,
               # the architecture switches (model.py); an imported model takes them from its config.json
-              "norm": STR_OR_NULL, "mlp": STR_OR_NULL, "kv_heads": INT_OR_NULL, "qkv_bias": (bool, NONE),
-              "linear_bias": (bool, NONE), "rope_scaling": (dict, NONE), "learned_positions": INT_OR_NULL,
+              "norm": STR_OR_NULL, "mlp": STR_OR_NULL, "kv_heads": COUNT_OR_NULL, "qkv_bias": (bool, NONE),
+              "linear_bias": (bool, NONE), "rope_scaling": (dict, NONE), "learned_positions": COUNT_OR_NULL,
               "tie_embeddings": (bool, NONE), "cca_gate": (bool, NONE)},
 }
 
@@ -157,7 +214,20 @@ def load(path: str | os.PathLike = "params.yaml") -> "Params":
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise PipelineError(f"{where}: not valid YAML ({problem})") from None
     check_known(data, str(path))
+    check_lengths(data, str(path))
     return Params(data, str(path))
+
+
+def check_lengths(data: dict, source: str = "params.yaml") -> None:
+    """``retro.seq_length`` must be a multiple of ``retro.chunk_length`` (so at least one chunk):
+    checked at load, before any stage's work (embed, the index stages and query-neighbors all
+    read the chunk length)."""
+    retro = data.get("retro") if isinstance(data.get("retro"), dict) else {}
+    chunk, seq = retro.get("chunk_length"), retro.get("seq_length")
+    if isinstance(chunk, int) and isinstance(seq, int) and chunk > 0 and seq > 0:
+        if chunk > seq or seq % chunk:
+            raise PipelineError(f"{source}: param 'retro.seq_length' ({seq}) must be a multiple of "
+                                f"'retro.chunk_length' ({chunk}), at least one chunk")
 
 
 class Params:

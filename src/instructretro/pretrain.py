@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 
 from . import hf
-from .checkpoint import init_from_checkpoint, load_model
+from .checkpoint import check_tokenizer, init_from_checkpoint, load_model, tokenizer_record
 from .dist import init_distributed, is_rank0, local_device
 from .errors import PipelineError
 from .pretrain_data import PretrainInputs, PretrainSamples, TrainOrder, all_eval_batches, eval_indices, load_split
-from .tokenizer import Tokenizer
 from .tokenstore import TokenStore
 from .workdir import code_files, library_versions
 
@@ -129,6 +128,8 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
     rank, world = init_distributed()
     if skip_train and not init_from:
         raise PipelineError("params.yaml: 'pretrain.skip_train' needs 'pretrain.init_from' (the checkpoint to evaluate)")
+    if init_from:  # continued pretraining or evaluation: the tokens must mean what they meant
+        check_tokenizer(init_from, inputs.tokenizer)
     torch.manual_seed(cfg.seed)
     if skip_train:
         model = load_for_eval(init_from, model_config)
@@ -185,7 +186,7 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
     }
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
     T.finish(engine, model_config, out, {"steps": metrics["steps"], "init_from": init_from, "precision": cfg.precision,
-                                            "tokenizer_sha256": Tokenizer(inputs.tokenizer).digest},
+                                            "tokenizer": tokenizer_record(inputs.tokenizer)},
              None if skip_train else work)
     return metrics
 

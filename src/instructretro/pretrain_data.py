@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .chunks import SampleLayout
-from .data import corpus_files, document_id
+from .data import corpus_files, document_id, is_json_lines
 from .errors import PipelineError
 from .tokenizer import Tokenizer
 from .tokenstore import TokenStore
@@ -80,7 +80,7 @@ def fact_flags_for_store(corpus: str | os.PathLike, tok: Tokenizer, store: Token
     flags: dict[int, np.ndarray] = {}
     seen_spans = False
     for file in corpus_files(corpus):
-        if file.suffix not in (".jsonl", ".json"):
+        if not is_json_lines(file):
             continue
         with open(file, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):

@@ -87,6 +87,14 @@ def sft_settings(preset: str, overrides: dict | None = None, gpu: bool | None = 
     return out
 
 
+def check_retrieval(config, retrieval: str, source: str = "params.yaml") -> None:
+    """Refuse ``sft.retrieval: encoder`` for a GPT checkpoint: it has no encoder to feed, and
+    retrieving for it would cost the search and change nothing."""
+    if retrieval == "encoder" and not config.retro:
+        raise PipelineError(f"{source}: param 'sft.retrieval' is 'encoder', but the checkpoint is a GPT "
+                            "(model.retro=false: no encoder to feed); use prompt or none, or a Retro checkpoint")
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Blend.
 
@@ -619,6 +627,7 @@ def run_sft(config, settings: dict, s: dict, blend: list, tok, out: str | os.Pat
     import torch
 
     from . import train as T
+    from .checkpoint import tokenizer_record
     from .dist import init_distributed
 
     rank, world = init_distributed()
@@ -665,7 +674,7 @@ def run_sft(config, settings: dict, s: dict, blend: list, tok, out: str | os.Pat
     seconds = time.perf_counter() - t0
     export_config = dataclasses_replace(config, seq_length=max(config.seq_length, settings["seq_length"]))
     T.finish(engine, export_config, out, {"stage": "sft", "steps": cfg.steps, "precision": cfg.precision,
-                                          "tokenizer_sha256": tok.digest}, work)
+                                               "tokenizer": tokenizer_record(tok.path)}, work)
     if rank != 0:
         return None
     if smoke:

@@ -511,15 +511,49 @@ def restore_live(live_dir: str | os.PathLike, work_dir: str | os.PathLike) -> bo
     return True
 
 
-def latest_step(work_dir: str | os.PathLike) -> int | None:
-    """The step of the resume checkpoint named in ``work_dir/latest`` (None if there is none)."""
+def complete_steps(work_dir: str | os.PathLike) -> list[int]:
+    """Steps of the resume checkpoints in ``work_dir`` whose folder holds DeepSpeed's model
+    states (``step<N>/mp_rank_*_model_states.pt``, non-empty), newest first."""
+    steps = []
+    for folder in Path(work_dir).glob("step*"):
+        if folder.is_dir() and folder.name[4:].isdigit() and any(
+                f.stat().st_size > 0 for f in folder.glob("mp_rank_*_model_states.pt")):
+            steps.append(int(folder.name[4:]))
+    return sorted(steps, reverse=True)
+
+
+def latest_step(work_dir: str | os.PathLike, repair: bool = False) -> int | None:
+    """The step of the resume checkpoint named in ``work_dir/latest`` (None if there is none).
+
+    DeepSpeed writes ``latest`` in place, so a full disk at that moment can leave it empty. A
+    ``latest`` that is empty, garbled or names a missing folder stands for the newest complete
+    step folder beside it (``complete_steps``), or for none. With ``repair`` (rank 0, before
+    the engine loads), ``latest`` is rewritten to name that folder, or removed when there is
+    none (the run then starts afresh), with one note line on stderr.
+    """
     latest = Path(work_dir) / "latest"
     if not latest.is_file():
         return None
-    tag = latest.read_text().strip()
-    if not (tag.startswith("step") and tag[4:].isdigit()):
-        raise PipelineError(f"{latest}: names {tag!r}, not a resume checkpoint (step<N>)")
-    return int(tag[4:])
+    try:
+        tag = latest.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        tag = ""
+    if tag.startswith("step") and tag[4:].isdigit() and (Path(work_dir) / tag).is_dir():
+        return int(tag[4:])
+    found = complete_steps(work_dir)
+    if repair:
+        if found:
+            from .io import atomic_path
+
+            with atomic_path(latest) as tmp:
+                tmp.write_text(f"step{found[0]:08d}")
+            print(f"note: {latest} names {tag[:40]!r}, not a resume checkpoint; resuming from the newest "
+                  f"complete one, step{found[0]:08d}", file=sys.stderr)
+        else:
+            latest.unlink(missing_ok=True)
+            print(f"note: {latest} names {tag[:40]!r}, not a resume checkpoint, and no complete step folder is "
+                  "beside it; starting afresh", file=sys.stderr)
+    return found[0] if found else None
 
 
 def resume(engine, work_dir: str | os.PathLike) -> int:
@@ -614,7 +648,7 @@ def open_work(work_root: str | os.PathLike, what: dict, steps: int, rank: int) -
     rerun trains from scratch."""
     key = rank0_key(lambda: resume_key(what["params"], what["inputs"], what["code"], DigestCache(work_root)))
     work = WorkDir(work_root, key, lock=rank == 0)
-    if rank == 0 and (latest_step(work.dir) or 0) >= steps:
+    if rank == 0 and (latest_step(work.dir, repair=True) or 0) >= steps:
         work.clear()  # a run of this key that had finished is never resumed: train afresh
     barrier()
     return work
