@@ -15,7 +15,7 @@ DVC_RUN   := $(WORKSPACE) $(DVC)
 # Stage commands in dvc.yaml call `python`, `deepspeed`: every target runs them from .venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-fast bench clean-venv browser vega plots results overlap
+.PHONY: install repro test test-fast bench clean-venv browser vega plots results overlap gpu-bundle
 
 install: $(STAMP)
 
@@ -122,8 +122,10 @@ endif
 # `make generate GPUS=8` do the same for their stage after the stages before it. The preset
 # is params.yaml `model.name`; `make pretrain MODEL=843m` runs it as a DVC experiment on one process.
 # `make eval-ppl CKPT=folder` is the reference's --skip-train: validation loss/perplexity of an
-# exported checkpoint on the pipeline's valid split, into metrics/eval_ppl.json (GPUS= works too).
+# exported checkpoint on the pipeline's valid split, into metrics/eval_ppl.json (GPUS= works too);
+# MAX_OVERLAP=0.5 adds val_loss_filtered, the same loss with the leakage filter (docs/pretrain.md).
 HOSTFILE ?=
+MAX_OVERLAP ?=
 CKPT     ?= data/checkpoints/pretrain
 PRETRAIN_ARGS := --out data/checkpoints/pretrain --work data/work/pretrain --live dvclive/pretrain --metrics metrics/pretrain.json
 LAUNCH = $(if $(GPUS),$(BIN)/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE)) --num_gpus $(GPUS),$(BIN)/python)
@@ -145,7 +147,7 @@ else
 endif
 
 eval-ppl: install
-	$(SFT_ENV) $(WORKSPACE) $(LAUNCH) stages/pretrain.py --eval-only $(CKPT) --metrics metrics/eval_ppl.json
+	$(SFT_ENV) $(WORKSPACE) $(LAUNCH) stages/pretrain.py --eval-only $(CKPT) --metrics metrics/eval_ppl.json $(if $(MAX_OVERLAP),--max-overlap $(MAX_OVERLAP))
 
 # Memory plan before a run: `make estimate MODEL=43b GPUS=8 GPU_MEM=80` prints per-GPU GiB of
 # parameters, gradients, optimizer state and activations for the preset's GPU recipe, whether it
@@ -202,3 +204,13 @@ hf-check: install
 
 export-hf: install
 	$(BIN)/python -m instructretro.hf export CKPT=$(CKPT) OUT=$(OUT) TOKENIZER=$(TOKENIZER)
+
+# The GPU check for a compute node without a package index: `make gpu-bundle` (here, with the
+# index) writes gpu-bundle/ (git-ignored, under 60 MiB): the wheels the node lacks (DeepSpeed
+# and pytest with their dependencies, CPython 3.10-3.12), the code, the fidelity runs' inputs
+# built on this machine (world, tokenizer, token stores, database chunk table, neighbors, QA and
+# SFT passages) and run.sh. On the node: `bash gpu-bundle/run.sh --out results` (8 minutes on
+# one H100). TINY=1 builds the small world of the CPU check (`run.sh --cpu --tiny`).
+TINY ?=
+gpu-bundle: install
+	$(BIN)/python bench/gpu_bundle.py $(if $(TINY),--tiny --work data/work/gpu-bundle-tiny)

@@ -23,11 +23,9 @@ from instructretro import data, params as P
 from instructretro.checkpoint import check_tokenizer, checkpoint_precision, load_model
 from instructretro.decoding import greedy_generate
 from instructretro.dist import init_distributed, local_device
-from instructretro.embed import encoder_from_params
 from instructretro.errors import PipelineError, cli
 from instructretro.generate import answer_questions, parse_task, read_settings
 from instructretro.io import write_json, write_jsonl
-from instructretro.retrieval import Retriever
 from instructretro.tokenizer import Tokenizer
 
 
@@ -76,7 +74,11 @@ def main(argv=None):
     tok = Tokenizer(args.tokenizer)
     tok.check_fits(config.vocab_size, Path(checkpoint) / "config.json")
     retriever = None
-    if settings.retrieval != "none":  # the database's own encoder (embed.*), as query-neighbors and sft use
+    given = settings.retrieval == "prompt" and all("ctxs" in r for r in records)  # nothing to search
+    if settings.retrieval != "none" and not given:  # the database's own encoder (embed.*), as query-neighbors and sft use
+        from instructretro.embed import encoder_from_params
+        from instructretro.retrieval import Retriever
+
         retriever = Retriever(args.embeddings, args.index, args.db_tokens, args.tokenizer,
                               encoder=encoder_from_params(p), chunk_length=chunk_length,
                               nprobe=P.positive("generate.nprobe", p.get("generate.nprobe", int)),

@@ -84,6 +84,9 @@ def main(argv=None):
     ap.add_argument("--metrics", default="metrics/pretrain.json")
     ap.add_argument("--eval-only", metavar="CKPT", default="",
                     help="only evaluate this exported checkpoint; write --metrics, train nothing")
+    ap.add_argument("--max-overlap", type=float, default=None, metavar="FRACTION",
+                    help="with --eval-only: also the validation loss with the leakage filter (neighbors holding more "
+                         "than this fraction of the chunk they are read for masked out), val_loss_filtered")
     ap.add_argument("--gpt", action="store_true",
                     help="train the GPT baseline whatever model.retro says (stage pretrain-gpt; reads no neighbors)")
     ap.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
@@ -101,6 +104,11 @@ def main(argv=None):
     cfg = TrainConfig.from_params(p, "pretrain", {k: v for k, v in defaults.items() if v is not None})
     init_from = p.get("pretrain.init_from", str)
     skip_train = p.get("pretrain.skip_train", bool)
+    if args.max_overlap is not None:
+        if not args.eval_only:
+            raise PipelineError("--max-overlap filters neighbors at evaluation: give it with --eval-only CKPT")
+        if not 0.0 <= args.max_overlap <= 1.0:
+            raise PipelineError(f"--max-overlap is a share of the chunk, between 0 and 1; got {args.max_overlap}")
     if args.eval_only:
         init_from, skip_train = args.eval_only, True
     if init_from and not Path(init_from).is_dir():
@@ -111,7 +119,7 @@ def main(argv=None):
 
     metrics = run_pretrain(inputs, model_config, cfg, None if args.eval_only else args.out, args.work,
                            None if args.eval_only else args.live, init_from, skip_train, args.stop_after,
-                           code=[__file__])
+                           code=[__file__], max_overlap=args.max_overlap)
     if metrics is None:
         print(f"pretrain: stopped after {args.stop_after} steps; run again to continue", file=sys.stderr)
     elif is_rank0():
@@ -122,7 +130,9 @@ def main(argv=None):
               f"val_loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.2f})"
               + (f", shuffled neighbors {shuffled:.4f}" if shuffled is not None else "")
               + (f", no retrieval {alone:.4f}" if alone is not None else "")
-              + (f", fact tokens {facts:.4f}" if facts is not None else ""), file=sys.stderr)
+              + (f", fact tokens {facts:.4f}" if facts is not None else "")
+              + (f", filtered at overlap {args.max_overlap} {metrics['val_loss_filtered']:.4f}"
+                 if metrics.get("val_loss_filtered") is not None else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -137,11 +137,14 @@ def main(argv=None):
         sft.check_retrieval(config, s["retrieval"], p.source)
         settings = full = sft.sft_settings(config.name, s["overrides"])
 
+    # records that carry their prompt passages (ctxs) need no search: no encoder, no index
+    searched = s["retrieval"] != "none" and not sft.all_given_contexts(blend, s["retrieval"])
     metrics = sft.run_sft(
         config, settings, s, blend, tok, args.out, args.work, args.live,
         open_retriever=lambda: make_retriever(args, p, s), retrieval_unavailable=unavailable,
-        embed_params=p.section("embed") if s["retrieval"] != "none" else None,
-        inputs=[s["init_from"], *[e.path for e in blend], args.tokenizer, args.db_tokens, args.embeddings, args.index],
+        embed_params=p.section("embed") if searched else None,
+        inputs=[s["init_from"], *[e.path for e in blend], args.tokenizer,
+                *([args.db_tokens, args.embeddings, args.index] if searched else [])],
         code=[__file__], stop_after=args.stop_after, smoke=args.smoke, full_settings=full)
     if args.smoke and dist.is_rank0():
         print_cost(config, full)

@@ -13,7 +13,7 @@ import yaml
 from e2e import copy_repo, dvc
 
 ALL = ["generate-world", "tokenizer", "tokenize@db", "tokenize@pretrain", "embed", "train-index",
-       "add-index", "query-neighbors", "pretrain", "sft", "generate", "score"]
+       "add-index", "query-neighbors", "pretrain", "leakage", "sft", "generate", "score"]
 GPT = ["pretrain-gpt"]  # the GPT baseline reads the pretraining tokens only, never the retrieval stages
 MODEL = ["pretrain", "sft", "generate", "score"]
 FROM_TOKENIZER = ALL[1:] + GPT
@@ -110,7 +110,8 @@ CHANGES = {
     "index factory": (lambda r: _set(r, "index.factory", "Flat"), FROM_INDEX),
     "nprobe": (lambda r: _set(r, "query.nprobe", 7), FROM_QUERY),
     "neighbors": (lambda r: _set(r, "query.num_neighbors_save", 3), FROM_QUERY),
-    "pretrain lr": (lambda r: _set(r, "pretrain.lr", 0.0123), MODEL + GPT),
+    "pretrain lr": (lambda r: _set(r, "pretrain.lr", 0.0123), MODEL + GPT + ["leakage"]),
+    "leakage filter": (lambda r: _set(r, "leakage.max_overlap", 0.5), ["leakage"]),
     "sft lr": (lambda r: _set(r, "sft.lr", 0.0123), MODEL[1:]),
     "sft dataset file": (lambda r: _edit_first_record(r / "corpora" / "sft" / "chat.jsonl"), MODEL[1:]),
     "file next to the sft data": (lambda r: (r / "corpora" / "sft" / "notes.jsonl").write_text("{}\n"), []),

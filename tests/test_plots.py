@@ -1,5 +1,5 @@
 """The plots page: dvc.yaml's top-level plots hold the Retro-vs-GPT curves, the retrieval
-controls and recall against nprobe, and `dvc plots show` renders them in a real browser
+controls, recall against nprobe and loss by neighbor overlap (stage leakage), and `dvc plots show` renders them in a real browser
 (headless Chromium) to a screenshot that is not blank."""
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ def plots_repo(tmp_path_factory):
     _tsv(root / "dvclive" / "pretrain-gpt" / "plots" / "metrics" / "val" / "loss.tsv", "loss", retro + 0.03)
     (root / "metrics").mkdir()
     (root / "metrics" / "recall_nprobe.csv").write_text("nprobe,recall_at_k\n1,0.41\n4,0.78\n16,0.95\n64,1.0\n")
+    (root / "metrics" / "leakage.csv").write_text(  # what stages/leakage.py writes: one row per non-empty bucket
+        "overlap,retro_loss,gpt_loss,retro_loss_shuffled\n12.5,0.63,0.64,0.65\n25,0.83,0.84,0.85\n100,0.1,0.9,0.8\n")
     return root
 
 
@@ -59,6 +61,12 @@ def test_top_level_plots_read_the_training_curves_and_recall(plots_repo):
     assert all(v["step"] for v in data["retrieval_controls"])
     assert [(v["nprobe"], v["recall_at_k"]) for v in data["recall_vs_nprobe"]] == [
         ("1", "0.41"), ("4", "0.78"), ("16", "0.95"), ("64", "1.0")]
+    by_field = {}
+    for v in data["loss_by_overlap"]:
+        by_field.setdefault(v["field"], []).append((v["overlap"], v[v["field"]]))
+    assert by_field == {"retro_loss": [("12.5", "0.63"), ("25", "0.83"), ("100", "0.1")],
+                        "gpt_loss": [("12.5", "0.64"), ("25", "0.84"), ("100", "0.9")],
+                        "retro_loss_shuffled": [("12.5", "0.65"), ("25", "0.85"), ("100", "0.8")]}
 
 
 def _png(image: np.ndarray, filters) -> bytes:

@@ -541,3 +541,26 @@ def test_a_blend_name_given_twice_is_an_error(tmp_path):
                  "    chat: {path: c.jsonl, prob: 1}\n")
     with pytest.raises(PipelineError, match=r"params\.yaml:5: not valid YAML \(duplicate key 'chat'\)"):
         params.load(p)
+
+
+def test_records_with_given_passages_need_no_retriever(tmp_path, tok):
+    """Prompt mode: records that carry ``ctxs`` (passages retrieved ahead of time, as the GPU
+    bundle ships them) put their first n passages in the prompt, as QA records do; no search."""
+    root = tmp_path / "sft"
+    recs = [{**_conv(f"When was Entity{i} founded?", f"In {1800 + i}."),
+             "ctxs": [f"Entity{i} was founded in {1800 + i}.", {"title": "Extra", "text": f"Person{i}."}, "third"]}
+            for i in range(12)]
+    _write_jsonl(root / "chat.jsonl", recs)
+    blend = sft.parse_blend({"chat": {"path": "chat.jsonl", "format": "conversation", "prob": 1.0}}, root=root)
+    assert sft.all_given_contexts(blend, "prompt") and not sft.all_given_contexts(blend, "encoder")
+    d = sft.build_data(blend, tok, seq_length=256, chunk_length=64, num_draws=12, retrieval="prompt",
+                       retriever=None, num_contexts=2, valid_fraction=0.0, seed=1)
+    texts = [tok.decode(s.tokens) for s in d.train[0]]
+    assert len(texts) == 12
+    for i, text in enumerate(sorted(texts, key=lambda t: int(t.split("Entity")[1].split()[0]))):
+        assert f"Entity{i} was founded in {1800 + i}." in text and f"Extra\nPerson{i}." in text
+        assert "third" not in text  # num_contexts = 2
+    _write_jsonl(root / "chat.jsonl", recs[:-1] + [_conv("When?", "Now.")])  # one record without ctxs
+    assert not sft.all_given_contexts(blend, "prompt")
+    with pytest.raises(PipelineError, match="needs a retriever"):
+        sft.build_data(blend, tok, seq_length=256, chunk_length=64, num_draws=4, retrieval="prompt")

@@ -254,3 +254,27 @@ def test_gpt_checkpoint_starts_retro_with_the_same_decoder(tmp_path):
     checkpoint.export_checkpoint(other, other.config, tmp_path / "wide")
     with pytest.raises(PipelineError, match="shape"):
         checkpoint.init_from_checkpoint(Retro(tiny_config(True)), tmp_path / "wide")
+
+
+def test_live_log_without_dvclive_writes_dvclive_files(tmp_path, monkeypatch):
+    """Where DVCLive is not installed (the GPU bundle's node) the curves go to DVCLive's file
+    layout, which the resume truncation and the plots read."""
+    import sys as _sys
+
+    from instructretro import train as T
+
+    monkeypatch.setitem(_sys.modules, "dvclive", None)  # import dvclive raises ImportError
+    live = T.open_live(tmp_path / "live", tmp_path / "work", 0)
+    assert isinstance(live, T.TsvLive)
+    for step in (1, 2, 3):
+        live.step = step
+        live.log_metric("train/loss", 4.0 - step)
+    live.log_metric("val/loss", 1.5)
+    live.end()
+    tsv = tmp_path / "live/plots/metrics/train/loss.tsv"
+    rows = [line.split("\t") for line in tsv.read_text().splitlines()]
+    assert rows[0] == ["timestamp", "step", "loss"] and [r[1:] for r in rows[1:]] == [["1", "3.0"], ["2", "2.0"], ["3", "1.0"]]
+    summary = json.loads((tmp_path / "live/metrics.json").read_text())
+    assert summary == {"step": 3, "train": {"loss": 1.0}, "val": {"loss": 1.5}}
+    T._truncate_live_log(tmp_path / "live", 2)
+    assert [line.split("\t")[1] for line in tsv.read_text().splitlines()[1:]] == ["1", "2"]

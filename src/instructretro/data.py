@@ -267,24 +267,32 @@ def iter_qa(path: str | os.PathLike) -> Iterator[dict]:
         if any(not a.strip() for a in ans):
             raise PipelineError(f"{where}: 'answer' holds an empty gold answer; remove it from the list")
         out = {"question": q, "answer": ans}
-        ctxs = rec.get("ctxs")
+        ctxs = _ctxs(rec, where)
         if ctxs is not None:
-            if not isinstance(ctxs, list):
-                raise PipelineError(f"{where}: 'ctxs' must be a list")
-            texts = []
-            for c in ctxs:
-                if isinstance(c, str):
-                    texts.append(c)
-                elif isinstance(c, dict) and isinstance(c.get("text"), str):
-                    title = c.get("title")
-                    texts.append(f"{title}\n{c['text']}" if isinstance(title, str) and title else c["text"])
-                else:
-                    raise PipelineError(f"{where}: each of 'ctxs' must be a string or {{'title', 'text'}}")
-            out["ctxs"] = texts
+            out["ctxs"] = ctxs
         count += 1
         yield out
     if count == 0:
         raise PipelineError(f"{path}: no questions in the QA file")
+
+
+def _ctxs(rec: dict, where: str) -> list[str] | None:
+    """A record's given passages ``ctxs`` (strings or ``{"title", "text"}``) as texts; None if absent."""
+    ctxs = rec.get("ctxs")
+    if ctxs is None:
+        return None
+    if not isinstance(ctxs, list):
+        raise PipelineError(f"{where}: 'ctxs' must be a list")
+    texts = []
+    for c in ctxs:
+        if isinstance(c, str):
+            texts.append(c)
+        elif isinstance(c, dict) and isinstance(c.get("text"), str):
+            title = c.get("title")
+            texts.append(f"{title}\n{c['text']}" if isinstance(title, str) and title else c["text"])
+        else:
+            raise PipelineError(f"{where}: each of 'ctxs' must be a string or {{'title', 'text'}}")
+    return texts
 
 
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
@@ -300,8 +308,14 @@ def _system(rec: dict, where: str) -> str:
     return system
 
 
+def _with_ctxs(conv: dict, rec: dict, where: str) -> dict:
+    ctxs = _ctxs(rec, where)
+    return conv if ctxs is None else {**conv, "ctxs": ctxs}
+
+
 def iter_conversations(path: str | os.PathLike, fmt: str = "auto") -> Iterator[dict]:
-    """Yield ``{"system": str, "turns": [(role, text), ...]}`` from conversation or alpaca records.
+    """Yield ``{"system": str, "turns": [(role, text), ...]}`` from conversation or alpaca records
+    (plus ``"ctxs"``: the record's given prompt passages, when it carries them, as in QA files).
 
     ``fmt`` is ``conversation``, ``alpaca`` or ``auto`` (decided per record by its keys). A
     conversation must alternate user/assistant and end with an assistant turn. ``system`` is a
@@ -329,7 +343,7 @@ def iter_conversations(path: str | os.PathLike, fmt: str = "auto") -> Iterator[d
                 raise PipelineError(f"{where}: alpaca 'output' (the assistant answer) is empty")
             user = ins if not inp.strip() else f"{ins}\n\n{inp}"
             count += 1
-            yield {"system": _system(rec, where), "turns": [("user", user), ("assistant", out)]}
+            yield _with_ctxs({"system": _system(rec, where), "turns": [("user", user), ("assistant", out)]}, rec, where)
             continue
         if kind != "conversation":
             raise PipelineError(f"{where}: unknown instruction format {fmt!r} (use conversation, alpaca or auto)")
@@ -355,6 +369,6 @@ def iter_conversations(path: str | os.PathLike, fmt: str = "auto") -> Iterator[d
         if not turns or turns[-1][0] != "assistant" or any(turns[i][0] == turns[i + 1][0] for i in range(len(turns) - 1)):
             raise PipelineError(f"{where}: turns must alternate user/assistant and end with an assistant turn")
         count += 1
-        yield {"system": system, "turns": turns}
+        yield _with_ctxs({"system": system, "turns": turns}, rec, where)
     if count == 0:
         raise PipelineError(f"{path}: no records in the instruction file")

@@ -82,6 +82,7 @@ POSITIVE, POSITIVE_OR_NULL = Num(float, 0.0, lo_open=True), Num(float, 0.0, lo_o
 NON_NEGATIVE_OR_NULL = Num(float, 0.0, null=True)
 BETA_OR_NULL = Num(float, 0.0, 1.0, hi_open=True, null=True)  # Adam betas: [0, 1)
 ZERO_STAGE_OR_NULL = Num(int, 0, 3, null=True)
+SHARE_OR_NULL = Num(float, 0.0, 1.0, null=True)  # [0, 1] or null
 
 # Every key of params.yaml: section -> key -> type (a type, a tuple of types, a checker
 # ``f(key, value, source) -> value`` such as a ``Num`` range, or ANY). Every number has its
@@ -124,6 +125,7 @@ KNOWN: dict[str, dict[str, object]] = {
                  "batch_size": SIZE, "max_questions": COUNT, "system": STR_OR_NULL, "nprobe": SIZE, "efsearch": SIZE,
                  "threads": COUNT},
     "score": {"f1_gold": str, "normalize": str},
+    "leakage": {"max_overlap": SHARE_OR_NULL, "max_samples": COUNT, "batch_size": SIZE},
 }
 
 
@@ -145,7 +147,7 @@ OPTIONAL: dict[str, dict[str, object]] = {
               "num_neighbors": SIZE_OR_NULL, "rotary_percent": Num(float, 0.0, 1.0, lo_open=True, null=True),
               "rotary_base": POSITIVE_OR_NULL, "cca_rotary": (bool, NONE), "norm_eps": POSITIVE_OR_NULL,
               "init_std": POSITIVE_OR_NULL,
-              # the architecture switches (model.py); an imported model takes them from its config.json
+              # the architecture switches (docs/model.md); an imported model sets them from its config.json
               "norm": STR_OR_NULL, "mlp": STR_OR_NULL, "kv_heads": COUNT_OR_NULL, "qkv_bias": (bool, NONE),
               "linear_bias": (bool, NONE), "rope_scaling": (dict, NONE), "learned_positions": COUNT_OR_NULL,
               "tie_embeddings": (bool, NONE), "cca_gate": (bool, NONE)},

@@ -7,7 +7,8 @@ page with the Vega scripts inlined from local copies (``make vega`` puts them in
     python -m instructretro.plots --out plots --png docs/plots.png
 
 The page holds every plot of dvc.yaml (the top-level ones first: Retro vs GPT validation loss,
-the retrieval controls, recall against nprobe; then each stage's DVCLive curves); the PNG shows
+the retrieval controls, recall against nprobe, loss by neighbor overlap; then each stage's
+DVCLive curves); the PNG shows
 the top-level ones only. A plot whose data file does not exist yet is left out by DVC.
 """
 
@@ -29,7 +30,7 @@ from .errors import PipelineError, cli
 
 VEGA_DIR = Path(os.environ.get("VEGA_DIR", Path(".venv") / "vega"))  # make vega
 VEGA_SCRIPTS = ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js")  # load order
-TOP_LEVEL = ("val_loss_retro_vs_gpt", "retrieval_controls", "recall_vs_nprobe")  # ids in dvc.yaml
+TOP_LEVEL = ("val_loss_retro_vs_gpt", "retrieval_controls", "recall_vs_nprobe", "loss_by_overlap")  # ids in dvc.yaml
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
 PAGE = """<!DOCTYPE html>
@@ -178,7 +179,7 @@ def main(argv=None):
     if args.png:
         with tempfile.TemporaryDirectory() as tmp:
             top = render_html(args.repo, tmp, targets=TOP_LEVEL, vega_dir=args.vega, dvc=dvc)
-            png = screenshot(top, args.png, width=1300, height=780)
+            png = screenshot(top, args.png, width=1300, height=820)
         print(f"plots: wrote {png} ({ink(read_png(png))['coloured']:.1%} of it plot colour)")
 
 

@@ -74,11 +74,14 @@ def without_retrieval(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k: v for k, v in batch.items() if k not in ("neighbors", "neighbor_mask")}
 
 
-def validation_fn(model, valid: PretrainSamples, cfg, rank: int, world: int, device, shuffled: bool = True):
+def validation_fn(model, valid: PretrainSamples, cfg, rank: int, world: int, device, shuffled: bool = True,
+                  max_overlap: float | None = None):
     """``eval_fn`` for the training loop: val loss (and fact-token loss), and for Retro two
     controls on the same samples: shuffled neighbors (``loss_shuffled``: does the model read
     *its* neighbors?) and no neighbors at all (``loss_no_retrieval``: how good is the decoder
-    that trained beside retrieval, on its own?)."""
+    that trained beside retrieval, on its own?). With ``max_overlap`` also ``loss_filtered``:
+    the same samples with the leakage filter (neighbors holding more than that fraction of
+    the chunk they are read for masked out, ``PretrainSamples.batch``)."""
     from .train import evaluate, lm_loss
 
     batches = eval_indices(len(valid), cfg.eval_batches, cfg.micro_batch, world, rank)
@@ -104,6 +107,10 @@ def validation_fn(model, valid: PretrainSamples, cfg, rank: int, world: int, dev
             mixed = evaluate(model, (valid.batch(b, shuffled_neighbors=True) for b in batches), lm_loss, device,
                              ("loss",), pad_to=pad_to, pad_batch=valid.batch(every[0], shuffled_neighbors=True))
             out["loss_shuffled"] = mixed["loss"]
+        if max_overlap is not None and valid.k > 0:
+            kept = evaluate(model, (valid.batch(b, max_overlap=max_overlap) for b in batches), lm_loss, device,
+                            ("loss",), pad_to=pad_to, pad_batch=valid.batch(every[0], max_overlap=max_overlap))
+            out["loss_filtered"] = kept["loss"]
         return out
 
     return run
@@ -112,9 +119,10 @@ def validation_fn(model, valid: PretrainSamples, cfg, rank: int, world: int, dev
 def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLike | None,
                  work_root: str | os.PathLike, live_dir: str | os.PathLike | None,
                  init_from: str = "", skip_train: bool = False, stop_after: int | None = None,
-                 code=()) -> dict | None:
+                 code=(), max_overlap: float | None = None) -> dict | None:
     """Train (or, with ``skip_train``, only evaluate ``init_from``), export to ``out`` (unless
-    None), return the metrics.
+    None), return the metrics. ``max_overlap`` (evaluation only) adds ``val_loss_filtered``, the
+    validation loss with the leakage filter, next to ``val_loss``.
 
     Resume checkpoints live in ``work_root/<key>``, locked while the run lasts; the key hashes
     the params, every input file by content and the code (this module's imports and the
@@ -156,7 +164,7 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
     if skip_train:
         device = local_device()  # cuda:LOCAL_RANK (no engine to pick it)
         model.to(device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
-        final = validation_fn(model, valid, cfg, rank, world, device)()
+        final = validation_fn(model, valid, cfg, rank, world, device, max_overlap=max_overlap)()
         engine = model
     else:
         work = T.open_work(work_root, run_key(inputs, model_config, cfg, init_from, world, code), cfg.steps, rank)
@@ -184,6 +192,8 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
         "tokens_per_s": summary.get("mean_tokens_per_s"),
         "valid_samples_evaluated": min(len(valid), cfg.eval_batches * cfg.micro_batch * world),
     }
+    if max_overlap is not None:  # the leakage filter (eval-only): filtered loss beside the unfiltered
+        metrics.update(max_overlap=max_overlap, val_loss_filtered=final.get("loss_filtered"))
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
     T.finish(engine, model_config, out, {"steps": metrics["steps"], "init_from": init_from, "precision": cfg.precision,
                                             "tokenizer": tokenizer_record(inputs.tokenizer)},

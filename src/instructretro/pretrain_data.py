@@ -17,6 +17,12 @@ the sample half the split away, so it never gets its own: if the model uses retr
 loss is higher. Validation with *no* neighbors is the same weights with retrieval switched
 off: set against GPT, it says how much of a Retro run's lead is its decoder and how much is
 what it reads.
+
+The leakage filter (``batch(..., max_overlap=x)``) masks out, like a missing neighbor, every
+neighbor that holds more than the fraction ``x`` of the chunk it is read for as one run of
+tokens (``overlap``). Chunked cross-attention is shifted: the neighbors retrieved for query
+chunk ``q`` are read while the model predicts chunk ``q + 1``, so that is the chunk they are
+measured against.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .chunks import SampleLayout
+from .chunks import CHUNK_DTYPE, SampleLayout, chunk_tokens
 from .data import corpus_files, document_id, is_json_lines
 from .errors import PipelineError
+from .overlap import filter_neighbors
 from .tokenizer import Tokenizer
 from .tokenstore import TokenStore
 
@@ -162,9 +169,24 @@ class PretrainSamples:
             out[j * cl : j * cl + len(nxt)] = nxt
         return out
 
-    def batch(self, indices, shuffled_neighbors: bool = False) -> dict[str, torch.Tensor]:
+    def read_for(self, indices) -> np.ndarray:
+        """(B, C, chunk_length) int64: for each neighbor slot of samples ``indices``, the tokens of
+        the chunk the model reads those neighbors for (query chunk ``q``'s neighbors serve chunk
+        ``q + 1``; the last slot of a sample serves the first chunk of the next sample).
+        Positions that are not tokens (a short chunk's end, an empty chunk) are -1."""
+        m, rows = self.chunks_per_sample, self.layout.chunks
+        out = np.empty((len(indices), m, self.chunk_length), dtype=np.int64)
+        for b, s in enumerate(indices):
+            nxt = rows[int(s) * m + 1 : (int(s) + 1) * m + 1]
+            if len(nxt) < m:  # the split's last chunk: nothing follows it
+                nxt = np.concatenate([nxt, np.array([(-1, 0, 0)] * (m - len(nxt)), dtype=CHUNK_DTYPE)])
+            out[b] = chunk_tokens(self.layout.store, nxt, self.chunk_length, pad_id=-1)
+        return out
+
+    def batch(self, indices, shuffled_neighbors: bool = False, max_overlap: float | None = None) -> dict[str, torch.Tensor]:
         """The batch of samples ``indices``; with ``shuffled_neighbors`` sample ``s`` reads the
-        neighbors of sample ``(s + n // 2) % n``."""
+        neighbors of sample ``(s + n // 2) % n``; with ``max_overlap`` every neighbor whose
+        overlap with the chunk it is read for (:meth:`read_for`) exceeds it is masked out."""
         parts = [self.layout.sample(int(s)) for s in indices]
         batch = {
             "tokens": torch.from_numpy(np.stack([p[0] for p in parts])),
@@ -176,6 +198,8 @@ class PretrainSamples:
             src = [(int(s) + n // 2) % n if shuffled_neighbors else int(s) for s in indices]
             ids = np.stack([self.sample_neighbor_ids(s) for s in src])  # (B, C, k)
             tokens, mask = self.neighbor_tokens(ids)
+            if max_overlap is not None:
+                mask = filter_neighbors(tokens, mask, self.read_for(indices), max_overlap)
             batch["neighbors"] = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
             batch["neighbor_mask"] = torch.from_numpy(np.asarray(mask, dtype=bool))
         if self.fact_flags is not None:

@@ -54,6 +54,10 @@ def rows(metrics_dir: str | os.PathLike = "metrics") -> list[tuple[str, str, str
                 out.append((stage, "validation loss, shuffled neighbors", _num(p["val_loss_shuffled"], 4)))
             if p.get("val_loss_no_retrieval") is not None:
                 out.append((stage, "validation loss, no retrieval", _num(p["val_loss_no_retrieval"], 4)))
+    if lk := _read(m / "leakage.json"):
+        low = (lk.get("buckets") or {}).get("0-12.5%") or {}
+        out.append(("leakage", f"Retro's lead over GPT on chunks at <= 12.5% neighbor overlap ({low.get('chunks', 0)} "
+                    f"of {lk.get('chunks')} chunks)", _num(low.get("retro_lead"), 4)))
     if s := _read(m / "sft.json"):
         out.append(("sft", f"validation loss ({s.get('steps')} steps, retrieval {s.get('retrieval')})",
                     _num(s.get("val_loss"), 4)))

@@ -360,6 +360,13 @@ class SFTData:
         return self.train[self.which[i]][self.index[i]]
 
 
+def all_given_contexts(blend: list[BlendEntry], retrieval: str) -> bool:
+    """True when prompt-mode retrieval needs no search: every record of the blend carries its
+    passages (``ctxs``, e.g. precomputed by ``bench/gpu_suite.py prepare``)."""
+    return retrieval == "prompt" and all(
+        "ctxs" in c for entry in blend if entry.path.is_file() for c in data.iter_conversations(entry.path, entry.format))
+
+
 def build_data(blend: list[BlendEntry], tok, *, seq_length: int, chunk_length: int, num_draws: int,
                retrieval: str = "none", retriever=None, num_contexts: int = 2, num_neighbors: int = 2,
                system: str = "", valid_fraction: float = 0.05, valid_samples: int = 200,
@@ -370,7 +377,7 @@ def build_data(blend: list[BlendEntry], tok, *, seq_length: int, chunk_length: i
     retrieves a share of the queries and every rank gets the whole data set."""
     if retrieval not in RETRIEVAL_MODES:
         raise PipelineError(f"params.yaml: param 'sft.retrieval' is {retrieval!r}; expected one of {list(RETRIEVAL_MODES)}")
-    if retrieval != "none" and retriever is None:
+    if retrieval != "none" and retriever is None and not all_given_contexts(blend, retrieval):
         raise PipelineError(f"sft.retrieval={retrieval} needs a retriever (the populated index)")
     if seq_length % chunk_length:
         raise PipelineError(f"params.yaml: SFT seq_length {seq_length} must be a multiple of retro.chunk_length {chunk_length}")
@@ -384,14 +391,18 @@ def build_data(blend: list[BlendEntry], tok, *, seq_length: int, chunk_length: i
         counts = {"records": len(parts[0]) + len(parts[1]), "held_out": len(parts[1]), "valid_used": len(held)}
         fitted = []
         for name, convs in (("train", parts[0]), ("valid", held)):
-            contexts = None
-            if retrieval == "prompt" and num_contexts > 0:
-                contexts = search_batched(retriever, [last_user_turn(c) for c in convs], num_contexts,
-                                          desc=f"retrieve {entry.name}/{name}", rank=rank, world_size=world_size)
+            contexts = None  # searched for the records that carry no given passages (``ctxs``)
+            search = [c for c in convs if "ctxs" not in c]
+            if retrieval == "prompt" and num_contexts > 0 and search:
+                found = iter(search_batched(retriever, [last_user_turn(c) for c in search], num_contexts,
+                                            desc=f"retrieve {entry.name}/{name}", rank=rank, world_size=world_size))
+                contexts = [next(found) if "ctxs" not in c else () for c in convs]
             samples, truncated, dropped = [], 0, 0
             for i, conv in enumerate(convs):
                 ctx_ids = [int(c) for c in contexts[i] if c >= 0] if contexts is not None else []
                 ctx = [retriever.chunk_text(c, continuation=True) for c in ctx_ids]
+                if retrieval == "prompt" and "ctxs" in conv:
+                    ctx = list(conv["ctxs"][:num_contexts])
                 segs = prompt_segments(conv["system"] or system, conv["turns"], ctx)
                 toks, ans, start = tokenize_segments(tok, segs)
                 s = fit_sample(toks, ans, start, seq_length, align=chunk_length if retrieval == "encoder" else 0,
@@ -640,8 +651,9 @@ def run_sft(config, settings: dict, s: dict, blend: list, tok, out: str | os.Pat
     else:
         model = T.build_model(config, cfg, weights=s["init_from"])  # partitioned at creation at ZeRO-3
     print(f"sft: {config.name} model, {model.num_parameters():,} parameters, retrieval={s['retrieval']}")
-    retriever = None if s["retrieval"] == "none" or retrieval_unavailable else open_retriever()
-    retrieval = s["retrieval"] if retriever is not None or s["retrieval"] == "none" else "none"
+    given = all_given_contexts(blend, s["retrieval"])  # every record carries its prompt passages: no search
+    retriever = None if s["retrieval"] == "none" or retrieval_unavailable or given else open_retriever()
+    retrieval = s["retrieval"] if retriever is not None or s["retrieval"] == "none" or given else "none"
     if retrieval != s["retrieval"]:
         print(f"sft smoke: {retrieval_unavailable}, so retrieval=none for the smoke step")
     num_neighbors = s["num_neighbors"] or config.num_neighbors

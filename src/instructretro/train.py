@@ -21,6 +21,7 @@ The same code trains on one CPU process (no launcher, gloo backend) and on many 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -318,14 +319,19 @@ def to_device(batch: Batch, device) -> Batch:
 EXTRA_LOSS_MASKS = {"fact_mask": "loss_facts"}
 
 
+def token_losses(model, batch: Batch) -> torch.Tensor:
+    """Next-token cross-entropy at every position (B, T), fp32, before any loss mask."""
+    logits = model(batch["tokens"], batch.get("neighbors"), batch.get("neighbor_mask"))
+    labels = batch["labels"]
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+    ).view_as(labels)
+
+
 def lm_loss(model, batch: Batch) -> dict:
     """Next-token cross-entropy: ``{"loss": (sum over loss_mask, tokens)}``, plus one entry per
     extra mask in the batch (``fact_mask`` -> ``"loss_facts"``). Logits are upcast to fp32."""
-    logits = model(batch["tokens"], batch.get("neighbors"), batch.get("neighbor_mask"))
-    labels = batch["labels"]
-    ce = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
-    ).view_as(labels)
+    ce = token_losses(model, batch)
     mask = batch["loss_mask"].float()
     out = {"loss": ((ce * mask).sum(), mask.sum())}
     for key, name in EXTRA_LOSS_MASKS.items():
@@ -614,13 +620,52 @@ def weights_only_checkpoint_engine():
 def open_live(live_dir: str | os.PathLike, work_dir: str | os.PathLike, start: int):
     """The DVCLive ``Live`` of a run that starts at ``start``: fresh at 0; when resuming, the
     log saved with the checkpoint comes back (DVC deletes a stage's outputs before a rerun)
-    without the rows logged after that checkpoint."""
-    from dvclive import Live
-
+    without the rows logged after that checkpoint. Where DVCLive is not installed (a GPU node
+    that has only the training dependencies) the curves go to the same files through
+    :class:`TsvLive`."""
     if start:
         restore_live(live_dir, work_dir)
         _truncate_live_log(Path(live_dir), start)
+    try:
+        from dvclive import Live
+    except ImportError:
+        return TsvLive(live_dir)
     return Live(str(live_dir), resume=start > 0, report=None, save_dvc_exp=False, dvcyaml=None)
+
+
+class TsvLive:
+    """The part of DVCLive's ``Live`` the training loop uses, in DVCLive's layout: one
+    ``plots/metrics/<key>.tsv`` per metric (timestamp, step, value; appended, so a resumed run
+    continues its curves) and ``metrics.json`` with the last values."""
+
+    def __init__(self, live_dir: str | os.PathLike):
+        self.dir = str(live_dir)
+        self.step = 0
+        self._last: dict[str, float] = {}
+
+    def log_metric(self, key: str, value: float) -> None:
+        path = Path(self.dir) / "plots" / "metrics" / f"{key}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.is_file()
+        with open(path, "a") as f:
+            if new:
+                f.write(f"timestamp\tstep\t{path.stem}\n")
+            f.write(f"{int(time.time() * 1000)}\t{self.step}\t{value}\n")
+        self._last[key] = float(value)
+
+    def make_summary(self) -> None:
+        summary: dict = {"step": self.step}
+        for key, value in self._last.items():
+            *parents, leaf = key.split("/")
+            node = summary
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        Path(self.dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.dir) / "metrics.json").write_text(json.dumps(summary, indent=4) + "\n")
+
+    def end(self) -> None:
+        self.make_summary()
 
 
 def _truncate_live_log(live_dir: Path, step: int) -> None:
