@@ -160,11 +160,12 @@ eval-ppl: install
 # parameters, gradients, optimizer state and activations for the preset's GPU recipe, whether it
 # fits, and the settings that do (ZeRO stage, checkpointing, micro batch, CPU offload).
 # MODEL may list several presets (MODEL=843m,2b,4b,43b); SEQ= overrides the sequence length.
+# HF=<folder> sizes an imported Hugging Face decoder (its config.json) with MODEL's Retro additions.
 GPU_MEM ?= 80
 SEQ     ?=
 .PHONY: estimate
 estimate: install
-	$(BIN)/python -m instructretro.estimate --model $(or $(MODEL),43b) --gpus $(or $(GPUS),8) --gpu-mem $(GPU_MEM) $(if $(SEQ),--seq-length $(SEQ))
+	$(BIN)/python -m instructretro.estimate --model $(or $(MODEL),$(if $(HF),843m,43b)) --gpus $(or $(GPUS),8) --gpu-mem $(GPU_MEM) $(if $(SEQ),--seq-length $(SEQ)) $(if $(HF),--hf $(HF))
 
 # Zero-shot QA (stages generate@<task>). `make generate` runs `dvc repro` of every generate stage;
 # `make generate GPUS=8 [HOSTFILE=...]` brings sft up to date the same way (`make sft GPUS=8`),

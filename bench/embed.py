@@ -29,7 +29,7 @@ from instructretro.tokenstore import TokenStore
 def load_chunk_texts(repo: Path, n: int, chunk_length: int) -> list[str]:
     store = TokenStore(repo / "data/tokens/pretrain", "train")
     table = chunk_table(store.doc_lengths(), chunk_length)[:n]
-    texts = chunk_texts(store, table, chunk_length, Tokenizer(repo / "data/tokenizer/spm.model"))
+    texts = chunk_texts(store, table, chunk_length, Tokenizer(repo / "data/tokenizer"))
     return [t for t in texts if t.strip()]
 
 

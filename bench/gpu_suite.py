@@ -389,7 +389,7 @@ def contexts(params_path: str = "params.yaml", out: str = PREPARED) -> dict:
 
     def retriever(section: str) -> Retriever:
         return Retriever("data/db/embeddings.h5", "data/index/populated", "data/tokens/db",
-                         "data/tokenizer/spm.model", encoder=encoder, chunk_length=chunk_length,
+                         "data/tokenizer", encoder=encoder, chunk_length=chunk_length,
                          nprobe=p.get(f"{section}.nprobe", int), efsearch=p.get(f"{section}.efsearch", int))
 
     def texts(r: Retriever, ids) -> list[str]:

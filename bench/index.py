@@ -33,7 +33,7 @@ def embed_chunks(repo: Path, split: str, n: int, encoder: Encoder, chunk_length:
     store = TokenStore(repo / "data/tokens/pretrain", split)
     table = chunk_table(store.doc_lengths(), chunk_length)
     rows = table[np.sort(np.random.default_rng(seed).choice(len(table), size=min(n, len(table)), replace=False))]
-    texts = chunk_texts(store, rows, chunk_length, Tokenizer(repo / "data/tokenizer/spm.model"))
+    texts = chunk_texts(store, rows, chunk_length, Tokenizer(repo / "data/tokenizer"))
     emb = encoder.encode(texts)
     keep = np.linalg.norm(emb, axis=1) > 0
     return emb[keep], store.doc_ids[rows["doc"]][keep]

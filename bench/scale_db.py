@@ -115,7 +115,7 @@ def make(d: Path, n: int, queries: int) -> dict:
     words = [" ".join(f"w{rng.integers(0, 400)}" for _ in range(60)) for _ in range(2000)]
     (d / "spm.model").write_bytes(tokenizer.train(iter(words), 500, 1_000_000))
     vocab = tokenizer.Tokenizer(d / "spm.model").vocab_size
-    w = TokenStoreWriter(d / "pretrain", vocab)
+    w = TokenStoreWriter(d / "pretrain", vocab, tokenizer.Tokenizer(d / "spm.model").eod_id)
     tokens_per_doc = CHUNK * CHUNKS_PER_DOC
     for i in range(-(-queries // CHUNKS_PER_DOC)):  # even ids: never a DB document
         w.add("train", 2 * (i + 1), rng.integers(3, vocab, tokens_per_doc))

@@ -23,7 +23,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--db", default="data/tokens/db")
-    ap.add_argument("--tokenizer", default="data/tokenizer/spm.model")
+    ap.add_argument("--tokenizer", default="data/tokenizer")
     ap.add_argument("--out", default="data/db/embeddings.h5")
     ap.add_argument("--work", default="data/work/embed")
     ap.add_argument("--metrics", default="metrics/embed.json")

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 import torch
 
 from instructretro import data, params as P
-from instructretro.checkpoint import check_tokenizer, check_vocab, checkpoint_precision, load_model, read_config
+from instructretro.checkpoint import check_tokenizer, checkpoint_precision, load_model, read_config
 from instructretro.decoding import greedy_generate
 from instructretro.dist import init_distributed, local_device
 from instructretro.errors import PipelineError, cli
@@ -33,7 +34,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--task", required=True, help="a name in generate.tasks")
-    ap.add_argument("--tokenizer", default="data/tokenizer/spm.model")
+    ap.add_argument("--tokenizer", default="data/tokenizer")
     ap.add_argument("--db-tokens", default="data/tokens/db")
     ap.add_argument("--embeddings", default="data/db/embeddings.h5")
     ap.add_argument("--index", default="data/index/populated", help="the populated index folder (add-index)")
@@ -66,7 +67,7 @@ def main(argv=None):
     rank, world = init_distributed() if multi else (0, 1)
     check_tokenizer(checkpoint, args.tokenizer)
     tok = Tokenizer(args.tokenizer)
-    check_vocab(read_config(checkpoint), tok.vocab_size, checkpoint, args.tokenizer)
+    tok.check_fits(read_config(checkpoint).vocab_size, Path(checkpoint) / "config.json")
     dtype = torch.bfloat16 if checkpoint_precision(checkpoint) == "bf16" else torch.float32
     model = load_model(checkpoint, device=local_device(), dtype=dtype).eval()
     config = model.config

@@ -4,6 +4,9 @@ the pretraining tokens and their neighbors; export the checkpoint; validation pe
 One process on CPU (no launcher); on GPUs the same script under the ``deepspeed`` launcher
 (``make pretrain GPUS=8``). ``--eval-only CKPT`` is the reference's ``--skip-train``: the
 validation metrics of an exported checkpoint, nothing trained or exported.
+
+``pretrain.init_from`` may name a Hugging Face decoder folder: the architecture then comes from
+its ``config.json`` and the preset supplies only the Retro additions (``presets.RETRO_ADDITIONS``).
 """
 
 from __future__ import annotations
@@ -15,20 +18,25 @@ from pathlib import Path
 
 import torch
 
-from instructretro import params as P, presets
+from instructretro import hf, params as P, presets
 from instructretro.dist import is_rank0
 from instructretro.errors import PipelineError, cli
 from instructretro.io import write_json
 from instructretro.pretrain import check_global_batch, preset_training, run_pretrain
 from instructretro.pretrain_data import PretrainInputs
+from instructretro.tokenizer import Tokenizer
 from instructretro.tokenstore import TokenStore
 from instructretro.train import TrainConfig
 
 
-def model_config_from_params(p, vocab_size: int, gpt: bool = False):
+def model_config_from_params(p, vocab_size: int, gpt: bool = False, init_from: str = "", tokenizer: str = ""):
     """The ModelConfig of ``model.name`` with the ``model.*`` overrides (null = the preset's),
     the tokenizer's vocab and the data's chunk and sequence lengths; ``gpt`` forces
-    ``model.retro`` false (the stage pretrain-gpt)."""
+    ``model.retro`` false (the stage pretrain-gpt).
+
+    With ``init_from`` a Hugging Face folder, the architecture is the folder's (``config.json``)
+    and the preset and ``model.*`` give only the Retro additions; the tokenizer's vocabulary
+    (``tokenizer``, the folder the token stores were made with) must fit its embedding."""
     section = p.section("model")
     name = p.get("model.name", str)
     retro = p.get("model.retro", bool) and not gpt
@@ -39,7 +47,16 @@ def model_config_from_params(p, vocab_size: int, gpt: bool = False):
     overrides.update(retro=retro, vocab_size=vocab_size,
                      chunk_length=P.positive("retro.chunk_length", p.get("retro.chunk_length", int)),
                      seq_length=P.positive("retro.seq_length", p.get("retro.seq_length", int)))
-    return presets.get(name, **overrides)
+    config = presets.get(name, **overrides)
+    if not (init_from and hf.is_hf_folder(init_from)):
+        return config
+    for key, value in section.items():
+        if key not in ("name", *presets.RETRO_ADDITIONS) and value is not None:
+            raise PipelineError(f"{p.source}: param 'model.{key}' is set by {Path(init_from) / 'config.json'} "
+                                "(pretrain.init_from); remove it")
+    config = hf.read_hf_config(init_from, **presets.retro_additions(config))
+    Tokenizer(tokenizer).check_fits(config.vocab_size, Path(init_from) / "config.json")
+    return config
 
 
 def add_input_args(ap: argparse.ArgumentParser) -> None:
@@ -49,7 +66,7 @@ def add_input_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--neighbors", default="data/neighbors/neighbors.h5")
     ap.add_argument("--db-tokens", default="data/tokens/db")
     ap.add_argument("--embeddings", default="data/db/embeddings.h5")
-    ap.add_argument("--tokenizer", default="data/tokenizer/spm.model")
+    ap.add_argument("--tokenizer", default="data/tokenizer")
 
 
 def inputs_from_args(args, p) -> PretrainInputs:
@@ -101,7 +118,7 @@ def main(argv=None):
         raise PipelineError(f"{args.params}: 'pretrain.init_from' is {init_from}, which is not a checkpoint folder")
     inputs = inputs_from_args(args, p)
     vocab = TokenStore(args.tokens, "train").vocab_size
-    model_config = model_config_from_params(p, vocab, gpt=args.gpt)
+    model_config = model_config_from_params(p, vocab, gpt=args.gpt, init_from=init_from, tokenizer=args.tokenizer)
 
     metrics = run_pretrain(inputs, model_config, cfg, None if args.eval_only else args.out, args.work,
                            None if args.eval_only else args.live, init_from, skip_train, args.stop_after,

@@ -70,7 +70,7 @@ def make_retriever(args, p: P.Params, s: dict):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--tokenizer", default="data/tokenizer/spm.model")
+    ap.add_argument("--tokenizer", default="data/tokenizer")
     ap.add_argument("--db-tokens", default="data/tokens/db")
     ap.add_argument("--embeddings", default="data/db/embeddings.h5")
     ap.add_argument("--index", default="data/index/populated", help="the populated index folder (add-index)")
@@ -118,8 +118,8 @@ def main(argv=None):
         unavailable = None if Path(args.index).exists() else f"{args.index} not built yet"
     else:
         config = checkpoint.read_config(s["init_from"])
+        tok.check_fits(config.vocab_size, Path(s["init_from"]) / "config.json")
         checkpoint.check_tokenizer(s["init_from"], args.tokenizer)
-        checkpoint.check_vocab(config, tok.vocab_size, s["init_from"], args.tokenizer)
         sft.check_retrieval(config, s["retrieval"], p.source)
         settings = full = sft.sft_settings(config.name, s["overrides"])
 

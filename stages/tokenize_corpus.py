@@ -24,7 +24,7 @@ def tokenize_corpus(corpus: str, tok: Tokenizer, valid_fraction: float, out: Pat
     skipped_files = data.SkipCounter()
     t0 = time.time()
     with atomic_path(out) as tmp:
-        writer = TokenStoreWriter(tmp, tok.vocab_size)
+        writer = TokenStoreWriter(tmp, tok.vocab_size, tok.eod_id)
         docs = data.iter_documents(corpus, skipped, skipped_files)
         pending: list[data.Document] = []
         bar = progress(desc=f"tokenize {corpus}", unit="doc")
@@ -63,7 +63,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("which", choices=["db", "pretrain"])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--tokenizer", default="data/tokenizer/spm.model")
+    ap.add_argument("--tokenizer", default="data/tokenizer")
     ap.add_argument("--out", required=True)
     ap.add_argument("--metrics", required=True)
     args = ap.parse_args(argv)

@@ -372,7 +372,7 @@ def test_long_line_split_keeps_every_character_and_cuts_at_spaces():
 def _store_of(tmp_path, tok, texts):
     from instructretro.tokenstore import TokenStore, TokenStoreWriter
 
-    w = TokenStoreWriter(tmp_path / "store", tok.vocab_size)
+    w = TokenStoreWriter(tmp_path / "store", tok.vocab_size, tok.eod_id)
     for i, text in enumerate(texts):
         w.add("train", i, tok.encode(text))
     w.close()

@@ -5,16 +5,18 @@ from __future__ import annotations
 import numpy as np
 
 from instructretro.chunks import SampleLayout, chunk_table, chunk_tokens
-from instructretro.tokenizer import EOD_ID
 from instructretro.tokenstore import TokenStore, TokenStoreWriter
+
+
+EOD_ID = 7  # not our SentencePiece's 2: chunks and samples take the store's end-of-document
 
 
 def _store(tmp_path, lengths, vocab=300):
     rng = np.random.default_rng(0)
-    w = TokenStoreWriter(tmp_path / "s", vocab)
+    w = TokenStoreWriter(tmp_path / "s", vocab, EOD_ID)
     docs = []
     for i, n in enumerate(lengths):
-        toks = rng.integers(3, vocab, n)
+        toks = rng.integers(EOD_ID + 1, vocab, n)
         docs.append(toks)
         w.add("train", 1000 + i, toks)
     w.close()

@@ -88,10 +88,11 @@ def test_neighbors_fn_called_once_per_chunk_when_it_completes():
     m = model(seed=1)
     fn = Neighbors()
     ps = prompts()
-    out = greedy_generate(m, ps, 30, EOD, neighbors_fn=fn)
+    pad = 7  # the tokenizer's pad: what a padded chunk handed to neighbors_fn holds
+    out = greedy_generate(m, ps, 30, EOD, neighbors_fn=fn, pad_id=pad)
     # every row: its own chunks, numbered from its first chunk holding a prompt token
     for b, (p, o) in enumerate(zip(ps, out)):
-        padded = [0] * (-len(p) % L) + p
+        padded = [pad] * (-len(p) % L) + p
         seq = padded + o
         calls = [(j, toks) for bb, j, toks in fn.calls if bb == b]
         # chunks whose last token went through the model while the row was live: the prompt's,

@@ -43,7 +43,7 @@ def make_store(folder: Path, texts: list[str], tok_path: Path, vocab_size: int =
         tok_path.parent.mkdir(parents=True, exist_ok=True)
         tok_path.write_bytes(T.train(iter(texts), vocab_size, 1_000_000))
     tok = T.Tokenizer(tok_path)
-    w = TokenStoreWriter(folder, tok.vocab_size)
+    w = TokenStoreWriter(folder, tok.vocab_size, tok.eod_id)
     for t in texts:
         w.add("train", document_id(t), tok.encode(t))
     for t in valid:

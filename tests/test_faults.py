@@ -97,7 +97,7 @@ def test_embed_output_on_a_full_disk_names_it_and_keeps_the_blocks(tmp_path, sma
     from instructretro.tokenstore import TokenStoreWriter
 
     tok = T.Tokenizer(small_tokenizer)
-    w = TokenStoreWriter(tmp_path / "db", tok.vocab_size)
+    w = TokenStoreWriter(tmp_path / "db", tok.vocab_size, tok.eod_id)
     for i, text in enumerate(["The tower is in the city of Paris.", "A river runs through the old town."]):
         w.add("train", i, tok.encode(text))
     w.close()
@@ -212,7 +212,7 @@ def test_checkpoint_vocabulary_smaller_than_the_tokenizer_is_one_line(tmp_path, 
                                                                 tasks={"t": {"path": str(tmp_path / "qa.jsonl")}})))
     r = run_stage("generate.py", "--params", params, "--task", "t", "--tokenizer", small_tokenizer,
                   "--out", tmp_path / "a.jsonl", "--metrics", tmp_path / "m.json")
-    _one_line(r, r"ckpt: the checkpoint's vocab_size 300 is smaller than the tokenizer's 1024 pieces")
+    _one_line(r, r"vocabulary of 1024 tokens is larger than the embedding of .*ckpt/config.json \(300 rows\)")
 
 
 def test_model_too_large_for_memory_set_through_params_is_refused_before_allocation():

@@ -122,7 +122,7 @@ def _fake_generate(answer_of, calls=None):
     """A stand-in decoder honouring the contract: left-pad to a chunk boundary, lock-step rows,
     call neighbors_fn(b, j, chunk) when chunk j of row b completes, stop at EOD."""
 
-    def generate(model, prompts, max_new_tokens, eod_id, neighbors_fn=None):
+    def generate(model, prompts, max_new_tokens, eod_id, neighbors_fn=None, pad_id=None):
         width = max(-(-len(p) // CL) * CL for p in prompts)
         rows = [[tk.PAD_ID] * (width - len(p)) + list(p) for p in prompts]
         if neighbors_fn is not None:
@@ -274,7 +274,7 @@ def test_encoder_retrieval_happens_at_each_chunk_boundary(tok, tiny_retro):
                {"question": "Who is the mayor of Town12? Tell me now.", "answer": ["Person12"]}]
     raw = {}
 
-    def generate(model, prompts, max_new_tokens, eod_id, neighbors_fn=None):
+    def generate(model, prompts, max_new_tokens, eod_id, neighbors_fn=None, pad_id=None):
         outs = greedy_generate(model, prompts, max_new_tokens, eod_id, neighbors_fn=neighbors_fn)
         raw.update({tuple(p): o for p, o in zip(prompts, outs)})
         return outs

@@ -136,7 +136,7 @@ def test_filter_masks_whole_neighbors_above_the_threshold_only():
 
 
 def _write_store(docs, tok, out: Path, valid_ids=()) -> Path:
-    w = TokenStoreWriter(out, tok.vocab_size)
+    w = TokenStoreWriter(out, tok.vocab_size, tok.eod_id)
     for doc_id, ids in docs:
         w.add("valid" if doc_id in valid_ids else "train", doc_id, ids)
     w.close({})

@@ -15,16 +15,18 @@ from instructretro.embed import Encoder, embed_database
 from instructretro.errors import PipelineError
 from instructretro.index import populate, set_search_params, train_index
 from instructretro.neighbors import exclude_and_keep, query_neighbors
-from instructretro.tokenizer import EOD_ID
 from instructretro.tokenstore import TokenStore, TokenStoreWriter
 
 from test_embed import make_store, make_texts, shared_encoder
 
 
+EOD_ID = 999  # the store's end-of-document pads a neighbor (not our SentencePiece's 2)
+
+
 def test_neighbor_tokens_are_chunk_plus_continuation_within_the_document(tmp_path):
     cl = 4
     docs = [np.arange(10, 20), np.arange(100, 103), np.arange(200, 208)]  # lengths 10, 3, 8
-    w = TokenStoreWriter(tmp_path / "db", 1000)
+    w = TokenStoreWriter(tmp_path / "db", 1000, EOD_ID)
     for i, d in enumerate(docs):
         w.add("train", 1000 + i, d)
     w.close()

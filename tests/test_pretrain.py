@@ -32,7 +32,7 @@ CL, SEQ = 64, 256
 
 
 def write_store(corpus: Path, tok: Tokenizer, out: Path, valid_fraction: float) -> Path:
-    w = TokenStoreWriter(out, tok.vocab_size)
+    w = TokenStoreWriter(out, tok.vocab_size, tok.eod_id)
     for doc in data.iter_documents(corpus):
         split = "valid" if data.is_valid_split(doc.doc_id, valid_fraction) else "train"
         w.add(split, doc.doc_id, tok.encode(doc.text))

@@ -279,11 +279,11 @@ def test_batched_greedy_equals_decoding_each_request_alone(assistant):
         alone = [greedy_generate(model, [p], n, tok.eod_id, neighbors_fn=fn())[0] for p, n in zip(prompts, lengths)]
         entered, release, sizes = threading.Event(), threading.Event(), []
 
-        def gated(model, batch, n, eod, neighbors_fn=None):
+        def gated(model, batch, n, eod, neighbors_fn=None, pad_id=None):
             entered.set()
             release.wait()
             sizes.append(len(batch))
-            return greedy_generate(model, batch, n, eod, neighbors_fn=neighbors_fn)
+            return greedy_generate(model, batch, n, eod, neighbors_fn=neighbors_fn, pad_id=pad_id)
 
         batcher = Batcher(model, max_batch=16, max_queue=len(prompts) - 1, decode=gated)
         got = [None] * len(prompts)
@@ -387,10 +387,10 @@ def test_a_full_queue_answers_503_with_retry_after(assistant):
     svc = Service(assistant, max_batch=1, max_queue=1)
     entered, release = threading.Event(), threading.Event()
 
-    def gated(model, prompts, n, eod, neighbors_fn=None):
+    def gated(model, prompts, n, eod, neighbors_fn=None, pad_id=None):
         entered.set()
         release.wait()
-        return greedy_generate(model, prompts, n, eod, neighbors_fn=neighbors_fn)
+        return greedy_generate(model, prompts, n, eod, neighbors_fn=neighbors_fn, pad_id=pad_id)
 
     svc.batcher.decode = gated
     server = uvicorn.Server(uvicorn.Config(create_app(svc), host="127.0.0.1", port=free_port(), log_level="warning"))

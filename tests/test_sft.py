@@ -126,7 +126,7 @@ def test_truncation_cuts_the_prompt_from_the_left_and_keeps_the_answer():
 
 def test_encoder_alignment_puts_the_answer_on_a_chunk_boundary():
     tokens, answer, start = _toy(prompt_len=13, answer_len=6)
-    s = sft.fit_sample(tokens, answer, start, seq_length=32, align=8)
+    s = sft.fit_sample(tokens, answer, start, seq_length=32, align=8, pad_id=PAD_ID)
     assert not s.truncated
     first_answer = int(np.flatnonzero(s.answer)[0])
     assert first_answer % 8 == 0 and first_answer == 16
@@ -356,7 +356,8 @@ def test_collate_pads_to_chunks_and_gathers_neighbors(tok):
     assert batch["loss_mask"].sum().item() == 10 + 5  # the answers; the first token is never a target
     assert not batch["neighbor_mask"][1, 1].any() and not batch["neighbor_mask"][0, 1, 1].any()
     assert batch["neighbor_mask"][0, 0].all()
-    assert batch["tokens"][1, 9:].eq(PAD_ID).all() and batch["dataset"].tolist() == [0, 1]
+    # right padding repeats the samples' last token (a real sample's EOD): after every real token, outside the loss
+    assert batch["tokens"][1, 9:].eq(int(a.tokens[-1])).all() and batch["dataset"].tolist() == [0, 1]
 
 
 def _run_stage(*args, cwd):

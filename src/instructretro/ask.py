@@ -33,7 +33,7 @@ from .retrieval import Retriever
 from .tokenizer import Tokenizer
 
 # The paths the generate stage reads (its defaults in stages/generate.py, as dvc.yaml runs it).
-DEFAULTS = {"tokenizer": "data/tokenizer/spm.model", "db_tokens": "data/tokens/db",
+DEFAULTS = {"tokenizer": "data/tokenizer", "db_tokens": "data/tokens/db",
             "embeddings": "data/db/embeddings.h5", "index": "data/index/populated",
             "overlay": "data/serve/overlay.npz"}
 

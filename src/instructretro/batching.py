@@ -29,12 +29,13 @@ class Busy(Exception):
 
 
 class _Job:
-    __slots__ = ("prompts", "max_new_tokens", "eod_id", "neighbors_fn", "done", "result", "error")
+    __slots__ = ("prompts", "max_new_tokens", "eod_id", "pad_id", "neighbors_fn", "done", "result", "error")
 
-    def __init__(self, prompts, max_new_tokens, eod_id, neighbors_fn):
+    def __init__(self, prompts, max_new_tokens, eod_id, neighbors_fn, pad_id=None):
         self.prompts = [list(p) for p in prompts]
         self.max_new_tokens = int(max_new_tokens)
         self.eod_id = eod_id
+        self.pad_id = pad_id
         self.neighbors_fn = neighbors_fn
         self.done = threading.Event()
         self.result = None
@@ -64,11 +65,11 @@ class Batcher:
     def waiting(self) -> int:
         return len(self._jobs)
 
-    def generate(self, model, prompts, max_new_tokens, eod_id, neighbors_fn=None):
+    def generate(self, model, prompts, max_new_tokens, eod_id, neighbors_fn=None, pad_id=None):
         """Queue the prompts, wait for their new tokens (``greedy_generate``'s contract)."""
         if not prompts:
             return []
-        job = _Job(prompts, max_new_tokens, eod_id, neighbors_fn)
+        job = _Job(prompts, max_new_tokens, eod_id, neighbors_fn, pad_id)
         with self._cond:
             if len(self._jobs) >= self.max_queue:
                 raise Busy(f"the decoding queue is full ({self.max_queue} requests waiting)")
@@ -84,8 +85,8 @@ class Batcher:
         """Jobs of one kind share a decode call. With per-chunk retrieval the length must match
         too, so that no row is asked for neighbors past the tokens it would decode alone."""
         if job.neighbors_fn is None:
-            return (job.eod_id, False, None)
-        return (job.eod_id, True, job.max_new_tokens)
+            return (job.eod_id, job.pad_id, False, None)
+        return (job.eod_id, job.pad_id, True, job.max_new_tokens)
 
     def _take(self) -> list[_Job]:
         """The next batch: the oldest job, then later jobs of the same kind that fit."""
@@ -133,7 +134,8 @@ class Batcher:
                 job, r = owner[b]
                 return job.neighbors_fn(r, j, chunk_tokens)
         longest = max(job.max_new_tokens for job in batch)
-        outs = self.decode(self.model, prompts, longest, batch[0].eod_id, neighbors_fn=fn)
+        pad = {} if batch[0].pad_id is None else {"pad_id": batch[0].pad_id}  # the tokenizer's pad
+        outs = self.decode(self.model, prompts, longest, batch[0].eod_id, neighbors_fn=fn, **pad)
         self.batches += 1
         self.prompts += len(prompts)
         b = 0

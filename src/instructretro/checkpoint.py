@@ -161,14 +161,6 @@ def check_fits(config, source: str, bytes_per_param: int = 4, limit: int | None 
     return n
 
 
-def check_vocab(config, vocab_size: int, folder: str | os.PathLike, tokenizer: str | os.PathLike) -> None:
-    """Refuse a checkpoint whose vocabulary is smaller than the tokenizer's: a token id past its
-    embedding table would fail deep inside the model (``IndexError: index out of range``)."""
-    if config.vocab_size < vocab_size:
-        raise PipelineError(f"{folder}: the checkpoint's vocab_size {config.vocab_size} is smaller than the "
-                            f"tokenizer's {vocab_size} pieces ({tokenizer}); it was trained with another tokenizer")
-
-
 def load_model(folder: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
     """Build the model stored in an exported checkpoint and load its weights (fp32 on the CPU,
     or on ``device`` in ``dtype``: the weights are cast after loading, so bf16 rounds the fp32

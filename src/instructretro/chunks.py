@@ -9,7 +9,8 @@ A pretraining sample is ``seq_length // chunk_length`` consecutive chunks of one
 chunk occupies exactly ``chunk_length`` positions of the sample: a short last chunk is padded
 with EOD and its padding is masked out of the loss. The label of a document's last token is
 EOD, so the model learns where documents end. The split's last sample is filled up with empty
-chunks (document -1, fully masked).
+chunks (document -1, fully masked). The end-of-document id is the token store's
+(``TokenStore.eod_id``: the EOS of the tokenizer that wrote it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import PipelineError
-from .tokenizer import EOD_ID
 from .tokenstore import TokenStore
 
 CHUNK_DTYPE = np.dtype([("doc", np.int64), ("start", np.int64), ("length", np.int64)])
@@ -40,12 +40,13 @@ def chunk_table(doc_lengths: np.ndarray, chunk_length: int) -> np.ndarray:
     return table
 
 
-def chunk_tokens(store: TokenStore, rows: np.ndarray, chunk_length: int, pad_id: int = EOD_ID) -> np.ndarray:
-    """Token ids of ``rows`` as an (n, chunk_length) int64 array padded with ``pad_id``.
+def chunk_tokens(store: TokenStore, rows: np.ndarray, chunk_length: int, pad_id: int | None = None) -> np.ndarray:
+    """Token ids of ``rows`` as an (n, chunk_length) int64 array padded with ``pad_id``
+    (default: the store's end-of-document).
 
     Rows with ``doc == -1`` (empty chunks) are all padding.
     """
-    out = np.full((len(rows), chunk_length), pad_id, dtype=np.int64)
+    out = np.full((len(rows), chunk_length), store.eod_id if pad_id is None else pad_id, dtype=np.int64)
     for i, (doc, start, length) in enumerate(rows):
         if doc >= 0:
             begin = store.offsets[doc] + start
@@ -90,8 +91,9 @@ class SampleLayout:
         """``(tokens, labels, loss_mask)``, each of length ``seq_length``."""
         cl = self.chunk_length
         rows = self.sample_rows(s)
-        tokens = np.full(self.seq_length, EOD_ID, dtype=np.int64)
-        labels = np.full(self.seq_length, EOD_ID, dtype=np.int64)
+        eod = self.store.eod_id
+        tokens = np.full(self.seq_length, eod, dtype=np.int64)
+        labels = np.full(self.seq_length, eod, dtype=np.int64)
         mask = np.zeros(self.seq_length, dtype=np.float32)
         for j, (doc, start, length) in enumerate(rows):
             if doc < 0:
@@ -102,6 +104,6 @@ class SampleLayout:
             tokens[o : o + length] = toks[:length]
             labels[o : o + length - 1] = toks[1:length]
             at_end = start + length >= self.doc_lengths[doc]
-            labels[o + length - 1] = EOD_ID if at_end else toks[length]
+            labels[o + length - 1] = eod if at_end else toks[length]
             mask[o : o + length] = 1.0
         return tokens, labels, mask

@@ -27,7 +27,6 @@ import h5py
 import numpy as np
 
 from .errors import PipelineError, damaged
-from .tokenizer import EOD_ID
 from .tokenstore import TokenStore
 
 DATASETS = ("chunks", "doc_ids", "embeddings")
@@ -262,7 +261,7 @@ class NeighborTokens:
         pos = np.arange(self.width)
         mask = pos[None, :] < length[:, None]
         where = np.where(mask, begin[:, None] + pos[None, :], 0)
-        tokens = np.where(mask, self.store.tokens[where] if len(self.store.tokens) else 0, EOD_ID).astype(np.int64)
+        tokens = np.where(mask, self.store.tokens[where] if len(self.store.tokens) else 0, self.store.eod_id).astype(np.int64)
         shape = ids.shape + (self.width,)
         return tokens.reshape(shape), mask.reshape(shape)
 

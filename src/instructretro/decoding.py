@@ -3,7 +3,8 @@
 Layout of a batch: each prompt is left-padded so it ends on a chunk boundary (the reference set
 the chunk length to the prompt length for the same effect: with the causal shift, a chunk's
 neighbors only help from its last token on), then whole pad chunks are added on the left so all
-rows end at the same position. Pad positions are masked out of attention. Row ``b``'s own chunk
+rows end at the same position. Pad positions hold ``pad_id`` (the tokenizer's pad, so a
+padded chunk decodes to the text the caller's retrieval expects) and are masked out of attention. Row ``b``'s own chunk
 ``j`` (0 = its first chunk holding a prompt token) is padded chunk ``j + offset[b]``.
 
 Retrieval: ``neighbors_fn(b, j, chunk_tokens)`` is called once for every chunk of a row when the
@@ -24,12 +25,11 @@ import torch
 
 from .errors import PipelineError
 from .model import KVCache, Retro
-from .tokenizer import PAD_ID
 
 
-def _as_neighbors(result, k: int, R: int, where: str):
+def _as_neighbors(result, k: int, R: int, where: str, pad_id: int):
     """Normalise a neighbors_fn result to int64 (k,R) tokens and bool (k,R) mask (None: masked)."""
-    tokens = torch.full((k, R), PAD_ID, dtype=torch.long)
+    tokens = torch.full((k, R), pad_id, dtype=torch.long)
     mask = torch.zeros(k, R, dtype=torch.bool)
     if result is None:
         return tokens, mask
@@ -52,11 +52,14 @@ def _as_neighbors(result, k: int, R: int, where: str):
 
 @torch.no_grad()
 def greedy_generate(model: Retro, prompts: list[list[int]], max_new_tokens: int, eod_id: int,
-                    neighbors_fn=None, use_cache: bool = True) -> list[list[int]]:
+                    neighbors_fn=None, use_cache: bool = True, pad_id: int | None = None) -> list[list[int]]:
     """Greedy continuation of each prompt; returns the new tokens per prompt.
 
-    A row stops after emitting ``eod_id`` (kept as its last token) or ``max_new_tokens`` tokens.
-    ``neighbors_fn`` is only used by a Retro model (see the module docstring).
+    A row stops after emitting ``eod_id`` (kept as its last token; -1: never) or
+    ``max_new_tokens`` tokens. ``neighbors_fn`` is only used by a Retro model (see the module
+    docstring). ``pad_id`` fills padded positions: the generate stage gives the tokenizer's pad;
+    by default id 0, which every vocabulary has (a masked position may hold any id, but the
+    chunks handed to ``neighbors_fn`` hold it, so it is one fixed id).
     """
     cfg = model.config
     L = cfg.chunk_length
@@ -68,12 +71,14 @@ def greedy_generate(model: Retro, prompts: list[list[int]], max_new_tokens: int,
         return [[] for _ in prompts]
     device = next(model.parameters()).device
     B = len(prompts)
+    if pad_id is None:
+        pad_id = 0
 
     # Layout: left-pad every prompt to a chunk boundary, then to the longest prompt.
     own_chunks = [-(-len(p) // L) for p in prompts]
     prompt_len = max(own_chunks) * L
     total = prompt_len + max_new_tokens
-    tokens = torch.full((B, total), PAD_ID, dtype=torch.long)
+    tokens = torch.full((B, total), pad_id, dtype=torch.long)
     pad_mask = torch.ones(B, total, dtype=torch.bool)
     offset = []  # padded chunk index of row b's chunk 0
     for b, p in enumerate(prompts):
@@ -84,7 +89,7 @@ def greedy_generate(model: Retro, prompts: list[list[int]], max_new_tokens: int,
     retro = cfg.retro and neighbors_fn is not None
     k, R = cfg.num_neighbors, cfg.neighbor_length
     n_chunks = total // L
-    nb_tokens = torch.full((B, n_chunks, k, R), PAD_ID, dtype=torch.long)
+    nb_tokens = torch.full((B, n_chunks, k, R), pad_id, dtype=torch.long)
     nb_mask = torch.zeros(B, n_chunks, k, R, dtype=torch.bool)
     done = [False] * B
 
@@ -99,7 +104,7 @@ def greedy_generate(model: Retro, prompts: list[list[int]], max_new_tokens: int,
                     continue
                 chunk = tokens[b, c * L:(c + 1) * L].tolist()
                 nb_tokens[b, c], nb_mask[b, c] = _as_neighbors(
-                    neighbors_fn(b, j, chunk), k, R, f"neighbors_fn(b={b}, j={j})")
+                    neighbors_fn(b, j, chunk), k, R, f"neighbors_fn(b={b}, j={j})", pad_id)
 
     def neighbors_for(start, end):
         """Neighbors of the chunks completing in positions [start, end) (None if none at all)."""

@@ -417,7 +417,7 @@ def embed_database(db_tokens_dir: str | os.PathLike, tokenizer_path: str | os.Pa
     table = chunk_table(store.doc_lengths(), chunk_length)
     if len(table) == 0:
         raise PipelineError(f"{db_tokens_dir}: the database corpus has no train-split tokens to chunk")
-    key = resume_key({"store": store_fingerprint(db_tokens_dir), "tokenizer": file_digest(Path(tokenizer_path)).hex(),
+    key = resume_key({"store": store_fingerprint(db_tokens_dir), "tokenizer": tok.digest,
                       "encoder": encoder.fingerprint(), "chunk_length": chunk_length, "block_size": block_size},
                      code=code_files(__file__))
     rank, world = start_ranks()

@@ -31,6 +31,10 @@ Accounting:
 - Budget: 85% of each GPU's memory (allocator fragmentation, CUDA context, communication
   buffers).
 
+``--hf FOLDER`` sizes an imported Hugging Face decoder: its architecture from ``config.json``,
+the Retro additions (CCA layers, encoder, neighbors) and the GPU recipe from ``--model``
+(``make estimate HF=<folder> MODEL=843m``).
+
 ``tests/test_estimate.py`` checks the parameter counts against the model built on the meta
 device (every preset) and the activation count against the tensors a CPU forward saves.
 """
@@ -242,12 +246,26 @@ def _gb(x: float) -> str:
     return f"{x / GIB:8.1f}"
 
 
+def imported_config(folder: str, name: str, retro: bool = True, seq_length: int | None = None):
+    """The architecture of the Hugging Face decoder in ``folder`` with the Retro additions of
+    preset ``name`` (CCA layers, encoder layers, neighbors, chunk length)."""
+    from . import hf, presets
+
+    base = presets.get(name, retro=retro)
+    seq = -(-(seq_length or base.seq_length) // base.chunk_length) * base.chunk_length
+    return hf.read_hf_config(folder, **{**presets.retro_additions(base), "seq_length": seq})
+
+
 def report(name: str, gpus: int, gpu_mem_gib: float, seq_length: int | None = None, vocab_size: int | None = None,
-           retro: bool = True) -> tuple[str, bool]:
-    """The printed plan for preset ``name``; returns (text, whether the preset's recipe fits)."""
+           retro: bool = True, hf_folder: str | None = None) -> tuple[str, bool]:
+    """The printed plan for preset ``name`` (or the imported ``hf_folder`` with ``name``'s Retro
+    additions and GPU recipe); returns (text, whether the recipe fits)."""
     from . import presets
 
-    config = presets.get(name, retro=retro, vocab_size=vocab_size)
+    if hf_folder:
+        config = imported_config(hf_folder, name, retro, seq_length)
+    else:
+        config = presets.get(name, retro=retro, vocab_size=vocab_size)
     seq = seq_length or config.seq_length
     counts = parameter_counts(config)
     budget = USABLE_FRACTION * gpu_mem_gib * GIB
@@ -257,7 +275,8 @@ def report(name: str, gpus: int, gpu_mem_gib: float, seq_length: int | None = No
     options = search(config, gpus, gpu_mem_gib, seq, presets.training(name)["global_batch"])
     if options:
         rows.append(("fits", *options[0]))
-    lines = [f"{name} {'Retro' if retro else 'GPT'}: {counts['total']:,} parameters (decoder {counts['decoder']:,}, "
+    title = f"{hf_folder} (Retro additions and recipe of {name})" if hf_folder else name
+    lines = [f"{title} {'Retro' if retro else 'GPT'}: {counts['total']:,} parameters (decoder {counts['decoder']:,}, "
              f"embedding+output {counts['embedding'] + counts['output']:,}, encoder {counts['encoder']:,}, "
              f"CCA {counts['cca']:,}), seq {seq}, {gpus} GPUs x {gpu_mem_gib:g} GiB "
              f"(budget {budget / GIB:.1f} GiB each)",
@@ -319,11 +338,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the preset's)")
     ap.add_argument("--vocab-size", type=int, default=None, help="default: the preset's")
     ap.add_argument("--gpt", action="store_true", help="the GPT baseline instead of Retro")
+    ap.add_argument("--hf", default="", metavar="FOLDER",
+                    help="size this Hugging Face decoder folder (config.json); --model gives the Retro additions")
     args = ap.parse_args(argv)
     if args.gpus <= 0 or args.gpu_mem <= 0:
         raise PipelineError(f"--gpus and --gpu-mem must be positive, got {args.gpus} and {args.gpu_mem}")
     for i, name in enumerate(n.strip() for n in args.model.split(",")):
-        text, _ = report(name, args.gpus, args.gpu_mem, args.seq_length, args.vocab_size, retro=not args.gpt)
+        text, _ = report(name, args.gpus, args.gpu_mem, args.seq_length, args.vocab_size, retro=not args.gpt,
+                         hf_folder=args.hf or None)
         print(("\n" if i else "") + text)
     return 0
 

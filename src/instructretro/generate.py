@@ -248,8 +248,9 @@ def answer_questions(model, tokenizer: Tokenizer, records: list[dict], settings:
                      rank: int = 0, world_size: int = 1, show_progress: bool = True) -> tuple[list[dict], dict]:
     """Answer ``records`` (from ``data.iter_qa``); return the answer records and counts.
 
-    ``generate_fn(model, prompts, max_new_tokens, eod_id, neighbors_fn=None)`` is the greedy
-    decoder (``decoding.greedy_generate``); it returns the new tokens of each prompt.
+    ``generate_fn(model, prompts, max_new_tokens, eod_id, neighbors_fn=None, pad_id=None)`` is
+    the greedy decoder (``decoding.greedy_generate``); it returns the new tokens of each prompt.
+    It pads with the tokenizer's pad, the id ``EncoderNeighbors`` pads with.
 
     With several processes (torch.distributed started) every rank builds every prompt and the
     same length-sorted batches as one process would, decodes batches ``rank, rank + world_size,
@@ -290,7 +291,7 @@ def answer_questions(model, tokenizer: Tokenizer, records: list[dict], settings:
             encoder.reset()
             encoder.prefetch(batch_prompts)
         outs = generate_fn(model, batch_prompts, settings.max_new_tokens, tokenizer.eod_id,
-                           neighbors_fn=encoder)
+                           neighbors_fn=encoder, pad_id=tokenizer.pad_id)
         for b, i in enumerate(batch):
             toks = list(outs[b])
             if tokenizer.eod_id in toks:

@@ -39,7 +39,7 @@ import h5py
 import numpy as np
 
 from .chunks import SampleLayout
-from .dbfile import DBFile, file_digest
+from .dbfile import DBFile
 from .dist import end_ranks, gather_to_rank0, start_ranks
 from .embed import BlockCache, Encoder, chunk_texts, embed_block, store_fingerprint
 from .errors import PipelineError
@@ -307,7 +307,7 @@ def query_neighbors(pretrain_tokens_dir: str | os.PathLike, tokenizer_path: str 
     for name in ("train", "valid"):  # every rank embeds and searches its blocks of both splits
         split = QuerySplit(pretrain_tokens_dir, name, chunk_length, seq_length)
         emb_key = resume_key({"split": name, "store": store_fingerprint(pretrain_tokens_dir, name),
-                              "tokenizer": file_digest(tokenizer_path).hex(), "db": db.fingerprint,
+                              "tokenizer": tok.digest, "db": db.fingerprint,
                               "encoder": encoder.fingerprint(), "chunk_length": chunk_length,
                               "seq_length": seq_length, "block_size": block_size}, code=code)
         emb_cache = BlockCache(Path(work_dir) / "embed" / name, emb_key)

@@ -35,7 +35,7 @@ import numpy as np
 from .errors import PipelineError
 from .io import atomic_path
 from .retrieval import Retriever
-from .tokenizer import EOD_ID, whole_character_span
+from .tokenizer import whole_character_span
 
 OVERLAY_VERSION = 1
 MAX_DOCUMENT_CHARS = 100_000  # one added document
@@ -270,7 +270,7 @@ class LiveRetriever:
             tokens, mask = tokens.copy(), mask.copy()
             for idx in map(tuple, over):
                 t, _ = self._overlay_tokens(state, int(ids[idx]) - self.n_base)
-                tokens[idx] = EOD_ID
+                tokens[idx] = self.base.neighbors.store.eod_id  # the database's end-of-document
                 mask[idx] = False
                 tokens[idx][: len(t)] = t
                 mask[idx][: len(t)] = True

@@ -107,6 +107,16 @@ RECIPE_KEYS = ("precision", "zero_stage", "micro_batch", "activation_checkpointi
 
 NAMES = tuple(ARCHITECTURES)
 
+# What a preset gives an imported decoder (``pretrain.init_from`` a Hugging Face folder): the
+# architecture comes from the folder's config.json, these fields from the preset and params.
+RETRO_ADDITIONS = ("retro", "cca_layers", "encoder_layers", "num_neighbors", "chunk_length", "seq_length")
+
+
+def retro_additions(config: ModelConfig) -> dict:
+    """The Retro parts and sample layout of ``config`` (``RETRO_ADDITIONS``) and its name (the
+    preset, which names the training and SFT recipes), for ``hf.read_hf_config``."""
+    return {**{k: getattr(config, k) for k in RETRO_ADDITIONS}, "name": config.name}
+
 
 def _check(name: str) -> None:
     if name not in ARCHITECTURES:

@@ -1,7 +1,7 @@
 """The pretraining run: what ``stages/pretrain.py`` calls.
 
-``run_pretrain`` builds the model (fresh, from a GPT checkpoint's decoder, or loaded for
-evaluation only), trains it with DeepSpeed on the samples of ``pretrain_data``, validates it
+``run_pretrain`` builds the model (fresh, from the decoder of a GPT checkpoint or of a Hugging
+Face folder, or loaded for evaluation only), trains it with DeepSpeed on the samples of ``pretrain_data``, validates it
 with two retrieval controls, and exports it. Resume checkpoints live in a work folder keyed by
 everything the run depends on.
 """
@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (check_tokenizer, check_vocab, init_from_checkpoint, load_model, read_config,
-                         tokenizer_record)
+from . import hf
+from .checkpoint import check_tokenizer, init_from_checkpoint, load_model, tokenizer_record
 from .dist import init_distributed, is_rank0, local_device
 from .errors import PipelineError
 from .pretrain_data import PretrainInputs, PretrainSamples, TrainOrder, all_eval_batches, eval_indices, load_split
+from .tokenizer import Tokenizer
 from .tokenstore import TokenStore
 from .workdir import code_files, library_versions
 
@@ -31,6 +32,29 @@ def run_key(inputs: PretrainInputs, model_config, cfg, init_from: str, world: in
                        "world": world, "versions": library_versions("torch", "deepspeed")},
             "inputs": [*paths, *([init_from] if init_from else [])],
             "code": code_files(__file__, *code)}
+
+
+def init_decoder(model, init_from: str) -> list[str]:
+    """Copy the decoder weights of ``init_from`` into ``model``: an exported checkpoint of ours or
+    a Hugging Face folder (converted by ``hf``). Returns the names left fresh (encoder, CCA)."""
+    if hf.is_hf_folder(init_from):
+        from .model import load_decoder_weights
+
+        try:
+            return load_decoder_weights(model, hf.read_hf_state_dict(init_from, model.config))
+        except PipelineError as exc:
+            raise PipelineError(f"{init_from}: {exc}") from None
+    return init_from_checkpoint(model, init_from)
+
+
+def load_for_eval(init_from: str, model_config):
+    """The model of ``init_from`` to evaluate (``skip_train``): our export, or a Hugging Face
+    folder with ``model_config``'s Retro additions."""
+    if hf.is_hf_folder(init_from):
+        from .presets import retro_additions
+
+        return hf.load_hf_model(init_from, **retro_additions(model_config))
+    return load_model(init_from)
 
 
 def empty_valid_message(tokens) -> str:
@@ -117,12 +141,12 @@ def run_pretrain(inputs: PretrainInputs, model_config, cfg, out: str | os.PathLi
         check_tokenizer(init_from, inputs.tokenizer)
     torch.manual_seed(cfg.seed)
     if skip_train:
-        check_vocab(read_config(init_from), model_config.vocab_size, init_from, inputs.tokenizer)
-        model = load_model(init_from)
+        model = load_for_eval(init_from, model_config)
+        Tokenizer(inputs.tokenizer).check_fits(model.config.vocab_size, Path(init_from) / "config.json")
         model_config = model.config
     else:
         model = T.build_model(model_config, cfg)  # at ZeRO-3 already partitioned
-        fresh = init_from_checkpoint(model, init_from) if init_from else []
+        fresh = init_decoder(model, init_from) if init_from else []
         if init_from and is_rank0():
             print(f"pretrain: decoder weights from {init_from}; {len(fresh)} retrieval tensors fresh")
         if cfg.freeze_decoder:  # retrofitting: only encoder and CCA train

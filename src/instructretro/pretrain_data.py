@@ -56,10 +56,9 @@ def token_char_spans(tok: Tokenizer, text: str) -> tuple[list[int], np.ndarray]:
     Byte-fallback pieces of one character share its span (all but the last are empty in
     SentencePiece's mapping; we give each the character they belong to).
     """
-    mapping = tok.sp.encode_as_offset_mapping(text)
-    spans = np.asarray(mapping["offsets"], dtype=np.int64).reshape(-1, 2)
+    ids, spans = tok.encode_with_offsets(text)
     spans[:, 1] = np.maximum(spans[:, 1], spans[:, 0] + 1)
-    return list(mapping["ids"]), spans
+    return ids, spans
 
 
 def fact_token_flags(tok: Tokenizer, text: str, fact_spans: list, where: str) -> tuple[list[int], np.ndarray]:
@@ -290,7 +289,7 @@ class PretrainInputs:
     neighbors: str = "data/neighbors/neighbors.h5"
     db_tokens: str = "data/tokens/db"
     embeddings: str = "data/db/embeddings.h5"
-    tokenizer: str = "data/tokenizer/spm.model"
+    tokenizer: str = "data/tokenizer"
     corpus: str = ""  # the pretraining corpus, for fact spans ("" = do not measure)
 
 

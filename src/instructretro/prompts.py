@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .tokenizer import EOD_ID, Tokenizer
+from .tokenizer import Tokenizer
 
 def prompt_segments(system: str, turns: Sequence[tuple[str, str]], contexts: Sequence[str] = ()) -> list[tuple[str, bool]]:
     """The conversation as ``[(text, is_answer), ...]`` in the reference format.
@@ -48,7 +48,8 @@ def format_prompt(system: str, question: str, contexts: Sequence[str] = ()) -> s
 
 
 def tokenize_segments(tok, segments: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Token ids ending in EOD, a bool per token (answer or final EOD), and where the final answer starts.
+    """Token ids ending in the tokenizer's EOD, a bool per token (answer or final EOD), and where
+    the final answer starts.
 
     Segments are encoded one by one, so the answer mask is exact at the segment boundaries.
     """
@@ -60,7 +61,7 @@ def tokenize_segments(tok, segments: list[tuple[str, bool]]) -> tuple[np.ndarray
             final_start = len(tokens)
         tokens += ids
         answer += [is_answer] * len(ids)
-    tokens.append(EOD_ID)
+    tokens.append(tok.eod_id)
     answer.append(True)
     return np.asarray(tokens, dtype=np.int64), np.asarray(answer, dtype=bool), final_start
 

@@ -33,7 +33,6 @@ from .generate import MODES, EncoderNeighbors, clean_prediction, prompt_budget
 from .model import KVCache
 from .overlay import MAX_DOCUMENT_CHARS, MAX_ID_CHARS
 from .prompts import STYLES, prompt_segments
-from .tokenizer import PAD_ID
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -209,7 +208,8 @@ class Service:
             return []
         if enc is not None:
             enc.prefetch([prompt])
-        out = self.batcher.generate(self.a.model, [prompt], max_tokens, self.tok.eod_id, neighbors_fn=enc)[0]
+        out = self.batcher.generate(self.a.model, [prompt], max_tokens, self.tok.eod_id, neighbors_fn=enc,
+                                    pad_id=self.tok.pad_id)[0]
         return out
 
     def _cut(self, new: list[int], stops: list[str]) -> tuple[list[int], str, str]:
@@ -236,7 +236,7 @@ class Service:
         L = self.L
         pad = -(len(context) + len(prompt)) % L
         T = pad + len(ids)
-        tokens = torch.full((1, T), PAD_ID, dtype=torch.long)
+        tokens = torch.full((1, T), self.tok.pad_id, dtype=torch.long)
         tokens[0, pad:] = torch.as_tensor(ids, dtype=torch.long)
         pad_mask = torch.zeros(1, T, dtype=torch.bool)
         pad_mask[0, pad:] = True
@@ -245,7 +245,7 @@ class Service:
         nb = nm = None
         if enc is not None and self.cfg.retro and T // L > 0:
             k, R = self.cfg.num_neighbors, self.cfg.neighbor_length
-            nb = torch.full((1, T // L, k, R), PAD_ID, dtype=torch.long)
+            nb = torch.full((1, T // L, k, R), self.tok.pad_id, dtype=torch.long)
             nm = torch.zeros(1, T // L, k, R, dtype=torch.bool)
             for c in range(T // L):
                 got = enc(0, c, tokens[0, c * L:(c + 1) * L].tolist())
@@ -273,6 +273,8 @@ class Service:
         return token_lp, top_lp
 
     def _piece(self, i: int) -> str:
+        if self.tok.sp is None:  # a Hugging Face tokenizer.json: the token's own text
+            return self.tok.decode([i]) or self.tok.id_to_token(i)
         piece = self.tok.sp.id_to_piece(i)
         return self.tok.sp.decode([i]) if piece.startswith("<0x") else piece.replace("\u2581", " ")
 
@@ -560,12 +562,12 @@ def create_app(svc: Service) -> Starlette:
 
     # lm-evaluation-harness's "remote" tokenizer (vLLM's endpoints): lm-eval then tokenizes as we do
     def tokenizer_info(request, body):
-        return JSONResponse({"eos_token": svc.tok.sp.id_to_piece(svc.tok.eod_id), "bos_token": None,
-                             "pad_token": svc.tok.sp.id_to_piece(PAD_ID), "model_max_length": svc.cfg.seq_length})
+        return JSONResponse({"eos_token": svc.tok.id_to_token(svc.tok.eod_id), "bos_token": None,
+                             "pad_token": svc.tok.id_to_token(svc.tok.pad_id), "model_max_length": svc.cfg.seq_length})
 
     def tokenize(request, body):
         text = _field(body, "prompt", str, required=True)
-        eos = svc.tok.sp.id_to_piece(svc.tok.eod_id)
+        eos = svc.tok.id_to_token(svc.tok.eod_id)
         return JSONResponse({"tokens": [svc.tok.eod_id] if text == eos else svc.tok.encode(text)})
 
     def detokenize(request, body):

@@ -41,7 +41,6 @@ from . import data
 from .blend import FORMATS, BlendEntry, blend_stamp, check_stamps, parse_blend  # noqa: F401 (sft.* API)
 from .errors import PipelineError
 from .prompts import prompt_segments, tokenize_segments
-from .tokenizer import PAD_ID
 
 # ----------------------------------------------------------------------------------------------
 # 1. Presets: SFT training defaults per model preset (``presets.SFT``, with the device recipe
@@ -154,13 +153,14 @@ class Sample:
 
 
 def fit_sample(tokens: np.ndarray, answer: np.ndarray, final_start: int, seq_length: int,
-               align: int = 0) -> Sample | None:
+               align: int = 0, pad_id: int | None = None) -> Sample | None:
     """Fit ``tokens`` into ``seq_length`` model inputs; ``None`` if the final answer cannot fit.
 
     The final answer (from ``final_start``, EOD included) is kept whole; the prompt before it is
     cut from the left until the whole sample fits. With ``align`` (the chunk length, encoder
     mode) the prompt is also cut to at most a multiple of ``align`` tokens and left-padded with
-    PAD (as the generate stage pads its prompts) to exactly such a multiple, so that the final
+    ``pad_id`` (the tokenizer's pad, as the generate stage pads its prompts; default the
+    sample's final EOD) to exactly such a multiple, so that the final
     answer starts on a chunk boundary; padding is outside the loss. A sample needs at least one
     prompt token (one whole chunk when aligned).
     """
@@ -177,7 +177,8 @@ def fit_sample(tokens: np.ndarray, answer: np.ndarray, final_start: int, seq_len
     pad = (-len(prompt)) % align if align else 0
     if align and len(prompt) == 0:
         pad = align
-    out_tokens = np.concatenate([np.full(pad, PAD_ID, dtype=np.int64), prompt, tokens[final_start:]])
+    pad_id = int(tokens[-1]) if pad_id is None else pad_id
+    out_tokens = np.concatenate([np.full(pad, pad_id, dtype=np.int64), prompt, tokens[final_start:]])
     out_answer = np.concatenate([np.zeros(pad, dtype=bool), prompt_answer, answer[final_start:]])
     return Sample(out_tokens, out_answer, truncated)
 
@@ -321,7 +322,8 @@ def build_data(blend: list[BlendEntry], tok, *, seq_length: int, chunk_length: i
                     ctx = list(conv["ctxs"][:num_contexts])
                 segs = prompt_segments(conv["system"] or system, conv["turns"], ctx)
                 toks, ans, start = tokenize_segments(tok, segs)
-                s = fit_sample(toks, ans, start, seq_length, align=chunk_length if retrieval == "encoder" else 0)
+                s = fit_sample(toks, ans, start, seq_length, align=chunk_length if retrieval == "encoder" else 0,
+                               pad_id=tok.pad_id)
                 if s is None:
                     dropped += 1
                     continue
@@ -390,8 +392,11 @@ def collate(samples: Sequence[Sample], chunk_length: int, retriever=None, datase
     T = max(len(s.inputs) for s in samples)
     T = -(-T // chunk_length) * chunk_length
     B = len(samples)
-    tokens = np.full((B, T), PAD_ID, dtype=np.int64)
-    labels = np.full((B, T), PAD_ID, dtype=np.int64)
+    # Right padding comes after every real token and outside the loss (causal attention): any
+    # id serves; the samples' own end-of-document (their last token) is one in the vocabulary.
+    eod = int(samples[0].tokens[-1])
+    tokens = np.full((B, T), eod, dtype=np.int64)
+    labels = np.full((B, T), eod, dtype=np.int64)
     mask = np.zeros((B, T), dtype=np.float32)
     for b, s in enumerate(samples):
         n = len(s.inputs)

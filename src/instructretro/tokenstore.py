@@ -5,7 +5,9 @@ For each split ``S`` in (train, valid):
                      that holds the vocab (no separators);
   ``S.offsets.npy``  int64, n_docs + 1 offsets into ``S.bin``;
   ``S.doc_ids.npy``  uint64 stable document ids (hash of the text).
-``meta.json`` records the dtype, the vocab size and the counts. Readers memory-map the tokens.
+``meta.json`` records the dtype, the vocab size, the end-of-document id (``eod_id``: the EOS of
+the tokenizer that wrote the store, which pads short chunks and labels a document's last
+token) and the counts. Readers memory-map the tokens.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class TokenStoreWriter:
     """Append documents to a split; ``close`` writes offsets, ids and meta. Write into a temp dir."""
 
-    def __init__(self, folder: str | os.PathLike, vocab_size: int):
+    def __init__(self, folder: str | os.PathLike, vocab_size: int, eod_id: int):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.dtype = token_dtype(vocab_size)
         self.vocab_size = vocab_size
+        self.eod_id = int(eod_id)
         self.files = {s: open(self.folder / f"{s}.bin", "wb") for s in SPLITS}
         self.offsets = {s: [0] for s in SPLITS}
         self.ids = {s: [] for s in SPLITS}
@@ -47,7 +50,7 @@ class TokenStoreWriter:
         self.ids[split].append(doc_id)
 
     def close(self, extra_meta: dict | None = None) -> dict:
-        meta = {"dtype": self.dtype.name, "vocab_size": self.vocab_size}
+        meta = {"dtype": self.dtype.name, "vocab_size": self.vocab_size, "eod_id": self.eod_id}
         for s in SPLITS:
             self.files[s].close()
             np.save(self.folder / f"{s}.offsets.npy", np.asarray(self.offsets[s], dtype=np.int64))
@@ -72,6 +75,9 @@ class TokenStore:
         self.meta = json.loads(meta_path.read_text())
         self.split = split
         self.vocab_size = int(self.meta["vocab_size"])
+        if "eod_id" not in self.meta:
+            raise PipelineError(f"{meta_path}: no eod_id (a store from an older version); rerun the tokenize stage")
+        self.eod_id = int(self.meta["eod_id"])
         self.offsets = np.load(self.folder / f"{split}.offsets.npy")
         self.doc_ids = np.load(self.folder / f"{split}.doc_ids.npy")
         n_tokens = int(self.offsets[-1])
