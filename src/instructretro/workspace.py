@@ -27,34 +27,12 @@ import sys
 from pathlib import Path
 
 from .errors import PipelineError, cli
+from .io import pid_alive
+from .workdir import try_acquire
 
 LOCK_NAME = "instructretro-run.lock"
 ADVICE = ("two runs in one workspace overwrite each other's params.yaml and outputs: wait for it to end, "
           "or queue experiments (dvc exp run --queue, then dvc queue start) or use a separate clone")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _flock(path: Path) -> int | None:
-    """An fd holding an exclusive flock on ``path`` (created if missing), or None if another
-    process holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
-        raise
-    return fd
 
 
 def dvc_holder(root: str | os.PathLike = ".") -> str | None:
@@ -80,7 +58,7 @@ def dvc_holder(root: str | os.PathLike = ".") -> str | None:
     infos = list((rw.get("write") or {}).values()) + [i for v in (rw.get("read") or {}).values() for i in v]
     for info in infos:
         if isinstance(info, dict) and isinstance(info.get("pid"), int) and info["pid"] != os.getpid() \
-                and _alive(info["pid"]):
+                and pid_alive(info["pid"]):
             return f"pid {info['pid']}: {info.get('cmd', 'dvc')}"
     return None
 
@@ -91,7 +69,7 @@ def hold(root: str | os.PathLike = ".") -> int:
     tmp = Path(root) / ".dvc" / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / LOCK_NAME
-    fd = _flock(path)
+    fd = try_acquire(path)
     if fd is None:
         holder = path.read_text(errors="replace").strip() or "unknown"
         raise PipelineError(f"{Path(root).resolve()}: this workspace is in use by another run "
