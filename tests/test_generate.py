@@ -396,3 +396,16 @@ def test_generate_stage_malformed_qa_line_names_file_and_line(tmp_path, small_to
     proc = run_stage("generate.py", *args)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"error: {tmp_path / 'qa.jsonl'}: no questions in the QA file"
+
+
+def test_the_tokenizer_record_is_the_same_for_the_model_file_and_its_folder(tmp_path, small_tokenizer):
+    """Stages name the tokenizer folder (``data/tokenizer``), code may hold the ``spm.model`` inside
+    it: both must record one hash, or a checkpoint trained through one is refused through the other."""
+    import shutil
+
+    from instructretro.checkpoint import tokenizer_digest
+
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    shutil.copyfile(small_tokenizer, folder / "spm.model")
+    assert tokenizer_digest(folder) == tokenizer_digest(small_tokenizer) == tk.Tokenizer(folder).digest

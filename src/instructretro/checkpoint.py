@@ -12,7 +12,6 @@ decoder into a Retro model. Reading a checkpoint needs only this module and ``mo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -198,20 +197,11 @@ def checkpoint_precision(folder: str | os.PathLike) -> str:
 
 
 def tokenizer_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a tokenizer: a file's bytes (a SentencePiece ``.model``), or a folder's files
-    (each one's path inside the folder and bytes, in path order: ``tokenizer.json`` and its
-    companions, or a folder holding ``spm.model``)."""
-    path = Path(path)
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for f in files:
-        if path.is_dir():
-            h.update(f"{f.relative_to(path).as_posix()}\0".encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-        h.update(b"\0")
-    return h.hexdigest()
+    """The tokenizer's content hash (``Tokenizer.digest``: its own files, by name and bytes), so
+    our ``spm.model`` given as the file or as the folder holding it records the same."""
+    from .tokenizer import Tokenizer
+
+    return Tokenizer(path).digest
 
 
 def tokenizer_record(path: str | os.PathLike) -> dict:
