@@ -42,6 +42,21 @@ class _Job:
         self.error = None
 
 
+def _submit(owner, job: _Job, what: str):
+    """Queue ``job`` on ``owner`` (a :class:`Batcher` or :class:`Coalescer`: ``_jobs``,
+    ``_cond``, ``max_queue``), wake its worker, and wait for the result; a full queue raises
+    :class:`Busy` naming ``what``."""
+    with owner._cond:
+        if len(owner._jobs) >= owner.max_queue:
+            raise Busy(f"the {what} queue is full ({owner.max_queue} requests waiting)")
+        owner._jobs.append(job)
+        owner._cond.notify()
+    job.done.wait()
+    if job.error is not None:
+        raise job.error
+    return job.result
+
+
 class Batcher:
     """A bounded queue of decoding jobs and the worker thread that batches them."""
 
@@ -69,16 +84,7 @@ class Batcher:
         """Queue the prompts, wait for their new tokens (``greedy_generate``'s contract)."""
         if not prompts:
             return []
-        job = _Job(prompts, max_new_tokens, eod_id, neighbors_fn, pad_id)
-        with self._cond:
-            if len(self._jobs) >= self.max_queue:
-                raise Busy(f"the decoding queue is full ({self.max_queue} requests waiting)")
-            self._jobs.append(job)
-            self._cond.notify()
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result
+        return _submit(self, _Job(prompts, max_new_tokens, eod_id, neighbors_fn, pad_id), "decoding")
 
     @staticmethod
     def _kind(job: _Job) -> tuple:
@@ -169,15 +175,7 @@ class Coalescer:
         items = list(items)
         job = _Job([], 0, None, None)
         job.prompts = items
-        with self._cond:
-            if len(self._jobs) >= self.max_queue:
-                raise Busy(f"the retrieval queue is full ({self.max_queue} requests waiting)")
-            self._jobs.append(job)
-            self._cond.notify()
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result
+        return _submit(self, job, "retrieval")
 
     def _run(self) -> None:
         while True:
