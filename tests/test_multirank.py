@@ -430,6 +430,8 @@ texts = [f"question {i}" if i % 5 else "" for i in range(23)]
 r = Retriever()
 ids = sft.search_batched(r, texts, 3, batch=4, rank=rank, world_size=world)
 json.dump({"ids": ids.tolist(), "seen": r.seen}, open(sys.argv[-1] + f".{rank}.{world}", "w"))
+dist.barrier()
+dist.end_ranks(world)  # both ranks leave the group before exit (gloo threads alive at exit can abort)
 """)
     ok(launch(script, tmp_path / "out", ranks=1, cwd=tmp_path), ranks=1)
     ok(launch(script, tmp_path / "out", ranks=2, cwd=tmp_path))
