@@ -8,6 +8,7 @@ the gather helpers work the same in every stage and are no-ops (or the identity)
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -47,6 +48,7 @@ def init_distributed() -> tuple[int, int]:
     local_device()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+        atexit.register(leave_group)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -110,6 +112,7 @@ def start_ranks(timeout: datetime.timedelta = datetime.timedelta(hours=24)) -> t
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+        atexit.register(leave_group)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -131,6 +134,16 @@ def gather_to_rank0(world: int, done: int, seconds: float) -> tuple[int, float] 
         dist.destroy_process_group()
         return None
     return int(counts.item()), float(slowest.item())
+
+
+def leave_group() -> None:
+    """Leave the process group if this process is still in one. Registered at exit by
+    ``init_distributed`` and ``start_ranks``: a process that exits inside the group leaves gloo's
+    worker threads running while the interpreter tears down, and under load that aborts the rank
+    ("terminate called without an active exception", exit -6) after its work is done; NCCL warns
+    about the same. Leaving is local, so a rank that ends first does not wait for the others."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def end_ranks(world: int) -> None:
