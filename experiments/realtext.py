@@ -186,20 +186,20 @@ def build_world(args) -> None:
 def build_stages(out: Path, params: str) -> None:
     """tokenizer .. query-neighbors of the pipeline, outputs under ``out``."""
     d = lambda *p: str(out.joinpath(*p))  # noqa: E731
-    stage("tokenizer.py", "--params", params, "--out", d("tokenizer", "spm.model"))
+    stage("tokenizer.py", "--params", params, "--out", d("tokenizer"))
     for which in ("db", "pretrain"):
-        stage("tokenize_corpus.py", which, "--params", params, "--tokenizer", d("tokenizer", "spm.model"),
+        stage("tokenize_corpus.py", which, "--params", params, "--tokenizer", d("tokenizer"),
               "--out", d("tokens", which), "--metrics", d("metrics", f"tokenize_{which}.json"))
-    stage("embed.py", "--params", params, "--db", d("tokens", "db"), "--tokenizer", d("tokenizer", "spm.model"),
+    stage("embed.py", "--params", params, "--db", d("tokens", "db"), "--tokenizer", d("tokenizer"),
           "--out", d("db", "embeddings.h5"), "--work", d("work", "embed"), "--metrics", d("metrics", "embed.json"))
     stage("train_index.py", "--params", params, "--embeddings", d("db", "embeddings.h5"),
           "--out", d("index", "trained.faiss"), "--metrics", d("metrics", "train_index.json"))
     stage("add_index.py", "--params", params, "--embeddings", d("db", "embeddings.h5"),
-          "--trained", d("index", "trained.faiss"), "--out", d("index", "populated.faiss"),
+          "--trained", d("index", "trained.faiss"), "--out", d("index", "populated"),
           "--metrics", d("metrics", "add_index.json"))
     stage("query_neighbors.py", "--params", params, "--pretrain", d("tokens", "pretrain"),
-          "--tokenizer", d("tokenizer", "spm.model"), "--embeddings", d("db", "embeddings.h5"),
-          "--index", d("index", "populated.faiss"), "--out", d("neighbors", "neighbors.h5"),
+          "--tokenizer", d("tokenizer"), "--embeddings", d("db", "embeddings.h5"),
+          "--index", d("index", "populated"), "--out", d("neighbors", "neighbors.h5"),
           "--work", d("work", "query"), "--metrics", d("metrics", "query_neighbors.json"),
           "--recall-nprobe", d("metrics", "recall_nprobe.csv"))
 
@@ -273,7 +273,7 @@ def run_arm(root: Path, arm: str, seed: int, steps: int, lr: float, clip: float,
     cfg.eval_interval, cfg.save_interval = eval_interval, 10**9
     inputs = PretrainInputs(str(root / "tokens" / "pretrain"), str(root / "neighbors" / "neighbors.h5"),
                             str(root / "tokens" / "db"), str(root / "db" / "embeddings.h5"),
-                            str(root / "tokenizer" / "spm.model"), "")
+                            str(root / "tokenizer"), "")
     tag = f"{arm}-s{seed}-n{steps}-lr{lr:g}-c{clip:g}"
     live_dir = root / "runs" / tag
     probes: list[ResidualProbe] = []
