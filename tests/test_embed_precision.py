@@ -51,7 +51,7 @@ def test_query_neighbors_records_the_precision(tmp_path):
               "--metrics", tmp_path / "m3.json"),
              ("query_neighbors.py", "--pretrain", tmp_path / "pretrain", "--tokenizer", tok, "--embeddings", emb,
               "--index", populated, "--out", tmp_path / "nb.h5", "--work", tmp_path / "w2",
-              "--metrics", tmp_path / "m4.json")]
+              "--metrics", tmp_path / "m4.json", "--recall-nprobe", tmp_path / "recall_nprobe.csv")]
     for script, *args in steps:
         r = run_stage(script, *common, *args)
         assert r.returncode == 0, r.stderr[-2000:]
