@@ -20,7 +20,7 @@ import torch
 
 from .dist import barrier, is_rank0
 from .errors import PipelineError
-from .io import atomic_path, write_json
+from .io import atomic_path, read_json_object, write_json
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -63,11 +63,7 @@ def read_config(folder: str | os.PathLike):
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise PipelineError(f"{folder}: not an exported checkpoint (no config.json)")
-    try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise PipelineError(f"{path}: malformed JSON ({getattr(exc, 'msg', None) or type(exc).__name__})") from None
-    return ModelConfig.from_dict(raw, str(path))
+    return ModelConfig.from_dict(read_json_object(path), str(path))
 
 
 def _unreadable(path, exc) -> PipelineError:

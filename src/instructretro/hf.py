@@ -33,6 +33,7 @@ import torch
 
 from .checkpoint import check_fits, read_config, read_state_dict, read_tensor, safetensors_handle
 from .errors import PipelineError
+from .io import read_json_object
 from .model import ModelConfig, Retro, load_decoder_weights
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "stablelm")
@@ -62,18 +63,6 @@ def is_hf_folder(path) -> bool:
     except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError):
         return False
     return isinstance(raw, dict) and "model_type" in raw
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise PipelineError(f"{path}: not found")
-    try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise PipelineError(f"{path}: malformed JSON ({getattr(exc, 'msg', None) or type(exc).__name__})") from None
-    if not isinstance(raw, dict):
-        raise PipelineError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
 
 
 def _get(raw: dict, key: str, path: Path, default=None, kind=int):
@@ -182,7 +171,7 @@ def read_hf_config(folder, **retro) -> ModelConfig:
     ``chunk_length=64``, ``seq_length`` the largest multiple of it up to min(max positions, 2048),
     ``cca_gate=True``). A model without an ``lm_head`` weight has tied embeddings."""
     path = Path(folder) / "config.json"
-    raw = _read_json(path)
+    raw = read_json_object(path)
     unknown = sorted(set(retro) - set(RETRO_KEYS))
     if unknown:
         raise PipelineError(f"{path}: {unknown} come from this config.json, not from the preset")
@@ -214,7 +203,7 @@ def _safetensors_files(folder: Path) -> tuple[dict[str, Path] | None, Path]:
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise PipelineError(f"{index}: no 'weight_map' object of tensor name -> shard file")
         for shard in sorted(set(weight_map.values())):
@@ -331,7 +320,7 @@ def read_hf_state_dict(folder, config: ModelConfig) -> dict[str, torch.Tensor]:
     """The decoder weights of the HF model in ``folder`` under our parameter names (dtype as
     stored). ``config`` is ``read_hf_config``'s. Every error names the file."""
     folder = Path(folder)
-    model_type = _read_json(folder / "config.json").get("model_type")
+    model_type = read_json_object(folder / "config.json").get("model_type")
     weights = _Weights(folder)
     prefix = _hf_prefix(weights, model_type)
     embed_name = f"{prefix}wte.weight" if model_type == "gpt2" else f"{prefix}embed_tokens.weight"
@@ -507,7 +496,7 @@ def _copy_hf_tokenizer(folder: Path, out: Path) -> dict:
         raise PipelineError(f"{folder}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
     for name in copied:
         shutil.copyfile(folder / name, out / name)
-    raw = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    raw = read_json_object(folder / "config.json") if (folder / "config.json").is_file() else {}
     return {key: raw.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in raw}
 
 
@@ -565,7 +554,7 @@ def check(folder, new_tokens: int = 32, seed: int = 0, rel_tol: float = 1e-4) ->
     hf_logging.disable_progress_bar()
 
     folder = Path(folder)
-    raw = _read_json(folder / "config.json")
+    raw = read_json_object(folder / "config.json")
     max_positions = _max_positions(raw)
     chunk = 16 if max_positions >= 32 else 1  # the prompt is one chunk: no left padding
     ours = load_hf_model(folder, retro=False, chunk_length=chunk).eval()

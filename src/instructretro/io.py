@@ -13,7 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .errors import writing
+from .errors import PipelineError, writing
 
 _TMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # what atomic_path writes: .<name>.tmp-<pid>
 
@@ -85,6 +85,21 @@ def write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as sorted, indented JSON, atomically (deterministic bytes)."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object in ``path``; a missing file, malformed JSON or another JSON value is one
+    line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found")
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise PipelineError(f"{path}: malformed JSON ({getattr(exc, 'msg', None) or type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def write_jsonl(path: str | os.PathLike, records) -> int:
