@@ -341,6 +341,7 @@ def fidelity_plan(args, world: dict | None = None) -> dict:
     recipe (``args.steps`` steps)."""
     steps, micro = args.steps, args.micro_batch
     pretrain = {"pretrain.steps": steps, "pretrain.warmup": max(1, steps // 20),
+                "pretrain.retrieval_warmup": steps // 4,  # the default run's share
                 "pretrain.micro_batch": micro, "pretrain.grad_accum": 1, "pretrain.lr": args.lr,
                 "pretrain.min_lr": args.lr / 10, "pretrain.eval_interval": steps,
                 "pretrain.eval_batches": args.eval_batches, "pretrain.save_interval": steps,
@@ -494,7 +495,8 @@ def one_run(repo: Path, work: Path, variant: str, seed: int, args, base: dict, v
         over.update({"pretrain.init_from": f"runs/ckpt/pre_gpt_s{seed}", "pretrain.freeze_decoder": True,
                      "pretrain.steps": args.retrofit_steps, "pretrain.save_interval": args.retrofit_steps,
                      "pretrain.eval_interval": args.retrofit_steps,
-                     "pretrain.warmup": max(1, args.retrofit_steps // 20)})
+                     "pretrain.warmup": max(1, args.retrofit_steps // 20),
+                     "pretrain.retrieval_warmup": args.retrofit_steps // 4})
         if not (repo / over["pretrain.init_from"]).is_dir():
             return "skipped", "no GPT checkpoint of this seed"
 

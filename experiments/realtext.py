@@ -10,9 +10,12 @@ reference). ``run`` trains arms of the pretrain stage (``run_pretrain``, the sta
 on those inputs, one process, and appends each arm's metrics and validation curve to
 ``<out>/runs.jsonl``; ``table`` prints them as markdown, mean over seeds per arm.
 
-Arms: ``gpt``; ``retro`` (the pipeline's model); ``retro-gate`` (``model.cca_gate``: each CCA
-output scaled by tanh of a scalar that starts at 0); ``retro-gate-0.1`` (the same, the scalar
-starting at 0.1, patched in for the run only); ``retro-detach`` (``model.encoder_embedding_grad``
+Arms: ``gpt``; ``retro`` (the pipeline's model with ``pretrain.retrieval_warmup`` 0: encoder and
+CCA at the schedule's learning rate from the first step); ``retro-rwarmN`` (``retrieval_warmup``
+N: their learning rate ramps in over the first N steps; the default run's is 100);
+``retro-gate`` (``model.cca_gate``: each CCA output scaled by tanh of a scalar that starts at 0);
+``retro-gate-0.1`` (the same, the scalar starting at 0.1, patched in for the run only);
+``retro-gate-lrN`` (the gates at N times the learning rate, patched in for the run only); ``retro-detach`` (``model.encoder_embedding_grad``
 false: the encoder reads the decoder's token embedding without training it);
 ``retro-detach-all`` (that, and the decoder states the encoder reads as context detached too:
 the encoder's gradient trains only the encoder; patched in for the run only);
@@ -206,7 +209,8 @@ def build_stages(out: Path, params: str) -> None:
 
 # ----------------------------------------------------------------------------- training arms
 
-ARMS = ("gpt", "retro", "retro-gate", "retro-gate-0.1", "retro-detach", "retro-detach-all", "retro-zero-cca")
+ARMS = ("gpt", "retro", "retro-gate", "retro-gate-0.1", "retro-gate-lr10", "retro-gate-lr100", "retro-rwarm50",
+        "retro-rwarm100", "retro-rwarm200", "retro-detach", "retro-detach-all", "retro-zero-cca")
 
 
 class ResidualProbe:
@@ -259,9 +263,10 @@ def run_arm(root: Path, arm: str, seed: int, steps: int, lr: float, clip: float,
     from pretrain import model_config_from_params  # the stage script's own translation
 
     p = P.load(str(root / "params.yaml"))
+    p.data["pretrain"].setdefault("retrieval_warmup", 0)  # scratch params written before the key existed
     vocab = TokenStore(str(root / "tokens" / "pretrain"), "train").vocab_size
     config = model_config_from_params(p, vocab, gpt=arm == "gpt")
-    if arm in ("retro-gate", "retro-gate-0.1"):
+    if arm.startswith("retro-gate"):
         config.cca_gate = True
     if arm in ("retro-detach", "retro-detach-all"):  # the encoder reads the token embedding, does not train it
         config.encoder_embedding_grad = False
@@ -271,6 +276,8 @@ def run_arm(root: Path, arm: str, seed: int, steps: int, lr: float, clip: float,
     cfg = T.TrainConfig.from_params(p, "pretrain", {k: v for k, v in defaults.items() if v is not None})
     cfg.steps, cfg.seed, cfg.lr, cfg.min_lr, cfg.clip = steps, seed, lr, lr / 10, clip
     cfg.eval_interval, cfg.save_interval = eval_interval, 10**9
+    # retro-rwarmN: encoder and CCA ramp in over N steps (pretrain.retrieval_warmup); every other arm: no ramp
+    cfg.retrieval_warmup = int(arm.rsplit("rwarm", 1)[1]) if "rwarm" in arm else 0
     inputs = PretrainInputs(str(root / "tokens" / "pretrain"), str(root / "neighbors" / "neighbors.h5"),
                             str(root / "tokens" / "db"), str(root / "db" / "embeddings.h5"),
                             str(root / "tokenizer"), "")
@@ -304,7 +311,20 @@ def run_arm(root: Path, arm: str, seed: int, steps: int, lr: float, clip: float,
             probes[0].end_step(c.steps)
         return out
 
+    saved_groups = T.param_groups
+
+    def param_groups(model, weight_decay, retrieval_apart=False):  # retro-gate-lrN: the gates learn N times faster
+        groups = saved_groups(model, weight_decay, retrieval_apart)
+        gates = {id(p) for name, p in model.named_parameters() if name.endswith(".cca_gate")}
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in gates]
+        scale = float(arm.rsplit("-lr", 1)[1])
+        return groups + [{"params": [p for name, p in model.named_parameters() if name.endswith(".cca_gate")],
+                          "weight_decay": 0.0, "lr": lr * scale}]
+
     T.build_engine, T.train = build_engine, train
+    if "-lr" in arm:
+        T.param_groups = param_groups
     saved_encode = M.Retro._encode
     if arm == "retro-detach-all":  # nor the decoder states it reads as context
         M.Retro._encode = lambda self, h, step: saved_encode(self, h.detach(), step)
@@ -313,7 +333,7 @@ def run_arm(root: Path, arm: str, seed: int, steps: int, lr: float, clip: float,
         torch.manual_seed(seed)
         metrics = run_pretrain(inputs, config, cfg, None, root / "work" / "pretrain", str(live_dir))
     finally:
-        T.build_engine, T.train = saved_build, saved_train
+        T.build_engine, T.train, T.param_groups = saved_build, saved_train, saved_groups
         M.Retro._encode = saved_encode
     curves = {}
     for sub, name in (("val", "loss"), ("train", "loss"), ("train", "grad_norm"), ("train", "grad_norm_decoder"),

@@ -121,6 +121,45 @@ def test_norms_get_no_weight_decay():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+def test_retrieval_warmup_ramps_the_encoder_and_cca_on_top_of_the_schedule():
+    c = cfg(steps=103, warmup=2, lr=1.0, min_lr=0.1, retrieval_warmup=10)
+    base, ramped = T.lr_multiplier(c), T.lr_multiplier(c, retrieval=True)
+    assert T.lr_multiplier(c, retrieval=False)(0) == base(0) == pytest.approx(0.5)
+    for step in range(103):
+        assert ramped(step) == pytest.approx(base(step) * min(1.0, (step + 1) / 10))
+    assert T.lr_multiplier(cfg(retrieval_warmup=0), retrieval=True)(0) == T.lr_multiplier(cfg())(0)
+    with pytest.raises(PipelineError, match=r"param 'pretrain\.retrieval_warmup' must be >= 0, got -1"):
+        cfg(retrieval_warmup=-1).validate("param 'pretrain.")
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_retrieval_warmup_gives_the_encoder_and_cca_their_own_learning_rate(freeze):
+    """The optimizer's groups: the decoder's at the schedule's lr, Retro's encoder and CCA (and
+    only they) ramped; with the decoder frozen, only the retrieval groups."""
+    c = cfg(steps=20, warmup=2, retrieval_warmup=8, freeze_decoder=freeze)
+    model = Retro(tiny_config(True))
+    engine = T.build_engine(model, c)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = engine.optimizer.param_groups
+    kinds = [{Retro.is_retro_parameter(names[id(p)]) for p in g["params"]} for g in groups]
+    assert all(len(k) == 1 for k in kinds)  # no group mixes decoder and retrieval parameters
+    retrieval = [k == {True} for k in kinds]
+    assert retrieval == ([True, True] if freeze else [False, False, True, True])
+    lrs = engine.get_lr()
+    for lr, is_retrieval in zip(lrs, retrieval):
+        assert lr == pytest.approx(c.lr * T.lr_multiplier(c, retrieval=is_retrieval)(0))
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    if not freeze:
+        assert lrs[0] == pytest.approx(8 * lrs[2])  # step 0: the ramp's first eighth
+
+
+def test_retrieval_warmup_leaves_a_gpt_and_the_default_groups_alone():
+    gpt = T.build_engine(Retro(tiny_config(False)), cfg(retrieval_warmup=8))
+    assert len(gpt.optimizer.param_groups) == 2
+    retro = T.build_engine(Retro(tiny_config(True)), cfg())
+    assert len(retro.optimizer.param_groups) == 2 and len(set(retro.get_lr())) == 1
+
+
 @pytest.mark.parametrize("retro,precision,zero", [(True, "fp32", 0), (False, "bf16", 2)])
 def test_training_lowers_the_loss(retro, precision, zero, tmp_path):
     torch.manual_seed(0)

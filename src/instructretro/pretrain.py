@@ -225,6 +225,7 @@ def preset_training(preset: dict, world_size: int, micro_batch: int | None = Non
         "grad_accum": global_batch // per_step if global_batch % per_step == 0 else None,
         "min_lr": preset["min_lr"],
         "warmup": int(round(preset.get("warmup_fraction", 0.0) * fields["steps"])),
+        "retrieval_warmup": int(round(preset.get("retrieval_warmup_fraction", 0.0) * fields["steps"])),
     }
 
 

@@ -49,7 +49,7 @@ from .prompts import prompt_segments, tokenize_segments
 # The sft.* training keys; ``null`` in params means "the preset's value".
 TRAIN_KEYS = ("seq_length", "steps", "global_batch", "micro_batch", "lr", "lr_schedule", "warmup",
               "beta1", "beta2", "weight_decay", "clip", "zero_stage", "precision",
-              "activation_checkpointing", "offload_optimizer", "offload_params")
+              "activation_checkpointing", "offload_optimizer", "offload_params", "retrieval_warmup")
 RETRIEVAL_MODES = ("prompt", "encoder", "none")
 
 
@@ -72,6 +72,7 @@ def sft_settings(preset: str, overrides: dict | None = None, gpu: bool | None = 
         gpu = torch.cuda.is_available()
     table = presets.sft(preset)
     out = {"seq_length": table["seq_length"], "warmup": table["warmup"], "global_batch": table["global_batch"],
+           "retrieval_warmup": table.get("retrieval_warmup", 0),
            "lr_schedule": table["lr_schedule"],
            **presets.train_fields(table, presets.device_recipe(preset, gpu=gpu))}
     for key, value in (overrides or {}).items():
@@ -460,6 +461,7 @@ def train_config(settings: dict, world_size: int, *, seed: int, eval_interval: i
                       activation_checkpointing=bool(settings.get("activation_checkpointing", False)),
                       offload_optimizer=settings.get("offload_optimizer", "none"),
                       offload_params=settings.get("offload_params", "none"),
+                      retrieval_warmup=settings.get("retrieval_warmup", 0),
                       seed=seed, eval_interval=min(eval_interval, settings["steps"]), eval_batches=1,
                       save_interval=save_interval)
     cfg.validate("params.yaml: param 'sft.")

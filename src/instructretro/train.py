@@ -71,6 +71,7 @@ class TrainConfig:
     offload_params: str = "none"  # none | cpu | nvme: where ZeRO-3 keeps the parameters
     offload_nvme_path: str = "data/work/nvme"  # folder for the nvme offload (a fast local disk)
     freeze_decoder: bool = False  # retrofit: train only encoder and CCA (Retro), decoder frozen
+    retrieval_warmup: int = 0  # Retro: encoder and CCA reach the schedule's lr after this many steps (0: at once)
 
     @classmethod
     def from_params(cls, p, section: str, defaults: dict | None = None) -> "TrainConfig":
@@ -113,8 +114,9 @@ class TrainConfig:
                 raise PipelineError(f"{where}{key}' must be > 0, got {getattr(self, key)}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise PipelineError(f"{where}lr' must be > 0 and min_lr in [0, lr], got lr={self.lr} min_lr={self.min_lr}")
-        if self.warmup < 0:
-            raise PipelineError(f"{where}warmup' must be >= 0, got {self.warmup}")
+        for key in ("warmup", "retrieval_warmup"):
+            if getattr(self, key) < 0:
+                raise PipelineError(f"{where}{key}' must be >= 0, got {getattr(self, key)}")
         if self.warmup > self.steps:
             if os.environ.get("RANK", "0") == "0":
                 print(f"note: {where}warmup' is {self.warmup}, more than the {self.steps} steps: "
@@ -131,20 +133,25 @@ class TrainConfig:
             raise PipelineError(f"{where}precision' must be one of {PRECISIONS}, got {self.precision!r}")
 
 
-def lr_multiplier(cfg: TrainConfig) -> Callable[[int], float]:
+def lr_multiplier(cfg: TrainConfig, retrieval: bool = False) -> Callable[[int], float]:
     """Learning rate / peak lr after ``step`` optimizer steps: linear warmup, then cosine to min_lr.
 
     Step 0 (the first update) uses lr/warmup, step ``warmup - 1`` the peak, and the last step
-    (``steps - 1``) ends at ``min_lr``, as in Megatron's warmup + cosine schedule.
+    (``steps - 1``) ends at ``min_lr``, as in Megatron's warmup + cosine schedule. With
+    ``retrieval`` (Retro's encoder and CCA parameters) the schedule is also multiplied by a linear
+    ramp over ``retrieval_warmup`` steps: ``(step + 1) / retrieval_warmup`` until it reaches 1.
     """
     floor = cfg.min_lr / cfg.lr
+    ramp = cfg.retrieval_warmup if retrieval else 0
 
     def multiplier(step: int) -> float:
         if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        decay_steps = max(1, cfg.steps - 1 - cfg.warmup)
-        progress = min(1.0, (step - cfg.warmup) / decay_steps) if cfg.steps - 1 > cfg.warmup else 1.0
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+            value = (step + 1) / cfg.warmup
+        else:
+            decay_steps = max(1, cfg.steps - 1 - cfg.warmup)
+            progress = min(1.0, (step - cfg.warmup) / decay_steps) if cfg.steps - 1 > cfg.warmup else 1.0
+            value = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return value * min(1.0, (step + 1) / ramp) if step + 1 < ramp else value
 
     return multiplier
 
@@ -199,16 +206,33 @@ def enable_tf32(device: str) -> bool:
     return True
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, retrieval_apart: bool = False) -> list[dict]:
     """Weight decay on matrices (linear and embedding weights) only, not on norms or biases.
-    Frozen parameters (``requires_grad`` False) are left out of the optimizer."""
-    from .model import full_shape
+    Frozen parameters (``requires_grad`` False) are left out of the optimizer.
 
-    decay, no_decay = [], []
-    for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+    ``retrieval_apart``: Retro's encoder and CCA parameters (``Retro.is_retro_parameter``) in
+    groups of their own after the decoder's (their own learning-rate schedule:
+    ``retrieval_warmup``); empty groups are then left out. :func:`retrieval_group_flags` says
+    which groups they are."""
+    from .model import Retro, full_shape
+
+    groups = {(r, d): [] for r in (False, True) for d in (True, False)}
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if p.requires_grad:
-            (decay if len(full_shape(p)) >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            retrieval = retrieval_apart and Retro.is_retro_parameter(name)
+            groups[(retrieval, len(full_shape(p)) >= 2)].append(p)
+    out = [{"params": params, "weight_decay": weight_decay if decay else 0.0}
+           for (retrieval, decay), params in groups.items() if not retrieval or params]
+    return out if not retrieval_apart else [g for g in out if g["params"]]
+
+
+def retrieval_group_flags(model: torch.nn.Module, groups: list[dict]) -> list[bool]:
+    """For each of ``groups`` (from :func:`param_groups`), whether it holds Retro's encoder and
+    CCA parameters."""
+    from .model import Retro
+
+    retrieval = {id(p) for name, p in model.named_parameters() if Retro.is_retro_parameter(name)}
+    return [bool(g["params"]) and id(g["params"][0]) in retrieval for g in groups]
 
 
 def freeze_decoder(model: torch.nn.Module) -> int:
@@ -335,10 +359,14 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig):
         model.set_checkpointing(cfg.activation_checkpointing)
     if cfg.freeze_decoder:
         freeze_decoder(model)
-    multiplier = lr_multiplier(cfg)
+    # Retro's encoder and CCA get a schedule of their own when retrieval_warmup ramps them
+    apart = cfg.retrieval_warmup > 0 and getattr(getattr(model, "config", None), "retro", False)
+    groups = param_groups(model, cfg.weight_decay, retrieval_apart=apart)
+    multiplier = ([lr_multiplier(cfg, retrieval=r) for r in retrieval_group_flags(model, groups)] if apart
+                  else lr_multiplier(cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, cfg.weight_decay),
+        model_parameters=groups,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, multiplier),
         config=config,
     )
