@@ -215,14 +215,18 @@ ARMS = ("gpt", "retro", "retro-gate", "retro-gate-0.1", "retro-gate-lr10", "retr
 
 class ResidualProbe:
     """Per training step, for each CCA layer: the norm of what CCA adds to the residual stream
-    against the norm of the residual stream it is added to (Frobenius norms over the positions
-    from the end of the first chunk on, where CCA can be non-zero)."""
+    against the norm of the residual stream it is added to (``ratioN``, layer N); for every
+    layer the same for its self-attention against the layer's input (``attn_ratioN``), GPT
+    included. Frobenius norms over the positions from the end of the first chunk on, where CCA
+    can be non-zero."""
 
     def __init__(self, model, chunk_length: int):
         self.rows: list[dict] = []
         self.current: dict = {}
         self.start = chunk_length - 1
         for i, layer in enumerate(model.layers):
+            layer.norm1.register_forward_pre_hook(self._hook(f"in{i + 1}", pre=True))
+            layer.attn.register_forward_hook(self._hook(f"attn{i + 1}"))
             if layer.cca is None:
                 continue
             layer.cca_norm.register_forward_pre_hook(self._hook(f"x{i + 1}", pre=True))
@@ -245,6 +249,9 @@ class ResidualProbe:
                 if name.startswith("cca"):
                     i = name[3:]
                     row[f"ratio{i}"] = (self.current[name] / max(self.current[f"x{i}"], 1e-30)) ** 0.5
+                elif name.startswith("attn"):
+                    i = name[4:]
+                    row[f"attn_ratio{i}"] = (self.current[name] / max(self.current[f"in{i}"], 1e-30)) ** 0.5
             self.rows.append(row)
         self.current = {}
 
@@ -295,8 +302,7 @@ def run_arm(root: Path, arm: str, seed: int, steps: int, lr: float, clip: float,
             for layer in model.layers:
                 if layer.cca is not None:
                     layer.cca.proj.weight.data.zero_()
-        if config.retro:
-            probes.append(ResidualProbe(model, config.chunk_length))
+        probes.append(ResidualProbe(model, config.chunk_length))
         return saved_build(model, c)
 
     def train(engine, c, batch_fn, loss_fn, *args, **kwargs):
