@@ -153,6 +153,19 @@ def test_retrieval_warmup_gives_the_encoder_and_cca_their_own_learning_rate(free
         assert lrs[0] == pytest.approx(8 * lrs[2])  # step 0: the ramp's first eighth
 
 
+@pytest.mark.parametrize("zero,precision", [(2, "bf16"), (3, "fp32")])
+def test_retrieval_warmup_schedules_the_groups_under_zero(zero, precision):
+    """ZeRO keeps the four groups (it partitions each one), and the scheduler moves the
+    retrieval groups along their ramp."""
+    c = cfg(steps=3, warmup=1, retrieval_warmup=8, zero_stage=zero, precision=precision)
+    torch.manual_seed(0)
+    engine = T.build_engine(Retro(tiny_config(True)), c)
+    expected = lambda step: [c.lr * T.lr_multiplier(c, retrieval=r)(step) for r in (False, False, True, True)]  # noqa: E731
+    assert engine.get_lr() == pytest.approx(expected(0))
+    out = T.train(engine, c, batch_fn, T.lm_loss, None, None, progress=False)
+    assert math.isfinite(out["train/loss"]) and engine.get_lr() == pytest.approx(expected(c.steps))
+
+
 def test_retrieval_warmup_leaves_a_gpt_and_the_default_groups_alone():
     gpt = T.build_engine(Retro(tiny_config(False)), cfg(retrieval_warmup=8))
     assert len(gpt.optimizer.param_groups) == 2
