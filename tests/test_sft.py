@@ -302,6 +302,10 @@ def test_presets_and_overrides():
     assert sft.sft_settings("tiny")["warmup"] == 20
     assert sft.sft_settings("tiny", {"steps": 4, "warmup": None})["warmup"] == 4
     assert sft.sft_settings("tiny", {"steps": 4, "warmup": 30})["warmup"] == 30
+    # the retrieval warmup: off in every SFT preset, sft.retrieval_warmup reaches the TrainConfig
+    assert sft.sft_settings("tiny")["retrieval_warmup"] == 0
+    ramped = sft.sft_settings("tiny", {"retrieval_warmup": 7})
+    assert sft.train_config(ramped, 1, seed=3, eval_interval=100, save_interval=10**9).retrieval_warmup == 7
     with pytest.raises(PipelineError, match="model.name"):
         sft.sft_settings("7b")
     with pytest.raises(PipelineError, match="sft.lrate"):
