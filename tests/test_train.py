@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -377,3 +378,51 @@ def test_live_log_without_dvclive_writes_dvclive_files(tmp_path, monkeypatch):
     assert summary == {"step": 3, "train": {"loss": 1.0}, "val": {"loss": 1.5}}
     T._truncate_live_log(tmp_path / "live", 2)
     assert [line.split("\t")[1] for line in tsv.read_text().splitlines()[1:]] == ["1", "2"]
+
+
+def test_the_curves_come_back_from_the_checkpoint_that_latest_names(tmp_path):
+    """The DVCLive copy lives in the step folder and is written before DeepSpeed writes
+    ``latest``: a run killed the moment ``latest`` names step 8 resumes with the curves up to
+    step 8, and a copy in a step folder that ``latest`` does not name yet is not used."""
+    live, work = tmp_path / "live", tmp_path / "work"
+
+    class Killed(Exception):
+        pass
+
+    class Engine:  # writes its files, then ``latest``, as DeepSpeed does; ``kill`` ends the run there
+        def __init__(self, kill=False):
+            self.kill = kill
+
+        def save_checkpoint(self, save_dir, tag, client_state):
+            (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+            (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+            (Path(save_dir) / "latest").write_text(tag)
+            if self.kill:
+                raise Killed
+
+    def log(upto):
+        tsv = live / "plots" / "metrics" / "train" / "loss.tsv"
+        tsv.parent.mkdir(parents=True, exist_ok=True)
+        tsv.write_text("\n".join(["step\tloss", *(f"{s}\t{1.0 / s}" for s in range(1, upto + 1))]) + "\n")
+
+    def restored():
+        assert T.restore_live(live, work)
+        T._truncate_live_log(live, T.latest_step(work))
+        rows = (live / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+        return [int(r.split("\t")[0]) for r in rows[1:]]
+
+    log(4)
+    T.save_checkpoint(Engine(), work, 4, live_dir=live)
+    assert (work / "step00000004" / "live").is_dir() and not (work / "live").exists()
+    log(8)
+    with pytest.raises(Killed):
+        T.save_checkpoint(Engine(kill=True), work, 8, live_dir=live)
+    log(10)
+    assert restored() == list(range(1, 9))
+    # killed inside step 12's save: its folder holds a copy, ``latest`` still names step 8
+    (work / "step00000012").mkdir()
+    log(12)
+    T.snapshot_live(live, work / "step00000012")
+    (live / "plots" / "metrics" / "train" / "loss.tsv").unlink()
+    assert restored() == list(range(1, 9))
+    assert not T.restore_live(live, tmp_path / "nothing_saved")

@@ -605,9 +605,7 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
                     live.log_metric(key, value)
         # The last step needs no resume checkpoint: the caller exports the weights next.
         if work_dir is not None and done < cfg.steps and (done % cfg.save_interval == 0 or done == end):
-            save_checkpoint(engine, work_dir, done)
-            if live is not None:
-                snapshot_live(live.dir, work_dir)
+            save_checkpoint(engine, work_dir, done, live_dir=live.dir if live is not None else None)
         bar.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
         bar.update(1)
     bar.close()
@@ -621,11 +619,18 @@ def train(engine, cfg: TrainConfig, batch_fn: Callable[[int, int], Batch], loss_
 # 4. Resume checkpoints
 
 
-def save_checkpoint(engine, work_dir: str | os.PathLike, step: int) -> None:
-    """Save a DeepSpeed resume checkpoint tagged ``step{N}`` and drop the older ones (rank 0)."""
+def save_checkpoint(engine, work_dir: str | os.PathLike, step: int, live_dir: str | os.PathLike | None = None) -> None:
+    """Save a DeepSpeed resume checkpoint tagged ``step{N}`` and drop the older ones (rank 0).
+
+    The DVCLive folder ``live_dir`` (rank 0's) is copied into the step folder first: DeepSpeed
+    writes ``latest`` last, so a checkpoint that ``latest`` names always holds the curves up to
+    its own step, wherever a kill lands.
+    """
     work_dir = Path(work_dir)
     tag = f"step{step:08d}"
     with writing(work_dir / tag):  # a full disk: one line naming the folder; older checkpoints stay
+        if live_dir is not None:
+            snapshot_live(live_dir, work_dir / tag)
         engine.save_checkpoint(str(work_dir), tag=tag, client_state={"step": step})
     barrier()
     if is_rank0():
@@ -635,14 +640,14 @@ def save_checkpoint(engine, work_dir: str | os.PathLike, step: int) -> None:
     barrier()
 
 
-def snapshot_live(live_dir: str | os.PathLike, work_dir: str | os.PathLike) -> None:
-    """Copy the DVCLive folder next to the resume checkpoint (``work_dir/live``).
+def snapshot_live(live_dir: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Copy the DVCLive folder into a resume checkpoint's step folder (``folder/live``).
 
     DVC deletes a stage's outputs before it reruns the stage, so a run that resumes after a
     kill would otherwise lose the curves logged before the checkpoint;
     :func:`restore_live` puts them back.
     """
-    src, dst = Path(live_dir), Path(work_dir) / "live"
+    src, dst = Path(live_dir), Path(folder) / "live"
     tmp = dst.with_name("live.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if src.is_dir():
@@ -652,8 +657,12 @@ def snapshot_live(live_dir: str | os.PathLike, work_dir: str | os.PathLike) -> N
 
 
 def restore_live(live_dir: str | os.PathLike, work_dir: str | os.PathLike) -> bool:
-    """Replace ``live_dir`` by the copy saved with the resume checkpoint; False if none."""
-    src, dst = Path(work_dir) / "live", Path(live_dir)
+    """Replace ``live_dir`` by the copy saved in the resume checkpoint that ``latest`` names;
+    False if there is none."""
+    step = latest_step(work_dir)
+    if step is None:
+        return False
+    src, dst = Path(work_dir) / f"step{step:08d}" / "live", Path(live_dir)
     if not src.is_dir():
         return False
     shutil.rmtree(dst, ignore_errors=True)
