@@ -326,7 +326,7 @@ def run_arm(root: Path, arm: str, seed: int, steps: int, lr: float, clip: float,
             g["params"] = [p for p in g["params"] if id(p) not in gates]
         scale = float(arm.rsplit("-lr", 1)[1])
         return groups + [{"params": [p for name, p in model.named_parameters() if name.endswith(".cca_gate")],
-                          "weight_decay": 0.0, "lr": lr * scale}]
+                          "weight_decay": 0.0, "lr": lr * scale, "retrieval": True}]
 
     T.build_engine, T.train = build_engine, train
     if "-lr" in arm:

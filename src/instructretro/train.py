@@ -151,7 +151,7 @@ def lr_multiplier(cfg: TrainConfig, retrieval: bool = False) -> Callable[[int], 
             decay_steps = max(1, cfg.steps - 1 - cfg.warmup)
             progress = min(1.0, (step - cfg.warmup) / decay_steps) if cfg.steps - 1 > cfg.warmup else 1.0
             value = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-        return value * min(1.0, (step + 1) / ramp) if step + 1 < ramp else value
+        return value * ((step + 1) / ramp) if step + 1 < ramp else value
 
     return multiplier
 
@@ -212,8 +212,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, retrieval_apart: b
 
     ``retrieval_apart``: Retro's encoder and CCA parameters (``Retro.is_retro_parameter``) in
     groups of their own after the decoder's (their own learning-rate schedule:
-    ``retrieval_warmup``); empty groups are then left out. :func:`retrieval_group_flags` says
-    which groups they are."""
+    ``retrieval_warmup``); empty groups are then left out. Each group's ``retrieval`` says
+    whether it holds them."""
     from .model import Retro, full_shape
 
     groups = {(r, d): [] for r in (False, True) for d in (True, False)}
@@ -221,18 +221,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float, retrieval_apart: b
         if p.requires_grad:
             retrieval = retrieval_apart and Retro.is_retro_parameter(name)
             groups[(retrieval, len(full_shape(p)) >= 2)].append(p)
-    out = [{"params": params, "weight_decay": weight_decay if decay else 0.0}
+    out = [{"params": params, "weight_decay": weight_decay if decay else 0.0, "retrieval": retrieval}
            for (retrieval, decay), params in groups.items() if not retrieval or params]
     return out if not retrieval_apart else [g for g in out if g["params"]]
-
-
-def retrieval_group_flags(model: torch.nn.Module, groups: list[dict]) -> list[bool]:
-    """For each of ``groups`` (from :func:`param_groups`), whether it holds Retro's encoder and
-    CCA parameters."""
-    from .model import Retro
-
-    retrieval = {id(p) for name, p in model.named_parameters() if Retro.is_retro_parameter(name)}
-    return [bool(g["params"]) and id(g["params"][0]) in retrieval for g in groups]
 
 
 def freeze_decoder(model: torch.nn.Module) -> int:
@@ -362,8 +353,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig):
     # Retro's encoder and CCA get a schedule of their own when retrieval_warmup ramps them
     apart = cfg.retrieval_warmup > 0 and getattr(getattr(model, "config", None), "retro", False)
     groups = param_groups(model, cfg.weight_decay, retrieval_apart=apart)
-    multiplier = ([lr_multiplier(cfg, retrieval=r) for r in retrieval_group_flags(model, groups)] if apart
-                  else lr_multiplier(cfg))
+    multiplier = [lr_multiplier(cfg, retrieval=g["retrieval"]) for g in groups] if apart else lr_multiplier(cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=groups,
