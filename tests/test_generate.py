@@ -1,6 +1,7 @@
 """The generate module: tasks, prompts, fitting, retrieval modes, and cached greedy decoding."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -379,6 +380,19 @@ def test_generate_stage_refuses_a_checkpoint_trained_with_another_tokenizer(tmp_
     assert run_stage("generate.py", *args).returncode == 0
     (tmp_path / "ckpt" / "train.json").unlink()  # an old checkpoint: loads unchecked
     assert run_stage("generate.py", *args).returncode == 0
+
+
+@pytest.mark.parametrize("content, detail", [(b'{"precision": ', "malformed JSON"), (b"\xff\xfe{}", "malformed JSON"),
+                                             (b'["bf16"]', "expected a JSON object, got list")])
+def test_a_malformed_train_json_is_one_line_naming_it(tmp_path, small_tokenizer, content, detail):
+    """Both readers of a checkpoint's train.json (its precision, its tokenizer) refuse a broken
+    one in one line naming the file, undecodable bytes included."""
+    from instructretro.checkpoint import check_tokenizer, checkpoint_precision
+
+    (tmp_path / "train.json").write_bytes(content)
+    for read in (lambda: checkpoint_precision(tmp_path), lambda: check_tokenizer(tmp_path, small_tokenizer)):
+        with pytest.raises(PipelineError, match=rf"^{re.escape(str(tmp_path / 'train.json'))}: {detail}"):
+            read()
 
 
 def test_generate_stage_malformed_qa_line_names_file_and_line(tmp_path, small_tokenizer):

@@ -180,13 +180,17 @@ def load_model(folder: str | os.PathLike, device=None, dtype: torch.dtype | None
     return model
 
 
+def train_record(folder: str | os.PathLike) -> dict:
+    """An exported checkpoint's ``train.json`` ({} when it has none); a malformed one is one line
+    naming the file."""
+    path = Path(folder) / "train.json"
+    return read_json_object(path) if path.is_file() else {}
+
+
 def checkpoint_precision(folder: str | os.PathLike) -> str:
     """The precision an exported checkpoint was trained in (``train.json``; fp32 if unrecorded)."""
     path = Path(folder) / "train.json"
-    try:
-        precision = json.loads(path.read_text()).get("precision", "fp32") if path.is_file() else "fp32"
-    except (json.JSONDecodeError, AttributeError):
-        raise PipelineError(f"{path}: malformed JSON") from None
+    precision = train_record(folder).get("precision", "fp32")
     if precision not in PRECISIONS:
         raise PipelineError(f"{path}: precision {precision!r}; expected one of {PRECISIONS}")
     return precision
@@ -209,11 +213,7 @@ def check_tokenizer(folder: str | os.PathLike, tokenizer: str | os.PathLike) -> 
     """Refuse ``tokenizer`` for the checkpoint ``folder`` when its ``train.json`` records another
     one (by content hash). A checkpoint without the record (exported before it was kept, or by
     hand) is not checked."""
-    path = Path(folder) / "train.json"
-    try:
-        record = json.loads(path.read_text()).get("tokenizer") if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise PipelineError(f"{path}: malformed JSON") from None
+    record = train_record(folder).get("tokenizer")
     if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
         return
     digest = tokenizer_digest(tokenizer)

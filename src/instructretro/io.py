@@ -87,16 +87,21 @@ def write_json(path: str | os.PathLike, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json_object(path: str | os.PathLike) -> dict:
-    """The JSON object in ``path``; a missing file, malformed JSON or another JSON value is one
-    line naming the file."""
+def read_json(path: str | os.PathLike):
+    """The JSON value in ``path``; a missing file or malformed JSON is one line naming the file."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: not found")
     try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise PipelineError(f"{path}: malformed JSON ({getattr(exc, 'msg', None) or type(exc).__name__})") from None
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object in ``path``; a missing file, malformed JSON or another JSON value is one
+    line naming the file."""
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise PipelineError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     return raw

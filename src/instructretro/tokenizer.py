@@ -33,6 +33,7 @@ import numpy as np
 import sentencepiece as spm
 
 from .errors import PipelineError
+from .io import read_json
 
 # Our SentencePiece model's reserved ids (``train`` writes them; only this module uses them).
 PAD_ID = 0
@@ -58,10 +59,7 @@ def _special_token(folder: Path, name: str) -> tuple[str | None, Path | None]:
         path = folder / fname
         if not path.is_file():
             continue
-        try:
-            raw = json.loads(path.read_bytes().decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise PipelineError(f"{path}: malformed JSON ({getattr(exc, 'msg', None) or type(exc).__name__})") from None
+        raw = read_json(path)
         value = raw.get(name) if isinstance(raw, dict) else None
         if isinstance(value, dict):
             value = value.get("content")
