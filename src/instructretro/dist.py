@@ -147,7 +147,9 @@ def leave_group() -> None:
 
 
 def end_ranks(world: int) -> None:
-    """Rank 0 leaves the process group once its outputs are written (no-op for one process)."""
+    """Rank 0 leaves the process group once its outputs are written (no-op for one process: a
+    stage function called in a process that holds a group of its own, as tests do, keeps it;
+    :func:`leave_group` would end it)."""
     if world > 1:
         import torch.distributed as dist
 
